@@ -1,0 +1,41 @@
+# CycleTune: `make demo` runs the embedded shapes demo, `make test` runs the test suite.
+# Both create the virtual environment first when it is missing.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# Offline and local-only for the demo and tests: nothing is downloaded from a hub.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+TINY := runs/tiny-models
+
+.PHONY: setup test test-quick lint demo tiny clean
+
+setup: $(VENV)/.installed
+
+# torch/torchvision pinned by constraints.txt to the builds on disk (FIELD_NOTES §3).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[eval,dev]"
+	touch $@
+
+test: setup
+	$(OFFLINE) $(PY) -m pytest -q
+
+test-quick: setup
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+$(TINY)/captioner/config.json: | setup
+	$(OFFLINE) $(PY) -m models.tiny --out $(TINY)
+
+tiny: $(TINY)/captioner/config.json
+
+demo: setup tiny
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(LAUNCH) train/cycle.py --config configs/shapes.yaml
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

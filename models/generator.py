@@ -1,0 +1,288 @@
+"""Text-to-image wrapper around Stable-Diffusion-family parts (UNet, CLIP text encoder, optional VAE).
+
+It exposes the pieces the cycle losses need separately (tokenize, encode, noise, denoise, decode) so that
+gradients can flow from a decoded image into a captioner, or from soft tokens into the text encoder, while
+`forward` stays the one call a DDP wrapper sees during supervised denoising training.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class Generator(torch.nn.Module):
+    """Latent (with a VAE) or pixel-space (without) text-to-image diffusion model with a DDPM loss."""
+
+    def __init__(
+        self,
+        *,
+        unet: UNet2DConditionModel,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        vae: AutoencoderKL | None,
+        noise_scheduler: DDPMScheduler,
+        resolution: int,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.noise_scheduler = noise_scheduler
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"scheduler prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}"
+            )
+        if resolution <= 0 or resolution % self.vae_scale_factor:
+            raise ValueError(
+                f"resolution {resolution} is not a positive multiple of the VAE scale {self.vae_scale_factor}"
+            )
+        self.resolution = resolution
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        revision: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        resolution: int | None = None,
+        prediction_type: str | None = None,
+    ) -> Generator:
+        """Load a hub id or local folder in the StableDiffusionPipeline layout; no VAE means pixel space.
+
+        `prediction_type` overrides the saved scheduler's, as diffusers' trainers do, e.g. to finetune an
+        epsilon model into a v-prediction one.
+        """
+        model_index = DiffusionPipeline.load_config(name_or_path, revision=revision)
+        missing = [name for name in REQUIRED_COMPONENTS if not _names_component(model_index, name)]
+        if missing:
+            raise ValueError(f"model_index.json of {name_or_path!r} names no {', '.join(missing)}")
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+        def load(component_cls: Any, subfolder: str, **kwargs: Any) -> Any:
+            return component_cls.from_pretrained(
+                name_or_path, subfolder=subfolder, revision=revision, **kwargs
+            )
+
+        vae = None
+        if _names_component(model_index, "vae"):
+            vae_class = model_index["vae"][1]
+            if vae_class != AutoencoderKL.__name__:
+                raise ValueError(
+                    f"{name_or_path!r}: vae class {vae_class!r} is not supported (AutoencoderKL)"
+                )
+            vae = load(AutoencoderKL, "vae", torch_dtype=torch_dtype)
+        # Whatever sampler the checkpoint ships (PNDM for SD 1.x), training needs the DDPM forward process.
+        noise_scheduler = load(DDPMScheduler, "scheduler")
+        if prediction_type is not None:
+            noise_scheduler.register_to_config(prediction_type=prediction_type)
+        unet = load(UNet2DConditionModel, "unet", torch_dtype=torch_dtype)
+        if resolution is None:
+            sample_size = unet.config.sample_size
+            if not isinstance(sample_size, int):
+                raise ValueError(
+                    f"{name_or_path!r}: unet sample_size {sample_size!r} is not square; pass resolution"
+                )
+            resolution = sample_size * _vae_scale_factor(vae)
+        return cls(
+            unet=unet,
+            text_encoder=load(CLIPTextModel, "text_encoder", dtype=torch_dtype),
+            tokenizer=load(CLIPTokenizer, "tokenizer"),
+            vae=vae,
+            noise_scheduler=noise_scheduler,
+            resolution=resolution,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return _vae_scale_factor(self.vae)
+
+    def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        side = self.resolution // self.vae_scale_factor
+        return (batch_size, self.unet.config.in_channels, side, side)
+
+    def preprocess(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """Resize (antialiased, differentiable) to the model resolution and map [0, 1] to [-1, 1]."""
+        if pixels01.ndim != 4 or pixels01.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape [B, 3, H, W], got {tuple(pixels01.shape)}")
+        if pixels01.shape[-2:] != (self.resolution, self.resolution):
+            pixels01 = F.interpolate(
+                pixels01, size=(self.resolution, self.resolution), mode="bilinear", antialias=True
+            )
+        return pixels01 * 2 - 1
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Pad and truncate as StableDiffusionPipeline does, so prompts embed the same here and there."""
+        if isinstance(captions, str):
+            raise TypeError("tokenize expects a list of captions, got a single str")
+        # A tokenizer saved without model_max_length reports a huge sentinel; encoder positions bound it.
+        max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        tokens = self.tokenizer(
+            list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        return tokens.input_ids.to(self.device)
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden state of the text encoder: the UNet's cross-attention context, as in SD."""
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+
+    def encode_images(self, pixels01: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 latents; `noise` draws from the VAE posterior reproducibly (None -> its mean).
+
+        In pixel space the image is its own deterministic latent, so `noise` is ignored there.
+        """
+        pixels = self.preprocess(pixels01)
+        if self.vae is None:
+            return pixels.float()
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        latents = posterior.mean.float()
+        if noise is not None:
+            if noise.shape != latents.shape:
+                raise ValueError(
+                    f"vae_noise shape {tuple(noise.shape)} != latent shape {tuple(latents.shape)}"
+                )
+            latents = latents + posterior.std.float() * noise.to(latents)
+        shift = self.vae.config.shift_factor or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Differentiable decode to float32 pixels01 (clamped, so gradients stop outside [0, 1])."""
+        if self.vae is None:
+            pixels = latents.float()
+        else:
+            shift = self.vae.config.shift_factor or 0.0
+            scaled = latents / self.vae.config.scaling_factor + shift
+            pixels = self.vae.decode(scaled.to(self.vae.dtype)).sample.float()
+        return (pixels / 2 + 0.5).clamp(0, 1)
+
+    def forward(
+        self,
+        pixels01: torch.Tensor,
+        input_ids: torch.Tensor,
+        *,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        vae_noise: torch.Tensor | None = None,
+        snr_gamma: float | None = None,
+    ) -> torch.Tensor:
+        """Per-sample denoising loss [B] on ground-truth pairs; callers own all randomness."""
+        needs_image_grad = pixels01.requires_grad or (
+            self.vae is not None and any(p.requires_grad for p in self.vae.parameters())
+        )
+        with nullcontext() if needs_image_grad else torch.no_grad():
+            latents = self.encode_images(pixels01, vae_noise)
+        return self.denoising_loss(
+            latents, self.encode_text(input_ids), noise=noise, timesteps=timesteps, snr_gamma=snr_gamma
+        )
+
+    def denoising_loss(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        snr_gamma: float | None = None,
+    ) -> torch.Tensor:
+        """Per-sample float32 MSE over C, H, W against the scheduler's target, optionally Min-SNR weighted.
+
+        Split from `forward` so a caller with its own text context (soft tokens) reuses the exact loss.
+        """
+        latents = latents.float()
+        if noise.shape != latents.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != latent shape {tuple(latents.shape)}")
+        noise = noise.to(latents)
+        timesteps = timesteps.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.unet(
+            noisy.to(self.unet.dtype), timesteps, encoder_hidden_states.to(self.unet.dtype)
+        ).sample
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if snr_gamma is None:
+            return loss
+        return loss * self._min_snr_weights(timesteps, snr_gamma)
+
+    def _min_snr_weights(self, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023) in the form of diffusers' trainers.
+
+        epsilon: min(snr, gamma) / snr, written as min(gamma / snr, 1) so a zero-terminal-SNR step gives 1
+        instead of 0/0; v-prediction: min(snr, gamma) / (snr + 1).
+        """
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        if self.prediction_type == "epsilon":
+            return (snr_gamma / snr).clamp(max=1.0)
+        return snr.clamp(max=snr_gamma) / (snr + 1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        captions: list[str],
+        *,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance against the empty caption; returns pixels01."""
+        shape = self.latent_shape(len(captions))
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents shape {tuple(latents.shape)} != {shape} for {len(captions)} captions")
+        # A fresh scheduler per call: set_timesteps mutates it, and it follows any prediction_type override.
+        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        guided = guidance_scale > 1.0
+        prompts = [""] * len(captions) + list(captions) if guided else list(captions)
+        context = self.encode_text(self.tokenize(prompts)).to(self.unet.dtype)
+        latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
+            prediction = self.unet(model_input, t, context).sample.float()
+            if guided:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
+        return self.decode_latents(latents)
+
+
+def _names_component(model_index: dict[str, Any], name: str) -> bool:
+    """model_index.json lists absent parts as [null, null] (or not at all)."""
+    entry = model_index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+
+def _vae_scale_factor(vae: AutoencoderKL | None) -> int:
+    """Pixels per latent cell along one side: each VAE down block halves the image; pixel space is 1."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)

@@ -1,0 +1,294 @@
+"""Attach LoRA adapters, decide what trains in which dtype, checkpoint the trainable part, and export.
+
+The exports are the formats users already load: a PEFT adapter folder for the captioner, a diffusers
+`pytorch_lora_weights.safetensors` (optionally also a kohya/A1111 file) for the generator, and standalone
+merged models that plain `from_pretrained` loads without peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+if TYPE_CHECKING:
+    from models.captioner import Captioner
+    from models.generator import Generator
+
+# BLIP's text decoder (a BERT with cross-attention): self- and cross-attention query/key/value and each
+# attention block's output projection. A regex string (peft full-matches it against module names) so the
+# vision encoder's `self_attn.qkv` / `projection` and the decoder's feed-forward stay untouched.
+# BLIP-2 has no `text_decoder`: its language model is OPT (`language_model.model.decoder.layers.N.self_attn.
+# {q,k,v,out}_proj`) or Flan-T5 (`language_model....SelfAttention.{q,k,v,o}`); pass such a pattern instead.
+CAPTIONER_LORA_TARGETS = (
+    r"text_decoder\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\."
+    r"(self\.(query|key|value)|output\.dense)"
+)
+GENERATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+TrainMode = Literal["lora", "full"]
+TRAIN_MODES: tuple[str, ...] = ("lora", "full")
+# Parts of a wrapper that no train mode ever updates (the generator's autoencoder).
+NEVER_TRAINED_PARTS = ("vae",)
+ADAPTER_NAME = "default"
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def add_captioner_lora(
+    captioner: Captioner,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: list[str] | str | None = None,
+) -> None:
+    """Wrap `captioner.model` in a peft LoRA model.
+
+    No task_type: peft's CAUSAL_LM wrapper would reroute forward() to arguments BLIP does not take.
+    """
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=CAPTIONER_LORA_TARGETS if target_modules is None else target_modules,
+    )
+    captioner.model = get_peft_model(captioner.model, config, adapter_name=ADAPTER_NAME)
+
+
+def add_generator_lora(
+    generator: Generator,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: list[str] | str | None = None,
+) -> None:
+    """Inject LoRA into the UNet the way diffusers' LoRA trainer does, so its savers and loaders apply."""
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=GENERATOR_LORA_TARGETS if target_modules is None else target_modules,
+    )
+    generator.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+
+
+def _is_lora_parameter(name: str) -> bool:
+    """peft names every adapter tensor lora_A / lora_B / lora_embedding_* / lora_magnitude_vector."""
+    return "lora_" in name
+
+
+def _never_trained_parameter_ids(module: nn.Module) -> set[int]:
+    parts = (getattr(module, name, None) for name in NEVER_TRAINED_PARTS)
+    return {id(param) for part in parts if isinstance(part, nn.Module) for param in part.parameters()}
+
+
+def prepare_trainable(
+    module: nn.Module, *, train_mode: TrainMode, base_dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Set requires_grad and dtypes for a train mode; return the sorted names of trainable parameters.
+
+    Trainable parameters are kept in fp32 whatever base_dtype is: fp16 trainable weights make GradScaler
+    fail with "Attempting to unscale FP16 gradients", and bf16 ones lose small updates. Frozen weights are
+    cast to base_dtype to save memory. "lora" trains only adapter tensors; "full" trains every parameter
+    except NEVER_TRAINED_PARTS (the generator's VAE).
+    """
+    if train_mode not in TRAIN_MODES:
+        raise ValueError(f"unknown train_mode {train_mode!r}; expected one of {TRAIN_MODES}")
+    never_trained = _never_trained_parameter_ids(module)
+    trainable = []
+    for name, param in module.named_parameters():
+        trains = id(param) not in never_trained and (train_mode == "full" or _is_lora_parameter(name))
+        param.requires_grad_(trains)
+        param.data = param.data.to(torch.float32 if trains else base_dtype)
+        if trains:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(
+            f"train_mode={train_mode!r} left nothing to train in {type(module).__name__}: "
+            "attach adapters first (add_captioner_lora / add_generator_lora)"
+        )
+    return sorted(trainable)
+
+
+def _parameters_named(module: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
+    params = dict(module.named_parameters())
+    absent = sorted(set(names) - params.keys())
+    if absent:
+        raise ValueError(f"{type(module).__name__} has no parameters named {absent}")
+    return {name: params[name] for name in names}
+
+
+def trainable_state_dict(module: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Copies of just the trained tensors: checkpoints stay small and independent of later updates."""
+    return {name: param.detach().clone() for name, param in _parameters_named(module, names).items()}
+
+
+def load_trainable_state_dict(
+    module: nn.Module, state: dict[str, torch.Tensor], names: Sequence[str]
+) -> None:
+    """Restore trainable_state_dict() exactly; refuse partial or mismatched checkpoints, naming each key."""
+    params = _parameters_named(module, names)
+    missing = sorted(params.keys() - state.keys())
+    unexpected = sorted(state.keys() - params.keys())
+    mismatched = [
+        f"{name}: checkpoint {tuple(state[name].shape)} vs model {tuple(param.shape)}"
+        for name, param in sorted(params.items())
+        if name in state and state[name].shape != param.shape
+    ]
+    problems = [
+        f"{label}: {keys}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"cannot restore {type(module).__name__} trainable state: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Turn requires_grad off while the partner model only passes gradients through; restore it after."""
+    saved = [(param, param.requires_grad) for param in module.parameters()]
+    for param, _ in saved:
+        param.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for param, requires_grad in saved:
+            param.requires_grad_(requires_grad)
+
+
+def _require_peft_captioner(captioner: Captioner) -> PeftModel:
+    if not isinstance(captioner.model, PeftModel):
+        raise ValueError(
+            "captioner has no LoRA adapter (full fine-tuning?): export it with save_merged_captioner"
+        )
+    return captioner.model
+
+
+def save_captioner_adapter(captioner: Captioner, out_dir: Path) -> Path:
+    """PEFT folder (adapter_model.safetensors + adapter_config.json) for PeftModel.from_pretrained(base, dir).
+
+    base_model_name_or_path is filled from the base model's source so the folder says what it adapts.
+    """
+    model = _require_peft_captioner(captioner)
+    config = model.peft_config[ADAPTER_NAME]
+    base = model.get_base_model()
+    config.base_model_name_or_path = config.base_model_name_or_path or base.config._name_or_path or None
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _require_generator_lora(generator: Generator) -> LoraConfig:
+    config = getattr(generator.unet, "peft_config", {}).get(ADAPTER_NAME)
+    if config is None:
+        raise ValueError("generator UNet has no LoRA adapter (full fine-tuning?): use save_merged_generator")
+    return config
+
+
+def _kohya_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet LoRA in kohya/A1111 keys (lora_unet_<path>.lora_down/.lora_up/.alpha).
+
+    diffusers' convert_state_dict_to_kohya writes every `.alpha` as the rank (len(lora_down)), which would
+    rescale a LoRA trained with alpha != rank by rank/alpha; each is overwritten with the layer's real alpha.
+    """
+    peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
+    for name, layer in unet.named_modules():
+        if isinstance(layer, LoraLayer):
+            alpha_key = f"lora_unet_{name.replace('.', '_')}.alpha"
+            if alpha_key not in kohya:
+                raise RuntimeError(f"kohya conversion produced no {alpha_key}; diffusers' key layout changed")
+            kohya[alpha_key] = torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]))
+    return kohya
+
+
+def save_generator_lora(generator: Generator, out_dir: Path, *, kohya: bool = False) -> Path:
+    """diffusers `pytorch_lora_weights.safetensors` (and a kohya/A1111 file if asked) for load_lora_weights.
+
+    The LoraConfig travels as the file's adapter metadata: without it diffusers infers lora_alpha = rank.
+    """
+    config = _require_generator_lora(generator)
+    out_dir = Path(out_dir)
+    peft_state = get_peft_model_state_dict(generator.unet, adapter_name=ADAPTER_NAME)
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        weight_name=DIFFUSERS_LORA_FILE,
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
+    if kohya:
+        kohya_metadata = {
+            "format": "pt",
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": json.dumps(config.r),
+            "ss_network_alpha": json.dumps(config.lora_alpha),
+        }
+        safetensors.torch.save_file(
+            {key: value.contiguous() for key, value in _kohya_state_dict(generator.unet).items()},
+            out_dir / KOHYA_LORA_FILE,
+            metadata=kohya_metadata,
+        )
+    return out_dir
+
+
+def _fp32_cpu_copy(module: nn.Module) -> nn.Module:
+    """Merge on a copy so training can go on, and in fp32 so merging bf16 bases loses nothing further.
+
+    .float(), not .to(dtype=...): diffusers' ModelMixin.to warns about fp32-kept modules on any dtype cast.
+    """
+    return copy.deepcopy(module).to("cpu").float()
+
+
+def save_merged_captioner(captioner: Captioner, out_dir: Path) -> Path:
+    """A standalone fp32 model folder (LoRA merged, processor included) for plain from_pretrained."""
+    model = _fp32_cpu_copy(captioner.model)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir)
+    captioner.processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def save_merged_generator(generator: Generator, out_dir: Path) -> Path:
+    """A standalone fp32 StableDiffusionPipeline folder with the LoRA fused into the UNet.
+
+    Full fine-tuning has nothing to fuse: the trained UNet and text encoder are saved as they are. The
+    training noise scheduler is saved as the pipeline's scheduler so prediction_type stays consistent.
+    """
+    unet = _fp32_cpu_copy(generator.unet)
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+    pipeline = StableDiffusionPipeline(
+        vae=None if generator.vae is None else _fp32_cpu_copy(generator.vae),
+        text_encoder=_fp32_cpu_copy(generator.text_encoder),
+        tokenizer=generator.tokenizer,
+        unet=unet,
+        scheduler=generator.noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir)
+    return Path(out_dir)

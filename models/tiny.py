@@ -1,0 +1,339 @@
+"""Tiny random-initialised captioner and generator, saved in the standard Hugging Face / diffusers layouts.
+
+Nothing can be downloaded in this project's build and test environments, so tests and the demo build these
+models from small configs, save them with save_pretrained, and load them back with the same from_pretrained
+code that users run on hub ids. Both tokenizers are written from a word list here, in the formats the real
+models ship (BERT WordPiece vocab.txt for BLIP, CLIP byte-level BPE vocab.json + merges.txt for Stable
+Diffusion), so every code path that reads token strings or ids is exercised for real.
+
+CLI: ``python -m models.tiny --out DIR`` writes DIR/captioner and DIR/generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+
+SHAPES_WORDS: tuple[str, ...] = (
+    "circle", "square", "triangle", "shape", "shapes",
+    "red", "green", "blue", "yellow", "purple", "orange",
+    "small", "large", "big", "little", "tiny", "huge",
+    "top", "bottom", "left", "right", "center", "centre", "middle", "corner", "side", "upper", "lower",
+    "background", "white", "black", "gray", "grey", "colored", "coloured",
+)  # fmt: skip
+
+COMMON_CAPTION_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "in", "on", "at", "with", "and", "is", "are", "there", "here", "this", "that",
+    "it", "its", "to", "for", "from", "by", "near", "next", "behind", "front", "over", "under", "above",
+    "below", "beside", "between", "inside", "outside", "into", "through", "around", "while", "as", "up",
+    "down", "out", "some", "two", "three", "one", "four", "several", "many", "other", "each", "his", "her",
+    "their", "has", "have", "who", "which", "very", "all", "no", "not", "be", "being", "close",
+    "picture", "image", "photo", "photograph", "view", "shot", "drawing", "painting", "scene",
+    "man", "woman", "men", "women", "person", "people", "boy", "girl", "child", "children", "kid", "baby",
+    "player", "group", "couple", "dog", "cat", "horse", "bird", "cow", "sheep", "elephant", "bear",
+    "zebra", "giraffe", "animal", "sitting", "standing", "walking", "running", "riding", "holding",
+    "playing", "eating", "looking", "lying", "laying", "flying", "wearing", "carrying", "talking",
+    "watching", "waiting", "parked", "covered", "filled", "made", "street", "road", "city", "building",
+    "house", "room", "kitchen", "bathroom", "bedroom", "table", "chair", "bench", "couch", "bed", "desk",
+    "window", "door", "wall", "floor", "sign", "car", "bus", "truck", "train", "bike", "bicycle",
+    "motorcycle", "boat", "plane", "airplane", "water", "beach", "ocean", "sea", "lake", "river", "snow",
+    "grass", "field", "tree", "trees", "park", "sky", "mountain", "hill", "food", "pizza", "plate", "bowl",
+    "cake", "sandwich", "fruit", "banana", "apple", "cup", "glass", "bottle", "ball", "frisbee",
+    "umbrella", "kite", "phone", "computer", "laptop", "keyboard", "book", "clock", "light", "toilet",
+    "sink", "shirt", "hat", "tennis", "baseball", "skateboard", "surfboard", "board", "game", "bat",
+    "racket", "wave", "day", "night", "old", "young", "new", "open", "empty", "full", "tall", "long",
+    "short", "wooden", "dark", "bright", "pink", "brown", "silver",
+)  # fmt: skip
+
+# A few WordPiece continuations, so that plural and verb forms of vocabulary words tokenize as pieces.
+_WORDPIECE_SUFFIXES = ("##s", "##es", "##ing", "##ed", "##er", "##ly", "##y")
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_PUNCTUATION = tuple(".,;:!?'\"()-/&")
+_LETTERS = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+# The real BLIP tokenizer (Salesforce/blip-image-captioning-*) adds "[DEC]" as bos; generation starts from it.
+BLIP_DECODER_START = "[DEC]"
+_CLIP_BOS, _CLIP_EOS, _CLIP_WORD_END = "<|startoftext|>", "<|endoftext|>", "</w>"
+_CLIP_MAX_LENGTH = 77
+# CLIP's pre-tokenizer splits text into letter runs, single digits and punctuation runs before BPE.
+_CLIP_PRETOKEN = re.compile(r"[^\W\d_]+|\d|[^\s\w]+")
+
+
+def default_vocabulary() -> tuple[str, ...]:
+    """Shapes-world words (plus data.shapes.WORDS when that module exists) and common caption words.
+
+    data.shapes is imported lazily so this module still works while, or where, the shapes world is absent.
+    """
+    try:
+        from data.shapes import WORDS as shapes_grammar_words
+    except ImportError:
+        shapes_grammar_words = ()
+    return tuple(dict.fromkeys((*SHAPES_WORDS, *shapes_grammar_words, *COMMON_CAPTION_WORDS)))
+
+
+def _clean_words(vocab_words: Sequence[str] | None) -> list[str]:
+    """Lower-cased, de-duplicated words; a clear error for entries that cannot be vocabulary words."""
+    words = default_vocabulary() if vocab_words is None else vocab_words
+    cleaned: list[str] = []
+    for position, word in enumerate(words):
+        if not isinstance(word, str) or not word.strip() or any(ch.isspace() for ch in word.strip()):
+            raise ValueError(f"vocab_words[{position}] = {word!r}: each entry must be one non-empty word")
+        cleaned.append(word.strip().lower())
+    return list(dict.fromkeys(cleaned))
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG for weight init without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- captioner
+
+
+def _write_bert_vocab(words: Sequence[str], folder: Path) -> dict[str, int]:
+    """vocab.txt in BERT's layout: specials first, then whole words, characters and ## continuations.
+
+    Single letters and their ## forms let any lower-case ASCII word split into pieces instead of [UNK].
+    """
+    pieces = [*_BERT_SPECIALS, *_PUNCTUATION, *words, *_LETTERS, *(f"##{ch}" for ch in _LETTERS)]
+    pieces = list(dict.fromkeys([*pieces, *_WORDPIECE_SUFFIXES]))
+    (folder / "vocab.txt").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    return {piece: index for index, piece in enumerate(pieces)}
+
+
+def save_tiny_captioner(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_words: Sequence[str] | None = None,
+) -> Path:
+    """Random-init BlipForConditionalGeneration + BlipProcessor saved into out_dir; returns out_dir."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = _write_bert_vocab(_clean_words(vocab_words), out_dir)
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=64)
+    tokenizer.add_special_tokens({"bos_token": BLIP_DECODER_START})
+
+    config = BlipConfig(
+        vision_config={
+            "image_size": image_size,
+            "patch_size": 8,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 2,
+            # BlipVisionConfig defaults to 1e-10 (weights expected from a checkpoint): random init would be
+            # near-constant and the captioner could not tell images apart.
+            "initializer_range": 0.02,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+        },
+        projection_dim=hidden_size,
+        image_text_hidden_size=hidden_size,
+    )
+    with _seeded(seed):
+        model = BlipForConditionalGeneration(config)
+    image_processor = BlipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    model.save_pretrained(out_dir)
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- generator
+
+
+def _learn_bpe_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """Merges that turn every training word into one token, learnt greedily by pair frequency like BPE.
+
+    Learning merges (rather than listing each word's prefixes) keeps the ranks consistent, so the BPE
+    tokenizer, which applies merges by rank, reproduces every training word as a single token.
+    """
+    symbols = [[*word[:-1], word[-1] + _CLIP_WORD_END] for word in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pair_counts = Counter(pair for word in symbols for pair in pairwise(word))
+        if not pair_counts:
+            return merges
+        # Most frequent first; ties broken by the pair itself so the vocabulary is deterministic.
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        symbols = [_apply_merge(word, best) for word in symbols]
+
+
+def _apply_merge(word: list[str], pair: tuple[str, str]) -> list[str]:
+    merged: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+def _write_clip_bpe(words: Sequence[str], folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json + merges.txt in CLIP's layout: 256 byte symbols, the same with </w>, merges, specials.
+
+    The full byte alphabet means any text, including unknown words, tokenizes into byte-level pieces.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_symbols = list(bytes_to_unicode().values())
+    byte_encoder = bytes_to_unicode()
+    pretokens = {
+        "".join(byte_encoder[b] for b in piece.encode("utf-8"))
+        for word in words
+        for piece in _CLIP_PRETOKEN.findall(word)
+    }
+    merges = _learn_bpe_merges(sorted(pretokens))
+    tokens = [*byte_symbols, *(s + _CLIP_WORD_END for s in byte_symbols), *(a + b for a, b in merges)]
+    tokens += [_CLIP_BOS, _CLIP_EOS]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merge_lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
+    return vocab, merges
+
+
+def save_tiny_generator(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    resolution: int = 32,
+    with_vae: bool = True,
+    vocab_words: Sequence[str] | None = None,
+) -> Path:
+    """Random-init Stable Diffusion parts saved in the StableDiffusionPipeline folder layout; returns out_dir.
+
+    with_vae=False leaves the VAE out (model_index.json has vae null) and the UNet denoises RGB pixels at
+    `resolution`; otherwise a 2-level AutoencoderKL gives 4-channel latents at resolution / 2.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    block_out_channels = (32, 64)
+    vae_downscale = 2 ** (len(block_out_channels) - 1)
+    if resolution % (vae_downscale * 2) != 0:
+        raise ValueError(f"resolution={resolution} must be a multiple of {vae_downscale * 2}")
+    out_dir = Path(out_dir)
+    tokenizer_dir = out_dir / "tokenizer"
+    vocab, merges = _write_clip_bpe(_clean_words(vocab_words), tokenizer_dir)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_CLIP_MAX_LENGTH)
+
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    image_channels = 4 if with_vae else 3
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=resolution // vae_downscale if with_vae else resolution,
+            in_channels=image_channels,
+            out_channels=image_channels,
+            layers_per_block=1,
+            block_out_channels=block_out_channels,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_config.hidden_size,
+            attention_head_dim=2,
+            norm_num_groups=32,
+        )
+        vae = (
+            AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+                up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+                block_out_channels=block_out_channels,
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=32,
+                sample_size=resolution,
+            )
+            if with_vae
+            else None
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny random-init captioner and generator.")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder that receives captioner/ and generator/"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_tiny_captioner(args.out / "captioner", seed=args.seed))
+    print(save_tiny_generator(args.out / "generator", seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

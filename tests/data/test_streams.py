@@ -1,0 +1,185 @@
+"""Streams: deterministic order, exact resume, rank sharding, bad-image replacement, batch kinds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data.sources import Record, shapes
+from data.streams import RecordDataset, Stream
+
+NUM_RECORDS = 12
+
+
+@pytest.fixture
+def paired(tmp_path: Path) -> list[Record]:
+    """Left-right asymmetric images (so a flip is visible), each with its own colour."""
+    records = []
+    for index in range(NUM_RECORDS):
+        image = Image.new("RGB", (12, 8), (index * 25, 0, 0))
+        image.paste((0, 0, 255), (0, 0, 4, 8))
+        image.save(tmp_path / f"{index}.png")
+        records.append(Record(f"img{index}", tmp_path / f"{index}.png", f"caption {index}"))
+    return records
+
+
+def take(stream: Stream, steps: int) -> list[dict]:
+    return [stream.next() for _ in range(steps)]
+
+
+def assert_same_batches(first: list[dict], second: list[dict]) -> None:
+    assert [batch["ids"] for batch in first] == [batch["ids"] for batch in second]
+    for one, other in zip(first, second, strict=True):
+        assert one.keys() == other.keys()
+        if "pixels" in one:
+            assert torch.equal(one["pixels"], other["pixels"])
+
+
+def test_batches_hold_ids_pixels_captions_and_cover_each_epoch(paired: list[Record]) -> None:
+    stream = Stream(paired, batch_size=6, seed=3, resolution=8)
+    epochs = [take(stream, 2) for _ in range(2)]
+    batch = epochs[0][0]
+    assert batch.keys() == {"ids", "pixels", "captions", "skipped"}
+    assert batch["pixels"].shape == (6, 3, 8, 8) and batch["skipped"] == 0
+    assert [f"caption {record_id[3:]}" for record_id in batch["ids"]] == batch["captions"]
+    orders = [[record_id for batch in epoch for record_id in batch["ids"]] for epoch in epochs]
+    assert all(sorted(order) == sorted(record.id for record in paired) for order in orders)
+    assert orders[0] != orders[1]  # every epoch is reshuffled
+    assert stream.state_dict()["position"] == 24
+
+
+def test_resumed_stream_continues_exactly(paired: list[Record]) -> None:
+    options = {"batch_size": 5, "seed": 11, "resolution": 8, "random_flip": True}
+    uninterrupted = take(Stream(paired, **options), 7)  # 35 samples: crosses two epoch boundaries
+    interrupted = Stream(paired, **options)
+    take(interrupted, 3)
+    resumed = Stream(paired, **options)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert_same_batches(take(resumed, 4), uninterrupted[3:])
+
+
+def test_loading_state_restarts_a_running_stream_with_workers(paired: list[Record]) -> None:
+    options = {"batch_size": 4, "seed": 5, "resolution": 8, "random_flip": True}
+    reference = take(Stream(paired, **options), 6)
+    stream = Stream(paired, **options, num_workers=2)
+    try:
+        assert_same_batches(take(stream, 4), reference[:4])  # workers prefetch ahead; that must not matter
+        saved = Stream(paired, **options)
+        take(saved, 1)
+        stream.load_state_dict(saved.state_dict())  # rewind a running stream: the iterator is recreated
+        assert_same_batches(take(stream, 5), reference[1:6])
+    finally:
+        stream.close()
+
+
+def test_ranks_split_the_global_batch(paired: list[Record]) -> None:
+    options = {"seed": 2, "resolution": 8, "random_flip": True}
+    single = take(Stream(paired, batch_size=4, **options), 6)  # two epochs of three global batches
+    ranks = [take(Stream(paired, batch_size=2, rank=rank, world_size=2, **options), 6) for rank in (0, 1)]
+    for step, whole in enumerate(single):
+        assert ranks[0][step]["ids"] + ranks[1][step]["ids"] == whole["ids"]
+        assert torch.equal(torch.cat([ranks[0][step]["pixels"], ranks[1][step]["pixels"]]), whole["pixels"])
+    for epoch in (slice(0, 3), slice(3, 6)):
+        seen = [[record_id for batch in batches[epoch] for record_id in batch["ids"]] for batches in ranks]
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == sorted(record.id for record in paired)
+
+
+def test_flips_follow_the_position_not_a_global_rng(paired: list[Record]) -> None:
+    plain = take(Stream(paired, batch_size=10, seed=4, resolution=8), 4)
+    torch.manual_seed(123)  # global RNG state must not matter
+    flipped = take(Stream(paired, batch_size=10, seed=4, resolution=8, random_flip=True), 4)
+    torch.manual_seed(999)
+    again = take(Stream(paired, batch_size=10, seed=4, resolution=8, random_flip=True), 4)
+    assert_same_batches(flipped, again)
+    outcomes = []
+    for plain_batch, flipped_batch in zip(plain, flipped, strict=True):
+        for original, augmented in zip(plain_batch["pixels"], flipped_batch["pixels"], strict=True):
+            assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
+            outcomes.append(torch.equal(augmented, original))
+    assert 5 < sum(outcomes) < 35  # about half of 40 samples flipped
+
+
+def test_undecodable_records_are_replaced_by_the_next_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = []
+    for index in range(3):
+        Image.new("RGB", (8, 8), (index * 100, 0, 0)).save(tmp_path / f"good{index}.png")
+        good.append(Record(f"good{index}", tmp_path / f"good{index}.png", f"good {index}"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "whole.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:300])
+    (tmp_path / "garbage.png").write_bytes(b"garbage" * 20)
+    records = [
+        good[0],
+        Record("truncated", tmp_path / "truncated.jpg", "bad"),
+        Record("garbage", tmp_path / "garbage.png", "bad"),
+        good[1],
+        good[2],
+    ]
+    dataset = RecordDataset(records, resolution=8)
+    with caplog.at_level(logging.WARNING, logger="data.streams"):
+        sample = dataset[1]
+    assert (sample["id"], sample["caption"], sample["skipped"]) == ("good1", "good 1", 2)
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert "truncated.jpg" in messages and "garbage.png" in messages
+
+    stream = Stream(records, batch_size=5, seed=0, resolution=8)
+    batch = stream.next()
+    assert batch["skipped"] == 3  # "truncated" skipped 2 records to reach good1, "garbage" 1
+    assert set(batch["ids"]) <= {"good0", "good1", "good2"} and len(batch["ids"]) == 5
+
+
+def test_a_source_of_only_bad_images_fails_clearly(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    dataset = RecordDataset([Record("bad", tmp_path / "bad.png", "x")], resolution=8)
+    with pytest.raises(RuntimeError, match="could not be decoded"):
+        dataset[0]
+
+
+def test_image_only_and_text_only_batches(paired: list[Record]) -> None:
+    images = [Record(record.id, record.image, None) for record in paired]
+    texts = [Record(record.id, None, record.caption) for record in paired]
+    image_batch = Stream(images, batch_size=4, seed=0, resolution=8, name="images").next()
+    text_batch = Stream(texts, batch_size=4, seed=0, resolution=8, name="texts").next()
+    assert image_batch.keys() == {"ids", "pixels", "skipped"}
+    assert text_batch.keys() == {"ids", "captions", "skipped"}
+    assert image_batch["ids"] == text_batch["ids"]
+    with pytest.raises(ValueError, match="separate streams"):
+        Stream([*paired[:2], texts[2]], batch_size=1, seed=0, resolution=8)
+
+
+def test_shapes_records_render_on_the_fly_with_workers() -> None:
+    records, _ = shapes(16, seed=1, resolution=32)
+    stream = Stream(records, batch_size=8, seed=0, resolution=32, num_workers=2)
+    try:
+        batch = stream.next()
+    finally:
+        stream.close()
+    assert batch["pixels"].shape == (8, 3, 32, 32)
+    assert batch["ids"] == Stream(records, batch_size=8, seed=0, resolution=32).next()["ids"]
+    by_id = {record.id: record for record in records}
+    assert batch["captions"] == [by_id[record_id].caption for record_id in batch["ids"]]
+
+
+def test_resuming_on_changed_data_warns(paired: list[Record], caplog: pytest.LogCaptureFixture) -> None:
+    state = Stream(paired, batch_size=2, seed=0, resolution=8).state_dict()
+    stream = Stream(paired[:-1], batch_size=2, seed=0, resolution=8)
+    with caplog.at_level(logging.WARNING, logger="data.streams"):
+        stream.load_state_dict(state)
+    assert "num_records" in caplog.text
+    with pytest.raises(KeyError, match="position"):
+        stream.load_state_dict({})
+
+
+def test_bad_arguments_are_refused(paired: list[Record]) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        Stream(paired, batch_size=2, seed=0, rank=2, world_size=2, resolution=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        Stream(paired, batch_size=0, seed=0, resolution=8)
+    with pytest.raises(ValueError, match="at least one record"):
+        Stream([], batch_size=1, seed=0, resolution=8)

@@ -1,0 +1,165 @@
+"""The tiny models load through the same from_pretrained calls users run on hub ids, offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.tiny import SHAPES_WORDS, default_vocabulary, main, save_tiny_captioner
+
+SHAPES_CAPTIONS = [
+    "a small red circle at the top left",
+    "a picture of a large blue square in the center",
+    "there is a big yellow triangle on the bottom right.",
+    "an image of a green shape in the middle",
+]
+WEIGHT_FILES = (
+    "captioner/model.safetensors",
+    "generator/unet/diffusion_pytorch_model.safetensors",
+    "generator/vae/diffusion_pytorch_model.safetensors",
+    "generator/text_encoder/model.safetensors",
+)
+
+
+def _same_weights(first: Path, second: Path) -> bool:
+    a, b = load_file(first), load_file(second)
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_captioner_loads_offline_and_starts_decoding_from_dec(tiny_models) -> None:
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    model = BlipForConditionalGeneration.from_pretrained(tiny_models.captioner)
+    processor = BlipProcessor.from_pretrained(tiny_models.captioner)
+    tokenizer = processor.tokenizer
+    assert tokenizer.bos_token == "[DEC]"
+    assert model.config.text_config.bos_token_id == tokenizer.bos_token_id
+    assert model.config.text_config.sep_token_id == tokenizer.sep_token_id
+    assert model.config.text_config.vocab_size == len(tokenizer)
+    assert model.config.vision_config.initializer_range == 0.02
+    # Random init must not collapse the vision features (BlipVisionConfig's default init range is 1e-10).
+    assert model.vision_model.embeddings.patch_embedding.weight.std() > 1e-3
+
+    inputs = processor(
+        images=torch.zeros(3, 32, 32, dtype=torch.uint8), text=SHAPES_CAPTIONS[0], return_tensors="pt"
+    )
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    assert inputs["input_ids"][0, 0] == tokenizer.cls_token_id  # like the real BLIP processor
+    logits = model(**inputs).logits
+    assert logits.shape == (*inputs["input_ids"].shape, len(tokenizer))
+    generated = model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=3)
+    assert generated[0, 0] == tokenizer.bos_token_id
+
+
+def test_generator_pipeline_loads_offline_and_samples(tiny_models) -> None:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_models.generator)
+    assert isinstance(pipeline.scheduler, DDPMScheduler)
+    assert pipeline.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipeline.scheduler.config.prediction_type == "epsilon"
+    unet = UNet2DConditionModel.from_pretrained(tiny_models.generator, subfolder="unet")
+    assert (unet.config.in_channels, unet.config.sample_size) == (4, 16)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_models.generator, subfolder="tokenizer")
+    assert tokenizer.model_max_length == 77
+    assert pipeline.text_encoder.config.eos_token_id == tokenizer.eos_token_id
+
+    images = pipeline(
+        SHAPES_CAPTIONS[0],
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert images.shape == (1, 3, 32, 32)
+    assert torch.isfinite(images).all()
+
+
+def test_pixel_generator_has_no_vae_and_denoises_pixels(tiny_models) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    folder = tiny_models.pixel_generator
+    assert not (folder / "vae").exists()
+    assert json.loads((folder / "model_index.json").read_text())["vae"] == [None, None]
+    # vae is a required pipeline component, so a folder without one loads only when told vae=None.
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, vae=None)
+    assert pipeline.vae is None
+    assert (pipeline.unet.config.in_channels, pipeline.unet.config.out_channels) == (3, 3)
+    assert pipeline.unet.config.sample_size == 32
+    ids = pipeline.tokenizer([SHAPES_CAPTIONS[0]], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        noise_prediction = pipeline.unet(torch.randn(1, 3, 32, 32), 10, pipeline.text_encoder(ids)[0]).sample
+    assert noise_prediction.shape == (1, 3, 32, 32)
+
+
+def test_tokenizers_round_trip_shapes_captions_without_unknowns(tiny_models, tmp_path) -> None:
+    from transformers import BertTokenizer, CLIPTokenizer
+
+    bert = BertTokenizer.from_pretrained(tiny_models.captioner)
+    clip = CLIPTokenizer.from_pretrained(tiny_models.generator / "tokenizer")
+    for caption in SHAPES_CAPTIONS:
+        bert_ids = bert(caption).input_ids
+        assert bert.unk_token_id not in bert_ids
+        assert bert.decode(bert_ids, skip_special_tokens=True) == caption
+        clip_ids = clip(caption).input_ids
+        assert clip.unk_token_id not in clip_ids[1:-1]
+        assert clip.decode(clip_ids, skip_special_tokens=True) == caption.replace(".", " .")
+    for word in SHAPES_WORDS:  # every vocabulary word is a single token in both tokenizers
+        assert bert.tokenize(word) == [word]
+        assert clip.tokenize(word) == [word + "</w>"]
+    # Unknown words still tokenize: WordPiece letter pieces, CLIP byte-level pieces.
+    assert bert.unk_token_id not in bert("quokka").input_ids
+    assert clip.unk_token_id not in clip("quokka").input_ids[1:-1]
+
+    # The written vocab.json + merges.txt alone (the layout of real SD repos) give the same tokenizer.
+    bpe_only = tmp_path / "bpe_only"
+    bpe_only.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tiny_models.generator / "tokenizer" / name, bpe_only / name)
+    rebuilt = CLIPTokenizer.from_pretrained(bpe_only)
+    assert [rebuilt(c).input_ids for c in SHAPES_CAPTIONS] == [clip(c).input_ids for c in SHAPES_CAPTIONS]
+
+
+def test_cli_writes_both_folders_deterministically_per_seed(tiny_models, tmp_path, capsys) -> None:
+    main(["--out", str(tmp_path / "seed0")])
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "seed0" / n) for n in ("captioner", "generator")
+    ]
+    main(["--out", str(tmp_path / "seed1"), "--seed", "1"])
+    fixture_root = {"captioner": tiny_models.captioner, "generator": tiny_models.generator}
+    for relative in WEIGHT_FILES:
+        folder, _, rest = relative.partition("/")
+        assert _same_weights(tmp_path / "seed0" / relative, fixture_root[folder] / rest), relative
+        assert not _same_weights(tmp_path / "seed0" / relative, tmp_path / "seed1" / relative), relative
+
+
+def test_saving_leaves_the_callers_random_state_alone(tmp_path) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    save_tiny_captioner(tmp_path / "captioner", seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_custom_vocabulary_and_bad_words(tmp_path) -> None:
+    from transformers import BertTokenizer
+
+    folder = save_tiny_captioner(tmp_path / "custom", vocab_words=["Quokka", "wombat"])
+    assert BertTokenizer.from_pretrained(folder).tokenize("quokka wombat") == ["quokka", "wombat"]
+    with pytest.raises(ValueError, match=r"vocab_words\[1\] = 'two words'"):
+        save_tiny_captioner(tmp_path / "bad", vocab_words=["fine", "two words"])
+
+
+def test_default_vocabulary_includes_the_shapes_grammar() -> None:
+    words = default_vocabulary()
+    assert set(SHAPES_WORDS) <= set(words)
+    assert len(words) == len(set(words)) > 200
+    shapes = pytest.importorskip("data.shapes")
+    assert set(shapes.WORDS) <= set(words)

@@ -1,0 +1,67 @@
+"""Run the real training entry point (`train/cycle.py`) in a subprocess, the way users launch it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_overrides(tiny_models: Any, output_dir: Path) -> list[str]:
+    return [
+        f"output_dir={output_dir}",
+        f"captioner.pretrained_model_name_or_path={tiny_models.captioner}",
+        f"generator.pretrained_model_name_or_path={tiny_models.generator}",
+    ]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}, **extra)
+    return env
+
+
+def cycle_command(overrides: list[str], processes: int = 1) -> list[str]:
+    script = ["train/cycle.py", "--config", str(TINY_CONFIG), *overrides]
+    if processes == 1:
+        return [sys.executable, *script]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+    ]
+    return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+
+
+def run_cycle(
+    overrides: list[str], processes: int = 1, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    """Run to completion; on failure show the run's output in the assertion."""
+    extra = {"ACCELERATE_USE_CPU": "1"} if processes > 1 else {}
+    result = subprocess.run(
+        cycle_command(overrides, processes),
+        cwd=REPO,
+        env=environment(**extra, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == 0, (
+            f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def sample_log(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]

@@ -1,0 +1,117 @@
+"""Builders: precision of trainable weights, gradient checkpointing, LoRA targets of the shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from losses.randomness import DrawKey
+from losses.supervised import caption_terms, denoise_terms
+from train.builders import build_captioner, build_generator, phase_update_counts
+from train.config import Config, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _config(tiny_models, *overrides: str) -> Config:
+    return load_config(
+        CONFIGS / "tiny.yaml",
+        [
+            f"captioner.pretrained_model_name_or_path={tiny_models.captioner}",
+            f"generator.pretrained_model_name_or_path={tiny_models.generator}",
+            "generator.caption_dropout=0.0",
+            *overrides,
+        ],
+    )
+
+
+def _batch(size: int = 2) -> dict:
+    torch.manual_seed(1)
+    return {
+        "ids": [f"sample-{index}" for index in range(size)],
+        "pixels": torch.rand(size, 3, 32, 32),
+        "captions": ["a small red circle in the top left", "a large blue square in the center"][:size],
+    }
+
+
+def _perturb_lora(module: torch.nn.Module, names: list[str]) -> None:
+    """LoRA B starts at zero (so A gets no gradient); give every adapter weight a value."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name in names:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def _grads(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    return {name: param.grad.clone() for name, param in module.named_parameters() if name in names}
+
+
+def test_trainable_weights_stay_fp32_under_bf16(tiny_models) -> None:
+    config = _config(tiny_models, "mixed_precision=bf16")
+    captioner, captioner_names = build_captioner(config.captioner, "bf16")
+    generator, generator_names = build_generator(config.generator, "bf16")
+    batch = _batch()
+    for module, names in ((captioner, captioner_names), (generator, generator_names)):
+        params = dict(module.named_parameters())
+        assert names and all(params[name].dtype == torch.float32 and params[name].requires_grad for name in names)
+        frozen = [param for name, param in params.items() if name not in names]
+        assert frozen and all(param.dtype == torch.bfloat16 and not param.requires_grad for param in frozen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = caption_terms(captioner, batch, config.captioner)["caption_ce"]
+        loss = loss + denoise_terms(generator, batch, config.generator, DrawKey(0, 0))["denoise"]
+    loss.backward()
+    for module, names in ((captioner, captioner_names), (generator, generator_names)):
+        grads = _grads(module, names)
+        assert all(grad.dtype == torch.float32 for grad in grads.values())
+        assert any(grad.abs().sum() > 0 for grad in grads.values())
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, train_mode: str) -> None:
+    batch = _batch()
+    results = {}
+    for checkpointing in (False, True):
+        config = _config(
+            tiny_models,
+            f"captioner.train_mode={train_mode}",
+            f"generator.train_mode={train_mode}",
+            f"captioner.gradient_checkpointing={checkpointing}",
+            f"generator.gradient_checkpointing={checkpointing}",
+        )
+        captioner, captioner_names = build_captioner(config.captioner)
+        generator, generator_names = build_generator(config.generator)
+        if train_mode == "lora":
+            _perturb_lora(captioner, captioner_names)
+            _perturb_lora(generator, generator_names)
+        assert captioner.model.is_gradient_checkpointing == checkpointing
+        assert generator.unet.is_gradient_checkpointing == checkpointing
+        captioner.train()
+        generator.train()
+        caption_terms(captioner, batch, config.captioner)["caption_ce"].backward()
+        denoise_terms(generator, batch, config.generator, DrawKey(0, 0))["denoise"].backward()
+        results[checkpointing] = {**_grads(captioner, captioner_names), **_grads(generator, generator_names)}
+    assert results[False].keys() == results[True].keys()
+    assert any(grad.abs().sum() > 0 for grad in results[False].values())
+    for name, grad in results[False].items():
+        torch.testing.assert_close(results[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_paper_config_targets_only_cross_attention_queries(tiny_models) -> None:
+    paper = load_config(CONFIGS / "paper_blip_sd14_coco.yaml")
+    config = _config(
+        tiny_models,
+        f"captioner.lora.target_modules={paper.captioner.lora.target_modules}",
+        f"generator.lora.target_modules={paper.generator.lora.target_modules}",
+    )
+    _, captioner_names = build_captioner(config.captioner)
+    _, generator_names = build_generator(config.generator)
+    assert captioner_names and all(".crossattention.self.query." in name for name in captioner_names)
+    assert generator_names and all(".attn2.to_q." in name for name in generator_names)
+
+
+def test_update_counts_follow_the_schedule() -> None:
+    assert phase_update_counts(["captioner", "generator"], 5) == {"captioner": 3, "generator": 2}
+    assert phase_update_counts(["generator", "generator", "captioner"], 6) == {"captioner": 2, "generator": 4}

@@ -1,0 +1,95 @@
+"""The config schema: shipped configs validate, typos fail by name, overrides are typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.config import (
+    ConfigError,
+    apply_override,
+    fingerprint_differences,
+    load_config,
+    model_fingerprint,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny.yaml", "shapes.yaml", "paper_blip_sd14_coco.yaml", "blip_sd15_coco.yaml"]
+)
+def test_shipped_configs_validate(name: str) -> None:
+    config = load_config(CONFIGS / name)
+    assert config.train.max_train_steps >= 1
+    assert config.data.paired
+
+
+def test_paper_config_trains_only_cross_attention_queries() -> None:
+    config = load_config(CONFIGS / "paper_blip_sd14_coco.yaml")
+    assert config.captioner.pretrained_model_name_or_path == "Salesforce/blip-image-captioning-base"
+    assert config.generator.pretrained_model_name_or_path == "CompVis/stable-diffusion-v1-4"
+    assert config.train.gradient_accumulation_steps == 8 and config.data.train_batch_size == 1
+    assert config.captioner.optimizer.learning_rate == config.generator.optimizer.learning_rate == 1e-4
+    assert "crossattention" in config.captioner.lora.target_modules
+    assert "attn2" in config.generator.lora.target_modules
+
+
+def test_overrides_are_parsed_as_yaml_values() -> None:
+    config = load_config(
+        CONFIGS / "tiny.yaml",
+        ["train.max_train_steps=20", "output_dir=/x", "train.schedule=[generator]", "generator.snr_gamma=5"],
+    )
+    assert config.train.max_train_steps == 20
+    assert config.output_dir == "/x"
+    assert config.train.schedule == ["generator"]
+    assert config.generator.snr_gamma == 5.0
+
+
+def test_misspelled_key_names_the_key_and_the_closest_valid_one() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "tiny.yaml", ["train.max_train_step=20"])
+    message = str(error.value)
+    assert "unknown key 'train.max_train_step'" in message
+    assert "did you mean 'train.max_train_steps'" in message
+
+
+def test_misspelled_key_inside_a_data_source_is_reported_with_its_position(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "tiny.yaml", ["data.paired.0.num_sample=3"])
+    assert "unknown key 'data.paired[0].num_sample'" in str(error.value)
+    assert "did you mean 'data.paired[0].num_samples'" in str(error.value)
+
+
+def test_wrong_type_and_bad_choice_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"'train.max_train_steps'.*'many'"):
+        load_config(CONFIGS / "tiny.yaml", ["train.max_train_steps=many"])
+    with pytest.raises(ConfigError, match=r"'mixed_precision'"):
+        load_config(CONFIGS / "tiny.yaml", ["mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match=r"'train.schedule\[1\]'.*'dreamer'"):
+        load_config(CONFIGS / "tiny.yaml", ["train.schedule=[captioner, dreamer]"])
+
+
+def test_unpaired_source_cannot_feed_paired_batches() -> None:
+    with pytest.raises(ConfigError, match=r"data.paired\[0\]: source type 'texts'"):
+        load_config(CONFIGS / "tiny.yaml", ["data.paired=[{type: texts, path: captions.txt}]"])
+
+
+def test_missing_file_and_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("no/such/config.yaml")
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_override({}, "train.max_train_steps")
+
+
+def test_fingerprint_reports_what_changes_the_weights() -> None:
+    base = load_config(CONFIGS / "tiny.yaml")
+    same_shape = load_config(
+        CONFIGS / "tiny.yaml", ["train.max_train_steps=99", "captioner.lora.dropout=0.1"]
+    )
+    other_rank = load_config(CONFIGS / "tiny.yaml", ["generator.lora.rank=8"])
+    assert fingerprint_differences(model_fingerprint(base), model_fingerprint(same_shape)) == []
+    assert fingerprint_differences(model_fingerprint(base), model_fingerprint(other_rank)) == [
+        "generator.lora.rank: checkpoint has 4, config has 8"
+    ]

@@ -1,0 +1,249 @@
+"""End-to-end runs of `train/cycle.py` on tiny models: export, tracking, resume, preemption, multi-process."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cycle_runs import REPO, cycle_command, environment, run_cycle, sample_log, tiny_overrides
+from safetensors.torch import load_file
+from wandb_offline import history, logged_config
+
+from train.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+EXPORTED = ("captioner/adapter_model.safetensors", "generator/pytorch_lora_weights.safetensors")
+
+
+def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    weights = {}
+    for relative in EXPORTED:
+        for key, value in load_file(str(output_dir / "export" / relative)).items():
+            weights[f"{relative}:{key}"] = value
+    return weights
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None or path.exists(), f"run ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_models, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_cycle(
+        [
+            *tiny_overrides(tiny_models, output_dir),
+            "report_to=wandb",
+            "train.max_train_steps=4",
+            "train.checkpointing_steps=2",
+            "train.checkpoints_total_limit=1",
+            "train.validation_steps=4",
+        ]
+    )
+    return output_dir, result
+
+
+def test_run_trains_both_phases_prunes_exports_and_says_where(finished_run) -> None:
+    output_dir, result = finished_run
+    assert f"run folder:        {output_dir.resolve()}" in result.stdout
+    assert f"exported adapters: {(output_dir / 'export').resolve()}" in result.stdout
+    assert "W&B run:" in result.stdout
+    assert [entry["phase"] for entry in sample_log(output_dir)] == ["captioner", "generator"] * 2
+    assert [step for step, _ in list_checkpoints(output_dir)] == [4], (
+        "checkpoints_total_limit=1 keeps the newest"
+    )
+    for relative in (
+        *EXPORTED,
+        "captioner/adapter_config.json",
+        "captioner/README.md",
+        "generator/README.md",
+    ):
+        assert (output_dir / "export" / relative).is_file(), relative
+    assert "base_model:" in (output_dir / "export" / "generator" / "README.md").read_text()
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["updates"] == {"captioner": 2, "generator": 2}
+
+
+def test_offline_wandb_run_holds_config_and_loss_series(finished_run) -> None:
+    output_dir, _ = finished_run
+    run_file = next(output_dir.rglob("run-*.wandb"))
+    config = logged_config(run_file)
+    assert config["train.max_train_steps"] == 4
+    assert config["generator.lora.rank"] == 4
+    rows = history(run_file)
+    caption_losses = [row["captioner/caption_ce"] for row in rows if "captioner/caption_ce" in row]
+    denoise_losses = [row["generator/denoise"] for row in rows if "generator/denoise" in row]
+    assert len(caption_losses) == 2 and len(denoise_losses) == 2
+    assert all(math.isfinite(value) and value > 0 for value in caption_losses + denoise_losses)
+    assert any("validation/samples" in row for row in rows), "the validation table was not logged"
+    assert any("validation/caption_ce" in row for row in rows)
+
+
+def test_resume_refuses_a_config_that_changes_the_lora_shape(finished_run, tiny_models) -> None:
+    output_dir, _ = finished_run
+    result = run_cycle(
+        [
+            *tiny_overrides(tiny_models, output_dir),
+            "train.resume_from_checkpoint=latest",
+            "train.max_train_steps=6",
+            "generator.lora.rank=8",
+        ],
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "generator.lora.rank: checkpoint has 4, config has 8" in result.stderr
+
+
+def test_export_cli_rebuilds_a_checkpoint(finished_run, tmp_path: Path) -> None:
+    output_dir, _ = finished_run
+    out = tmp_path / "export"
+    checkpoint = str(output_dir / "checkpoint-4")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.export",
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            str(out),
+            "--kohya",
+            "--merge",
+        ],
+        cwd=REPO,
+        env=environment(),
+        check=True,
+        capture_output=True,
+    )
+    for relative in EXPORTED:
+        original = load_file(str(output_dir / "export" / relative))
+        again = load_file(str(out / relative))
+        assert original.keys() == again.keys()
+        assert all(torch.equal(original[key], again[key]) for key in original)
+    assert (out / "generator" / "pytorch_lora_weights_kohya.safetensors").is_file()
+    assert (out / "captioner_merged" / "config.json").is_file()
+    assert (out / "generator_merged" / "model_index.json").is_file()
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path: Path) -> None:
+    settings = ["train.max_train_steps=6", "train.checkpointing_steps=3", "train.validation_steps=null"]
+    uninterrupted = tmp_path / "uninterrupted"
+    run_cycle([*tiny_overrides(tiny_models, uninterrupted), *settings])
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        cycle_command([*tiny_overrides(tiny_models, interrupted), *settings]),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(interrupted / "checkpoint-3" / "trainer_state.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    shutil.rmtree(interrupted / "checkpoint-6", ignore_errors=True)
+    shutil.rmtree(interrupted / "export", ignore_errors=True)
+
+    run_cycle([*tiny_overrides(tiny_models, interrupted), *settings, "train.resume_from_checkpoint=latest"])
+    assert sample_log(interrupted) == sample_log(uninterrupted)
+    expected, resumed = exported_weights(uninterrupted), exported_weights(interrupted)
+    assert expected.keys() == resumed.keys()
+    different = [key for key in expected if not torch.equal(expected[key], resumed[key])]
+    assert not different, f"resumed weights differ from the uninterrupted run: {different[:5]}"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_models, tmp_path: Path) -> None:
+    output_dir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        cycle_command([*tiny_overrides(tiny_models, output_dir), "train.max_train_steps=500"]),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(output_dir / "samples.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    steps = [step for step, _ in list_checkpoints(output_dir)]
+    assert steps and 1 <= steps[-1] < 500
+    assert (
+        json.loads((output_dir / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())["step"]
+        == steps[-1]
+    )
+    assert "stopped by signal" in stderr
+
+
+def test_nonfinite_updates_are_skipped_and_counted(tiny_models, tmp_path: Path) -> None:
+    output_dir = tmp_path / "diverged"
+    # An absurd learning rate blows the generator's LoRA weights up after its first update.
+    run_cycle(
+        [
+            *tiny_overrides(tiny_models, output_dir),
+            "generator.optimizer.learning_rate=1.0e+38",
+            "generator.optimizer.max_grad_norm=null",
+            "train.max_train_steps=6",
+        ]
+    )
+    state = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    assert state["skipped_nonfinite"] >= 1
+
+
+def test_two_processes_equal_one_process_on_the_union_of_their_batches(tiny_models, tmp_path: Path) -> None:
+    settings = ["train.max_train_steps=2", "train.checkpointing_steps=2", "train.validation_steps=null"]
+    two = tmp_path / "two"
+    run_cycle([*tiny_overrides(tiny_models, two), *settings, "data.train_batch_size=2"], processes=2)
+    one = tmp_path / "one"
+    run_cycle([*tiny_overrides(tiny_models, one), *settings, "data.train_batch_size=4"])
+
+    for two_entry, one_entry in zip(sample_log(two), sample_log(one), strict=True):
+        rank0, rank1 = two_entry["ids"][:2], two_entry["ids"][2:]
+        assert not set(rank0) & set(rank1), "ranks must see disjoint samples"
+        assert sorted(two_entry["ids"]) == sorted(one_entry["ids"])
+    assert {entry["phase"] for entry in sample_log(two)} == {"captioner", "generator"}
+    expected, distributed = exported_weights(one), exported_weights(two)
+    for key in expected:
+        torch.testing.assert_close(distributed[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # A checkpoint written by two processes resumes in one.
+    run_cycle(
+        [
+            *tiny_overrides(tiny_models, two),
+            "train.max_train_steps=4",
+            "train.checkpointing_steps=2",
+            "train.resume_from_checkpoint=latest",
+            "data.train_batch_size=4",
+        ]
+    )
+    assert [step for step, _ in list_checkpoints(two)] == [2, 4]
+
+
+def test_misspelled_key_fails_before_any_work(tiny_models, tmp_path: Path) -> None:
+    result = run_cycle(
+        [*tiny_overrides(tiny_models, tmp_path / "typo"), "train.max_train_step=3"], check=False
+    )
+    assert result.returncode == 2
+    assert "unknown key 'train.max_train_step' (did you mean 'train.max_train_steps'?)" in result.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def test_train_modules_do_not_shadow_stdlib_or_project_packages() -> None:
+    # `accelerate launch train/cycle.py` puts train/ first on sys.path.
+    names = {path.stem for path in (REPO / "train").glob("*.py")}
+    clashes = names & (set(sys.stdlib_module_names) | {"data", "models", "losses", "train", "tests"})
+    assert not clashes, f"rename {sorted(clashes)}: they shadow modules when train/ is on sys.path"

@@ -1,0 +1,174 @@
+"""Small builders that turn config sections into models, optimizers, schedulers and data streams.
+
+The recipe (train/cycle.py) calls these and shows the loop; export and evaluation reuse them so a
+checkpoint is always rebuilt exactly the way it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from data import sources
+from data.streams import Stream
+from models.captioner import Captioner
+from models.generator import Generator
+from models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
+from train.config import (
+    CaptionerSettings,
+    Config,
+    GeneratorSettings,
+    ModelSettings,
+    OptimizerSettings,
+    Phase,
+    SourceSettings,
+)
+
+logger = logging.getLogger(__name__)
+
+BASE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") -> tuple[Captioner, list[str]]:
+    """Load the captioner, attach LoRA (or unfreeze everything) and return it with its trainable names."""
+    captioner = Captioner.from_pretrained(
+        settings.pretrained_model_name_or_path, revision=settings.revision, max_length=settings.max_length
+    )
+    if settings.train_mode == "lora":
+        add_captioner_lora(captioner, **_lora_kwargs(settings))
+    if settings.gradient_checkpointing:
+        captioner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return captioner, prepare_trainable(
+        captioner, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
+    )
+
+
+def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") -> tuple[Generator, list[str]]:
+    """Load the generator parts, attach UNet LoRA (or unfreeze UNet + text encoder) and list trainables."""
+    generator = Generator.from_pretrained(
+        settings.pretrained_model_name_or_path,
+        revision=settings.revision,
+        resolution=settings.resolution,
+        prediction_type=settings.prediction_type,
+    )
+    if settings.train_mode == "lora":
+        add_generator_lora(generator, **_lora_kwargs(settings))
+    if settings.gradient_checkpointing:
+        generator.unet.enable_gradient_checkpointing()
+        if settings.train_mode == "full":
+            generator.text_encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    return generator, prepare_trainable(
+        generator, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
+    )
+
+
+def _lora_kwargs(settings: ModelSettings) -> dict:
+    lora = settings.lora
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "target_modules": lora.target_modules,
+    }
+
+
+def build_optimizer(
+    module: torch.nn.Module, names: list[str], settings: OptimizerSettings
+) -> torch.optim.AdamW:
+    wanted = set(names)
+    params = [param for name, param in module.named_parameters() if name in wanted]
+    return torch.optim.AdamW(
+        params,
+        lr=settings.learning_rate,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        weight_decay=settings.adam_weight_decay,
+        eps=settings.adam_epsilon,
+    )
+
+
+def phase_update_counts(schedule: list[Phase], max_train_steps: int) -> dict[str, int]:
+    """How many optimizer updates each model gets: the schedule repeats until max_train_steps."""
+    counts = {"captioner": 0, "generator": 0}
+    for step in range(max_train_steps):
+        counts[schedule[step % len(schedule)]] += 1
+    return counts
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, settings: OptimizerSettings, num_updates: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Sized in this model's own updates; kept out of accelerator.prepare so it steps once per update."""
+    return get_scheduler(
+        settings.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=settings.lr_warmup_steps,
+        num_training_steps=max(num_updates, 1),
+    )
+
+
+def load_records(source_list: list[SourceSettings], role: str, resolution: int) -> list[sources.Record]:
+    """Records of every source in a data role; unpaired roles keep only the side they use."""
+    records: list[sources.Record] = []
+    for settings in source_list:
+        options = settings.model_dump(exclude={"type"})
+        if settings.type == "shapes":
+            options["resolution"] = resolution
+        loaded, report = SOURCE_LOADERS[settings.type](**options)
+        logger.info("data.%s: %s -> %d records (%s)", role, settings.type, len(loaded), report.summary())
+        records.extend(loaded)
+    if role == "image_only":
+        records = [dataclasses.replace(record, caption=None) for record in records]
+    elif role == "text_only":
+        records = [dataclasses.replace(record, image=None) for record in records]
+    return records
+
+
+SOURCE_LOADERS = {
+    "hf": sources.hf_dataset,
+    "imagefolder": sources.image_folder,
+    "coco": sources.coco_captions,
+    "images": sources.image_only_folder,
+    "texts": sources.text_only_file,
+    "shapes": sources.shapes,
+}
+
+
+def _stream(records: list[sources.Record], config: Config, role: str, rank: int, world_size: int) -> Stream:
+    data = config.data
+    return Stream(
+        records,
+        batch_size=data.train_batch_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        resolution=data.resolution,
+        center_crop=data.center_crop,
+        random_flip=data.random_flip,
+        num_workers=data.dataloader_num_workers,
+        name=role,
+    )
+
+
+def build_streams(config: Config, rank: int, world_size: int) -> dict[str, Stream]:
+    """Resumable, rank-sharded training streams. Only paired data feeds the supervised losses."""
+    for role in ("image_only", "text_only"):
+        if getattr(config.data, role):
+            logger.warning("data.%s is set but no configured loss uses unpaired data yet; ignoring it", role)
+    records = load_records(config.data.paired, "paired", config.data.resolution)
+    return {"paired": _stream(records, config, "paired", rank, world_size)}
+
+
+def build_validation_batch(config: Config) -> dict:
+    """A fixed batch for validation: the validation sources, or else the first paired records."""
+    role = "validation" if config.data.validation else "paired"
+    records = load_records(getattr(config.data, role), role, config.data.resolution)
+    count = min(config.train.num_validation_samples, len(records))
+    batch_config = config.model_copy(deep=True)
+    batch_config.data.train_batch_size = count
+    batch_config.data.random_flip = False
+    return _stream(records[:count], batch_config, role, rank=0, world_size=1).next()

@@ -1,0 +1,315 @@
+"""Typed run configuration: YAML file + dotted CLI overrides, validated so a typo fails fast and by name.
+
+Field names follow diffusers' example trainers (learning_rate, lr_scheduler, gradient_accumulation_steps,
+checkpointing_steps, resume_from_checkpoint, report_to, ...) so users feel at home.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Phase = Literal["captioner", "generator"]
+PHASES: tuple[Phase, ...] = ("captioner", "generator")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the YAML."""
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, not silently ignored settings."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(Strict):
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # None: the model family's default targets (models/lora.py).
+    target_modules: list[str] | str | None = None
+
+
+class OptimizerSettings(Strict):
+    learning_rate: float = Field(1e-4, gt=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class ModelSettings(Strict):
+    pretrained_model_name_or_path: str
+    revision: str | None = None
+    # lora: adapters only; full: every weight of the trainable parts (pretraining small models from scratch).
+    train_mode: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    optimizer: OptimizerSettings = OptimizerSettings()
+    gradient_checkpointing: bool = False
+
+
+class CaptionerSettings(ModelSettings):
+    max_length: int = Field(40, ge=4)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    caption_loss_weight: float = Field(1.0, ge=0)
+
+
+class GeneratorSettings(ModelSettings):
+    resolution: int | None = Field(None, ge=8)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    # Share of captions replaced by "" so the generator learns the unconditional branch of CFG.
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    denoise_loss_weight: float = Field(1.0, ge=0)
+
+
+class HFDatasetSource(Strict):
+    type: Literal["hf"]
+    path: str
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+
+
+class ImageFolderSource(Strict):
+    type: Literal["imagefolder"]
+    path: str
+    caption_column: str = "text"
+
+
+class CocoSource(Strict):
+    type: Literal["coco"]
+    annotations: str
+    images_dir: str
+    split: str | None = None
+
+
+class ImageOnlySource(Strict):
+    type: Literal["images"]
+    path: str
+
+
+class TextOnlySource(Strict):
+    type: Literal["texts"]
+    path: str
+    text_column: str = "text"
+
+
+class ShapesSource(Strict):
+    type: Literal["shapes"]
+    num_samples: int = Field(ge=1)
+    seed: int = 0
+
+
+SourceSettings = Annotated[
+    HFDatasetSource | ImageFolderSource | CocoSource | ImageOnlySource | TextOnlySource | ShapesSource,
+    Field(discriminator="type"),
+]
+SOURCE_CLASSES: dict[str, type[Strict]] = {
+    "hf": HFDatasetSource,
+    "imagefolder": ImageFolderSource,
+    "coco": CocoSource,
+    "images": ImageOnlySource,
+    "texts": TextOnlySource,
+    "shapes": ShapesSource,
+}
+SOURCE_TYPES = tuple(SOURCE_CLASSES)
+
+
+class DataSettings(Strict):
+    resolution: int = Field(64, ge=8)
+    train_batch_size: int = Field(4, ge=1)
+    dataloader_num_workers: int = Field(0, ge=0)
+    center_crop: bool = True
+    random_flip: bool = False
+    paired: list[SourceSettings] = []
+    image_only: list[SourceSettings] = []
+    text_only: list[SourceSettings] = []
+    validation: list[SourceSettings] = []
+
+    @model_validator(mode="after")
+    def _sources_fit_their_role(self) -> DataSettings:
+        allowed = {
+            "paired": {"hf", "imagefolder", "coco", "shapes"},
+            "image_only": {"images", "hf", "imagefolder", "coco", "shapes"},
+            "text_only": {"texts", "hf", "imagefolder", "coco", "shapes"},
+            "validation": {"hf", "imagefolder", "coco", "shapes"},
+        }
+        for role, types in allowed.items():
+            for index, source in enumerate(getattr(self, role)):
+                if source.type not in types:
+                    raise ValueError(
+                        f"data.{role}[{index}]: source type '{source.type}' cannot feed {role} batches "
+                        f"(allowed: {sorted(types)})"
+                    )
+        if not self.paired:
+            raise ValueError("data.paired: at least one paired (image, caption) source is needed")
+        return self
+
+
+class TrainSettings(Strict):
+    # Optimizer updates, summed over both models.
+    max_train_steps: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    # The repeating pattern of phases, one entry per optimizer update.
+    schedule: list[Phase] = ["captioner", "generator"]
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    # "latest" or a checkpoint folder.
+    resume_from_checkpoint: str | None = None
+    logging_steps: int = Field(1, ge=1)
+    validation_steps: int | None = Field(None, ge=1)
+    num_validation_samples: int = Field(4, ge=1)
+    validation_inference_steps: int = Field(20, ge=1)
+    validation_guidance_scale: float = Field(3.0, ge=0)
+
+    @model_validator(mode="after")
+    def _schedule_not_empty(self) -> TrainSettings:
+        if not self.schedule:
+            raise ValueError("train.schedule must name at least one phase")
+        return self
+
+
+class Config(Strict):
+    output_dir: str
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    report_to: Literal["none", "wandb", "tensorboard", "all"] = "wandb"
+    tracker_project_name: str = "cycletune"
+    run_name: str | None = None
+    captioner: CaptionerSettings
+    generator: GeneratorSettings
+    data: DataSettings
+    train: TrainSettings
+
+    def phase_settings(self, phase: Phase) -> CaptionerSettings | GeneratorSettings:
+        return self.captioner if phase == "captioner" else self.generator
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """('data', 'paired', 0, 'imagefolder', 'path') -> 'data.paired[0].path' (drops union tags)."""
+    parts: list[str] = []
+    for index, item in enumerate(loc):
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]"
+        elif index > 0 and isinstance(loc[index - 1], int) and item in SOURCE_TYPES:
+            continue
+        else:
+            parts.append(item)
+    return ".".join(parts)
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names allowed at `loc`'s parent, for 'did you mean' suggestions."""
+    current: Any = model
+    for index, item in enumerate(loc[:-1]):
+        if isinstance(item, int):
+            continue
+        if index > 0 and isinstance(loc[index - 1], int) and item in SOURCE_CLASSES:
+            current = SOURCE_CLASSES[item]  # the tag pydantic adds for a discriminated union member
+        elif current is not None:
+            field = current.model_fields.get(item)
+            annotation = field.annotation if field else None
+            is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            current = annotation if is_model else None
+    return list(current.model_fields) if current is not None else []
+
+
+def _explain(error: ValidationError, origin: str) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        key = _dotted(item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(item["loc"][-1]), _valid_keys(Config, item["loc"]), n=1)
+            parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            hint = f" (did you mean '{parent}{close[0]}'?)" if close else ""
+            lines.append(f"unknown key '{key}'{hint}")
+        elif item["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            shown = f" (got {item['input']!r})" if not isinstance(item["input"], dict | list) else ""
+            lines.append(f"'{key}': {message}{shown}" if key else message)
+    return ConfigError(f"invalid config {origin}:\n  " + "\n  ".join(lines))
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 20 is an int)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' is not of the form key.path=value")
+    dotted, _, text = assignment.partition("=")
+    keys = dotted.strip().split(".")
+    target: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+        if not isinstance(child, dict | list):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(keys[: depth + 1])}' is not a section")
+        target = child
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(target, list):
+        target[int(keys[-1])] = value
+    else:
+        target[keys[-1]] = value
+
+
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
+) -> Config:
+    """Read YAML (or start from `base`), apply overrides, validate; errors name the key and a close match."""
+    raw: dict[str, Any] = dict(base or {})
+    origin = "(overrides)"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raw, origin = loaded, str(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise _explain(error, origin) from None
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def model_fingerprint(config: Config) -> dict[str, Any]:
+    """The settings that define which weights a checkpoint holds; resuming must not change them."""
+    fingerprint: dict[str, Any] = {}
+    for phase in PHASES:
+        settings = config.phase_settings(phase)
+        fingerprint[f"{phase}.pretrained_model_name_or_path"] = settings.pretrained_model_name_or_path
+        fingerprint[f"{phase}.revision"] = settings.revision
+        fingerprint[f"{phase}.train_mode"] = settings.train_mode
+        if settings.train_mode == "lora":
+            fingerprint[f"{phase}.lora.rank"] = settings.lora.rank
+            fingerprint[f"{phase}.lora.alpha"] = settings.lora.alpha
+            fingerprint[f"{phase}.lora.target_modules"] = settings.lora.target_modules
+    return fingerprint
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: checkpoint has {saved.get(key)!r}, config has {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]

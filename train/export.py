@@ -1,0 +1,163 @@
+"""Export trained weights in the formats the ecosystem loads, with a model card in every folder.
+
+    python -m train.export --checkpoint runs/x/checkpoint-200 [--out DIR] [--kohya] [--merge]
+
+Layout of an export folder:
+  captioner/          PEFT adapter (PeftModel.from_pretrained(base, dir)); a full model in full mode
+  generator/          diffusers LoRA pytorch_lora_weights.safetensors (pipe.load_lora_weights),
+                      plus pytorch_lora_weights_kohya.safetensors with --kohya (A1111 / ComfyUI); a full
+                      pipeline folder in full mode
+  captioner_merged/, generator_merged/   standalone models with the adapters merged (--merge)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from models.captioner import Captioner
+from models.generator import Generator
+from models.lora import (
+    load_trainable_state_dict,
+    save_captioner_adapter,
+    save_generator_lora,
+    save_merged_captioner,
+    save_merged_generator,
+)
+from train.builders import build_captioner, build_generator
+from train.checkpoint import CONFIG_NAME
+from train.config import Config, load_config
+
+
+def model_card(
+    config: Config, part: str, library: str, step: int, command: list[str], how_to_load: str
+) -> str:
+    """A short README: what was trained on what, for how long, by which command, and how to load it."""
+    is_captioner = part.startswith("captioner")
+    settings = config.captioner if is_captioner else config.generator
+    lora = settings.lora
+    weights = (
+        f"LoRA rank {lora.rank}, alpha {lora.alpha}" if settings.train_mode == "lora" else "full finetune"
+    )
+    data = ", ".join(str(source.model_dump()) for source in config.data.paired)
+    return f"""---
+base_model: {settings.pretrained_model_name_or_path}
+library_name: {library}
+tags: [cycletune, {"image-to-text" if is_captioner else "text-to-image"}]
+---
+# CycleTune {part}
+
+- Base model: `{settings.pretrained_model_name_or_path}`
+- Weights: {weights}, after {step} updates (phases alternating as {config.train.schedule})
+- Paired data: {data}
+- Exported: {date.today().isoformat()}
+- Command: `{" ".join(command)}`
+
+## Load
+```python
+{how_to_load}
+```
+"""
+
+
+def export_run(
+    captioner: Captioner,
+    generator: Generator,
+    config: Config,
+    out_dir: Path,
+    *,
+    step: int,
+    command: list[str],
+    kohya: bool = False,
+    merge: bool = False,
+) -> Path:
+    """Write adapters (or full models in full mode) and optional kohya / merged variants into out_dir."""
+    base_captioner = config.captioner.pretrained_model_name_or_path
+    base_generator = config.generator.pretrained_model_name_or_path
+    cards: dict[str, tuple[str, str]] = {}  # folder name -> (library, how to load)
+    folder = out_dir / "captioner"
+    if config.captioner.train_mode == "lora":
+        save_captioner_adapter(captioner, folder)
+        base = f'BlipForConditionalGeneration.from_pretrained("{base_captioner}")'
+        cards["captioner"] = ("peft", f'model = PeftModel.from_pretrained({base}, "{folder}")')
+    else:
+        save_merged_captioner(captioner, folder)
+        cards["captioner"] = (
+            "transformers",
+            f'model = BlipForConditionalGeneration.from_pretrained("{folder}")',
+        )
+    folder = out_dir / "generator"
+    if config.generator.train_mode == "lora":
+        save_generator_lora(generator, folder, kohya=kohya)
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_generator}")\n'
+            f'pipe.load_lora_weights("{folder}", weight_name="pytorch_lora_weights.safetensors")'
+        )
+        cards["generator"] = ("diffusers", load)
+    else:
+        save_merged_generator(generator, folder)
+        cards["generator"] = ("diffusers", f'pipe = StableDiffusionPipeline.from_pretrained("{folder}")')
+    if merge:
+        folder = out_dir / "captioner_merged"
+        save_merged_captioner(captioner, folder)
+        cards[folder.name] = (
+            "transformers",
+            f'model = BlipForConditionalGeneration.from_pretrained("{folder}")',
+        )
+        folder = out_dir / "generator_merged"
+        save_merged_generator(generator, folder)
+        cards[folder.name] = ("diffusers", f'pipe = StableDiffusionPipeline.from_pretrained("{folder}")')
+    for part, (library, how_to_load) in cards.items():
+        (out_dir / part / "README.md").write_text(
+            model_card(config, part, library, step, command, how_to_load)
+        )
+    return out_dir
+
+
+def load_checkpoint_models(checkpoint: Path) -> tuple[Captioner, Generator, Config]:
+    """Rebuild both models exactly as trained and load a checkpoint's trainable weights into them."""
+    config = load_config(checkpoint / CONFIG_NAME)
+    captioner, captioner_names = build_captioner(config.captioner)
+    generator, generator_names = build_generator(config.generator)
+    for name, module, names in (
+        ("captioner", captioner, captioner_names),
+        ("generator", generator, generator_names),
+    ):
+        load_trainable_state_dict(module, load_file(str(checkpoint / f"{name}_trainable.safetensors")), names)
+    return captioner, generator, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint-N folder of a run")
+    parser.add_argument("--out", type=Path, help="export folder (default: <checkpoint>/export)")
+    parser.add_argument("--kohya", action="store_true", help="also write the UNet LoRA in kohya format")
+    parser.add_argument("--merge", action="store_true", help="also write standalone models with LoRA merged")
+    args = parser.parse_args(argv)
+    if not (args.checkpoint / CONFIG_NAME).is_file():
+        print(f"error: {args.checkpoint} is not a checkpoint folder (no {CONFIG_NAME})", file=sys.stderr)
+        return 2
+    captioner, generator, config = load_checkpoint_models(args.checkpoint)
+    step = int(args.checkpoint.name.rsplit("-", 1)[-1]) if "-" in args.checkpoint.name else 0
+    out = export_run(
+        captioner,
+        generator,
+        config,
+        args.out or args.checkpoint / "export",
+        step=step,
+        command=["python -m train.export", *(argv if argv is not None else sys.argv[1:])],
+        kohya=args.kohya,
+        merge=args.merge,
+    )
+    print(f"exported to {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

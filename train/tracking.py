@@ -1,0 +1,115 @@
+"""Experiment tracking through Accelerate's trackers (W&B, TensorBoard): config, scalars, validation tables.
+
+The W&B run id is created once and stored in the trainer state, so a resumed job keeps writing to the same
+W&B run instead of starting a new one. WANDB_MODE=offline writes a local run folder (no network needed).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from train.config import Config
+
+
+def trackers_for(report_to: str) -> list[str]:
+    return {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"]}[
+        report_to
+    ]
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {'train.max_train_steps': 20, ...}; lists become strings (TensorBoard hparams)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list | tuple):
+            flat[name] = str(value)
+        else:
+            flat[name] = "None" if value is None else value
+    return flat
+
+
+def start_tracking(accelerator: Accelerator, config: Config, run_id: str | None) -> str:
+    """Start the configured trackers (all ranks must call); returns the run id to keep in checkpoints."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    init_kwargs = {
+        "wandb": {"id": run_id, "resume": "allow", "name": config.run_name, "dir": config.output_dir},
+    }
+    accelerator.init_trackers(
+        config.tracker_project_name, config=flatten(config.model_dump(mode="json")), init_kwargs=init_kwargs
+    )
+    return run_id
+
+
+def wandb_run_dir(accelerator: Accelerator) -> Path | None:
+    """Where the (possibly offline) W&B run lives, to tell the user; None without a W&B tracker."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            return Path(tracker.run.dir).parent
+    return None
+
+
+@dataclass
+class ValidationRow:
+    sample_id: str
+    image: torch.Tensor  # [3, H, W] in [0, 1]
+    reference: str
+    generated_caption: str
+    generated_image: torch.Tensor  # [3, H, W] in [0, 1], generated from the reference caption
+
+
+def _to_uint8(image: torch.Tensor) -> Any:
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def log_validation_table(accelerator: Accelerator, rows: list[ValidationRow], step: int) -> None:
+    """A table of (image, reference caption, generated caption, generated image) on every tracker."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            table = wandb.Table(columns=["id", "image", "reference", "generated caption", "generated image"])
+            for row in rows:
+                table.add_data(
+                    row.sample_id,
+                    wandb.Image(_to_uint8(row.image)),
+                    row.reference,
+                    row.generated_caption,
+                    wandb.Image(_to_uint8(row.generated_image), caption=row.reference),
+                )
+            tracker.log({"validation/samples": table}, step=step)
+        elif tracker.name == "tensorboard":
+            images = torch.stack([torch.cat([row.image, row.generated_image], dim=2) for row in rows])
+            tracker.writer.add_images("validation/image_vs_generated", images.float().clamp(0, 1), step)
+            text = "\n\n".join(
+                f"**{row.sample_id}** reference: {row.reference} | generated: {row.generated_caption}"
+                for row in rows
+            )
+            tracker.writer.add_text("validation/captions", text, step)
+
+
+class SampleLog:
+    """`samples.jsonl` in the run folder: which sample ids trained each update (main process writes).
+
+    Lets anyone check that a resumed or re-sharded run saw exactly the batches of an uninterrupted one.
+    On resume, entries after the resumed step (written by the interrupted run) are dropped.
+    """
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(f"{line}\n" for line in kept))
+
+    def append(self, step: int, phase: str, ids: list[str]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, "phase": phase, "ids": ids}) + "\n")
