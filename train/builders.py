@@ -118,8 +118,8 @@ def load_records(source_list: list[SourceSettings], role: str, resolution: int) 
         options = settings.model_dump(exclude={"type"})
         if settings.type == "shapes":
             options["resolution"] = resolution
-        loaded, report = SOURCE_LOADERS[settings.type](**options)
-        logger.info("data.%s: %s -> %d records (%s)", role, settings.type, len(loaded), report.summary())
+        loaded, _ = SOURCE_LOADERS[settings.type](**options)  # the source logs its own skip report
+        logger.info("data.%s: %d records from a %s source", role, len(loaded), settings.type)
         records.extend(loaded)
     if role == "image_only":
         records = [dataclasses.replace(record, caption=None) for record in records]

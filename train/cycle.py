@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
         )
         run_dir = wandb_run_dir(accelerator)
-        print(f"run folder:       {output_dir.resolve()}")
-        print(f"exported adapters: {export_dir.resolve()}")
+        print(f"{'run folder:':<19}{output_dir.resolve()}")
+        print(f"{'exported adapters:':<19}{export_dir.resolve()}")
         if run_dir is not None:
-            print(f"W&B run:          {run_dir.resolve()}")
+            print(f"{'W&B run:':<19}{run_dir.resolve()}")
         if state.skipped_records or state.skipped_nonfinite:
             print(
                 f"skipped: {state.skipped_records} unreadable records, "

@@ -56,7 +56,9 @@ def test_trainable_weights_stay_fp32_under_bf16(tiny_models) -> None:
     batch = _batch()
     for module, names in ((captioner, captioner_names), (generator, generator_names)):
         params = dict(module.named_parameters())
-        assert names and all(params[name].dtype == torch.float32 and params[name].requires_grad for name in names)
+        assert names and all(
+            params[name].dtype == torch.float32 and params[name].requires_grad for name in names
+        )
         frozen = [param for name, param in params.items() if name not in names]
         assert frozen and all(param.dtype == torch.bfloat16 and not param.requires_grad for param in frozen)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -11,12 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cycle_runs import REPO, cycle_command, environment, run_cycle, sample_log, tiny_overrides
+from PIL import Image
 from safetensors.torch import load_file
 from wandb_offline import history, logged_config
 
+from data.shapes import all_scenes, describe, render
 from train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -88,7 +91,8 @@ def test_offline_wandb_run_holds_config_and_loss_series(finished_run) -> None:
     denoise_losses = [row["generator/denoise"] for row in rows if "generator/denoise" in row]
     assert len(caption_losses) == 2 and len(denoise_losses) == 2
     assert all(math.isfinite(value) and value > 0 for value in caption_losses + denoise_losses)
-    assert any("validation/samples" in row for row in rows), "the validation table was not logged"
+    tables = [row for row in rows if row.get("validation/samples/_type") == "table-file"]
+    assert tables and tables[0]["validation/samples/nrows"] == 2, "the validation table was not logged"
     assert any("validation/caption_ce" in row for row in rows)
 
 
@@ -194,7 +198,7 @@ def test_nonfinite_updates_are_skipped_and_counted(tiny_models, tmp_path: Path) 
     run_cycle(
         [
             *tiny_overrides(tiny_models, output_dir),
-            "generator.optimizer.learning_rate=1.0e+38",
+            "generator.optimizer.learning_rate=1.0e+30",
             "generator.optimizer.max_grad_norm=null",
             "train.max_train_steps=6",
         ]
@@ -231,6 +235,56 @@ def test_two_processes_equal_one_process_on_the_union_of_their_batches(tiny_mode
         ]
     )
     assert [step for step, _ in list_checkpoints(two)] == [2, 4]
+
+
+def _bad_and_odd_image_folder(folder: Path) -> None:
+    """Readable images in every odd mode, two corrupt files and three broken manifest rows."""
+    folder.mkdir()
+    shapes = [render(scene, 32, seed=index) for index, scene in enumerate(all_scenes()[:4])]
+    rows = []
+    for index, image in enumerate(shapes):
+        image.save(folder / f"rgb{index}.png")
+        rows.append({"file_name": f"rgb{index}.png", "text": describe(all_scenes()[index])})
+    gray = np.asarray(shapes[0].convert("L"), dtype=np.uint16) * 257
+    odd = {
+        "gray.png": shapes[0].convert("L"),
+        "sixteen_bit.png": Image.fromarray(gray),
+        "cmyk.jpg": shapes[1].convert("CMYK"),
+        "rgba.png": shapes[2].convert("RGBA"),
+        "palette.png": shapes[3].convert("P"),
+    }
+    for name, image in odd.items():
+        image.save(folder / name)
+        rows.append({"file_name": name, "text": "a shape"})
+    (folder / "truncated.png").write_bytes((folder / "rgb1.png").read_bytes()[:60])
+    (folder / "garbage.png").write_bytes(b"this is not an image at all")
+    rows += [{"file_name": "truncated.png", "text": "cut"}, {"file_name": "garbage.png", "text": "junk"}]
+    rows += [{"file_name": "rgb2.png", "text": "   "}, {"file_name": "missing.png", "text": "gone"}]
+    lines = [json.dumps(row) for row in rows] + ['{"file_name": "rgb3.png", "text": ']
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_corrupt_odd_and_malformed_data_trains_with_a_skip_count(tiny_models, tmp_path: Path) -> None:
+    dataset = tmp_path / "messy"
+    _bad_and_odd_image_folder(dataset)
+    output_dir = tmp_path / "run"
+    # 11 decodable-looking records, 12 draws: every record is drawn, the two corrupt ones included.
+    result = run_cycle(
+        [
+            *tiny_overrides(tiny_models, output_dir),
+            f"data.paired=[{{type: imagefolder, path: {dataset}}}]",
+            "train.max_train_steps=6",
+            "train.checkpointing_steps=6",
+        ]
+    )
+    assert "skipped 3 (bad_json=1, empty_caption=1, missing_file=1)" in result.stderr
+    assert "truncated.png" in result.stderr and "garbage.png" in result.stderr
+    state = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["skipped_records"] >= 2
+    assert f"skipped: {state['skipped_records']} unreadable records" in result.stdout
+    drawn = {sample_id for entry in sample_log(output_dir) for sample_id in entry["ids"]}
+    assert {"gray.png", "sixteen_bit.png", "cmyk.jpg", "rgba.png", "palette.png"} <= drawn
+    assert not drawn & {"truncated.png", "garbage.png", "missing.png"}
 
 
 def test_misspelled_key_fails_before_any_work(tiny_models, tmp_path: Path) -> None:
