@@ -12,27 +12,21 @@ import torch
 
 from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_terms
+from models.captioner import Captioner
+from models.generator import Generator
 from train.config import Config
 
 
 def captioner_phase(
-    captioner: torch.nn.Module,
-    generator: torch.nn.Module,
-    batch: dict[str, Any],
-    config: Config,
-    key: DrawKey,
+    trained: Captioner, *, partner: Generator, batch: dict[str, Any], config: Config, key: DrawKey
 ) -> dict[str, torch.Tensor]:
-    return caption_terms(captioner, batch, config.captioner)
+    return caption_terms(trained, batch, config.captioner)
 
 
 def generator_phase(
-    generator: torch.nn.Module,
-    captioner: torch.nn.Module,
-    batch: dict[str, Any],
-    config: Config,
-    key: DrawKey,
+    trained: Generator, *, partner: Captioner, batch: dict[str, Any], config: Config, key: DrawKey
 ) -> dict[str, torch.Tensor]:
-    return denoise_terms(generator, batch, config.generator, key)
+    return denoise_terms(trained, batch, config.generator, key)
 
 
 PHASE_LOSSES = {"captioner": captioner_phase, "generator": generator_phase}

@@ -1,8 +1,8 @@
 """Supervised terms on paired data: caption cross-entropy (captioner) and denoising loss (generator).
 
-Each function takes the model as the trainer holds it (possibly wrapped by DDP) and calls it through its
-forward, so DDP all-reduces the gradients; helpers such as `tokenize` are reached on the unwrapped module.
-Each returns a dict of named, already-weighted scalar terms, so trackers show every term by name.
+Each function takes the plain (unwrapped) model; the trainer runs the whole phase computation inside the
+DDP wrapper's forward (models/computation.py). Each returns a dict of named, already-weighted scalar
+terms, so trackers show every term by name.
 """
 
 from __future__ import annotations
@@ -10,20 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 
 from losses.randomness import DrawKey
+from models.captioner import Captioner
+from models.generator import Generator
 from train.config import CaptionerSettings, GeneratorSettings
 
 Batch = dict[str, Any]
 
 
-def caption_terms(
-    captioner: torch.nn.Module, batch: Batch, settings: CaptionerSettings
-) -> dict[str, torch.Tensor]:
+def caption_terms(captioner: Captioner, batch: Batch, settings: CaptionerSettings) -> dict[str, torch.Tensor]:
     """Teacher-forced caption cross-entropy, mean over samples of each sample's mean token loss."""
-    tokens = extract_model_from_parallel(captioner).tokenize(batch["captions"])
-    per_sample = captioner(batch["pixels"], **tokens, label_smoothing=settings.label_smoothing)
+    tokens = captioner.tokenize(batch["captions"])
+    per_sample = captioner.caption_loss(batch["pixels"], **tokens, label_smoothing=settings.label_smoothing)
     return {"caption_ce": settings.caption_loss_weight * per_sample.mean()}
 
 
@@ -36,21 +35,20 @@ def drop_captions(captions: list[str], ids: list[str], probability: float, key: 
 
 
 def denoise_terms(
-    generator: torch.nn.Module, batch: Batch, settings: GeneratorSettings, key: DrawKey
+    generator: Generator, batch: Batch, settings: GeneratorSettings, key: DrawKey
 ) -> dict[str, torch.Tensor]:
     """The standard diffusion objective on the pair, with per-sample noise, timesteps and caption dropout."""
-    unwrapped = extract_model_from_parallel(generator)
     ids, pixels = batch["ids"], batch["pixels"]
     captions = drop_captions(batch["captions"], ids, settings.caption_dropout, key)
-    latent_shape = unwrapped.latent_shape(1)[1:]
+    latent_shape = generator.latent_shape(1)[1:]
     noise = key.randn(ids, "noise", latent_shape, pixels.device)
     if settings.noise_offset > 0:
         offset = key.randn(ids, "noise_offset", (latent_shape[0], 1, 1), pixels.device)
         noise = noise + settings.noise_offset * offset
-    num_timesteps = unwrapped.noise_scheduler.config.num_train_timesteps
-    per_sample = generator(
+    num_timesteps = generator.noise_scheduler.config.num_train_timesteps
+    per_sample = generator.denoise_loss(
         pixels,
-        unwrapped.tokenize(captions),
+        generator.tokenize(captions),
         noise=noise,
         timesteps=key.randint(ids, "timestep", num_timesteps, pixels.device),
         vae_noise=key.randn(ids, "vae_noise", latent_shape, pixels.device),

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
+from models.computation import RunsInForward
+
 IGNORE_INDEX = -100
 
 
@@ -60,7 +62,7 @@ def _decoding_for(config: PretrainedConfig) -> _BlipDecoding:
     return _DECODINGS[config.model_type]
 
 
-class Captioner(torch.nn.Module):
+class Captioner(RunsInForward):
     """A captioning model and its processor, speaking pixels01 and plain caption strings."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, max_length: int = 40) -> None:
@@ -161,7 +163,7 @@ class Captioner(torch.nn.Module):
         """Teacher-forced text-decoder logits [B, L, V]; logits[:, i] predicts token i + 1."""
         return self._decoding.logits(self.model, self.preprocess(pixels01), input_ids, attention_mask)
 
-    def forward(
+    def caption_loss(
         self,
         pixels01: torch.Tensor,
         input_ids: torch.Tensor,

@@ -1,8 +1,8 @@
 """Text-to-image wrapper around Stable-Diffusion-family parts (UNet, CLIP text encoder, optional VAE).
 
 It exposes the pieces the cycle losses need separately (tokenize, encode, noise, denoise, decode) so that
-gradients can flow from a decoded image into a captioner, or from soft tokens into the text encoder, while
-`forward` stays the one call a DDP wrapper sees during supervised denoising training.
+gradients can flow from a decoded image into a captioner, or from soft tokens into the text encoder.
+`forward(fn)` runs a whole training computation under a DDP wrapper (models/computation.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from models.computation import RunsInForward
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
-class Generator(torch.nn.Module):
+class Generator(RunsInForward):
     """Latent (with a VAE) or pixel-space (without) text-to-image diffusion model with a DDPM loss."""
 
     def __init__(
@@ -181,7 +183,7 @@ class Generator(torch.nn.Module):
             pixels = self.vae.decode(scaled.to(self.vae.dtype)).sample.float()
         return (pixels / 2 + 0.5).clamp(0, 1)
 
-    def forward(
+    def denoise_loss(
         self,
         pixels01: torch.Tensor,
         input_ids: torch.Tensor,
@@ -197,11 +199,11 @@ class Generator(torch.nn.Module):
         )
         with nullcontext() if needs_image_grad else torch.no_grad():
             latents = self.encode_images(pixels01, vae_noise)
-        return self.denoising_loss(
+        return self.latent_denoise_loss(
             latents, self.encode_text(input_ids), noise=noise, timesteps=timesteps, snr_gamma=snr_gamma
         )
 
-    def denoising_loss(
+    def latent_denoise_loss(
         self,
         latents: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
@@ -212,7 +214,7 @@ class Generator(torch.nn.Module):
     ) -> torch.Tensor:
         """Per-sample float32 MSE over C, H, W against the scheduler's target, optionally Min-SNR weighted.
 
-        Split from `forward` so a caller with its own text context (soft tokens) reuses the exact loss.
+        Split from `denoise_loss` so a caller with its own text context (soft tokens) reuses the exact loss.
         """
         latents = latents.float()
         if noise.shape != latents.shape:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             state.skipped_records += batch.get("skipped", 0)
             ids.extend(batch["ids"])
             with sync_gradients_if(accelerator, trained, micro == accumulation - 1), frozen(partner):
-                terms = PHASE_LOSSES[phase](
-                    trained, partner, batch, config, DrawKey(config.seed, state.step, micro)
+                key = DrawKey(config.seed, state.step, micro)
+                # The whole phase computation runs as the trained model's forward, so DDP all-reduces it.
+                terms = trained(
+                    partial(PHASE_LOSSES[phase], partner=partner, batch=batch, config=config, key=key)
                 )
                 loss = sum(terms.values())
                 accelerator.backward(loss / accumulation)

@@ -48,7 +48,7 @@ def test_loads_with_processor_settings(tiny_models) -> None:
         captioner.pixel_mean.flatten().float(), torch.tensor(captioner.processor.image_processor.image_mean)
     )
     batch = captioner.tokenize(CAPTIONS)
-    losses = captioner(torch.rand(2, 3, 32, 32), **batch)
+    losses = captioner.caption_loss(torch.rand(2, 3, 32, 32), **batch)
     assert losses.dtype == torch.float32 and losses.shape == (2,)
 
 
@@ -109,7 +109,7 @@ def test_forward_is_per_sample_cross_entropy(captioner, label_smoothing) -> None
     torch.manual_seed(0)
     pixels01 = torch.rand(2, 3, 32, 32)
     batch = captioner.tokenize(CAPTIONS)
-    losses = captioner(pixels01, **batch, label_smoothing=label_smoothing)
+    losses = captioner.caption_loss(pixels01, **batch, label_smoothing=label_smoothing)
 
     logits = captioner.logits(pixels01, batch["input_ids"], batch["attention_mask"])
     assert logits.shape == (*batch["input_ids"].shape, len(captioner.tokenizer))
@@ -122,7 +122,7 @@ def test_forward_is_per_sample_cross_entropy(captioner, label_smoothing) -> None
         assert torch.allclose(loss, expected, atol=1e-5)
 
     for sample, caption in enumerate(CAPTIONS):  # padding in a batch does not change a sample's loss
-        alone = captioner(
+        alone = captioner.caption_loss(
             pixels01[sample : sample + 1], **captioner.tokenize([caption]), label_smoothing=label_smoothing
         )
         assert torch.allclose(alone[0], losses[sample], atol=1e-5)
@@ -150,7 +150,7 @@ def test_overfit_one_pair_then_generation_reproduces_it(captioner) -> None:
     optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-2)
     first_loss = None
     for _ in range(150):
-        loss = captioner(pixels01, **batch).mean()
+        loss = captioner.caption_loss(pixels01, **batch).mean()
         first_loss = first_loss if first_loss is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()

@@ -175,12 +175,12 @@ def test_pixel_space_round_trip(pixel_generator: Generator) -> None:
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_forward_matches_manual_denoising_loss(tiny_models, prediction_type: str) -> None:
+def test_forward_matches_manual_latent_denoise_loss(tiny_models, prediction_type: str) -> None:
     generator = Generator.from_pretrained(str(tiny_models.generator), prediction_type=prediction_type)
     pixels, noise, vae_noise = _pixels(2), _noise(generator, 2, seed=3), _noise(generator, 2, seed=4)
     timesteps = torch.tensor([17, 640])
     with torch.no_grad():
-        loss = generator(
+        loss = generator.denoise_loss(
             pixels, generator.tokenize(CAPTIONS), noise=noise, timesteps=timesteps, vae_noise=vae_noise
         )
         latents = generator.encode_images(pixels, vae_noise)
@@ -193,7 +193,7 @@ def test_pixel_space_forward_matches_manual_loss(pixel_generator: Generator) -> 
     pixels, noise, timesteps = _pixels(2), _noise(pixel_generator, 2, seed=5), torch.tensor([3, 999])
     input_ids = pixel_generator.tokenize(CAPTIONS)
     with torch.no_grad():
-        loss = pixel_generator(pixels, input_ids, noise=noise, timesteps=timesteps)
+        loss = pixel_generator.denoise_loss(pixels, input_ids, noise=noise, timesteps=timesteps)
         expected = _manual_loss(pixel_generator, pixels * 2 - 1, CAPTIONS, noise, timesteps)
     assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
 
@@ -204,7 +204,7 @@ def test_forward_is_per_sample_and_deterministic(generator: Generator) -> None:
 
     def loss(rows: slice, noise: torch.Tensor) -> torch.Tensor:
         input_ids = generator.tokenize(captions[rows])
-        return generator(pixels[rows], input_ids, noise=noise[rows], timesteps=timesteps[rows])
+        return generator.denoise_loss(pixels[rows], input_ids, noise=noise[rows], timesteps=timesteps[rows])
 
     with torch.no_grad():
         batched = loss(slice(None), noise)
@@ -227,8 +227,10 @@ def test_min_snr_weighting(tiny_models, prediction_type: str) -> None:
     weights = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
     input_ids = generator.tokenize([*CAPTIONS, ""])
     with torch.no_grad():
-        plain = generator(pixels, input_ids, noise=noise, timesteps=timesteps)
-        weighted = generator(pixels, input_ids, noise=noise, timesteps=timesteps, snr_gamma=gamma)
+        plain = generator.denoise_loss(pixels, input_ids, noise=noise, timesteps=timesteps)
+        weighted = generator.denoise_loss(
+            pixels, input_ids, noise=noise, timesteps=timesteps, snr_gamma=gamma
+        )
     assert torch.allclose(weighted, plain * weights, rtol=1e-5)
 
 
@@ -236,7 +238,7 @@ def test_gradients_reach_unet_and_pixels_through_frozen_vae(tiny_models) -> None
     generator = Generator.from_pretrained(str(tiny_models.generator))
     generator.vae.requires_grad_(False)
     pixels = _pixels(1).requires_grad_()
-    loss = generator(
+    loss = generator.denoise_loss(
         pixels, generator.tokenize(CAPTIONS[:1]), noise=_noise(generator, 1, 9), timesteps=torch.tensor([300])
     )
     loss.sum().backward()
@@ -297,7 +299,7 @@ def test_short_overfit_lowers_loss(tiny_models) -> None:
     noise, timesteps = _noise(generator, 1, seed=11), torch.tensor([400])
     losses = []
     for _ in range(50):
-        loss = generator(pixels, input_ids, noise=noise, timesteps=timesteps).mean()
+        loss = generator.denoise_loss(pixels, input_ids, noise=noise, timesteps=timesteps).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
