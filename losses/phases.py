@@ -1,32 +1,77 @@
 """What one update of each phase computes: the named loss terms for the model being trained.
 
-Both functions share one signature (trained model, frozen partner, batch, config, draw key) so the recipe
-can look them up by phase. The partner is unused by the supervised terms; the cycle terms route through it.
+captioner phase: caption cross-entropy on paired batches + the I2T2I cycle term (losses/i2t2i.py);
+generator phase: denoising loss on paired batches + the T2I2T cycle term (losses/t2i2t.py).
+Unpaired batches (image-only, text-only) carry only the cycle term; a cycle mode adds only its own term,
+so no supervised term is ever counted twice. Both phase functions share one signature so the recipe can
+look them up by phase; each returns weighted terms (summed for backward) and metrics (logged only).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from losses.i2t2i import I2T2I_MODES
 from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_terms
+from losses.t2i2t import T2I2T_MODES
+from models.bridge import VocabularyBridge
 from models.captioner import Captioner
 from models.generator import Generator
 from train.config import Config
 
 
+class PhaseOutput(NamedTuple):
+    terms: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+def cycle_ramp(config: Config, update: int) -> float:
+    """Linear warm-up of every cycle weight over cycle.warmup_steps updates."""
+    warmup = config.cycle.warmup_steps
+    return 1.0 if warmup == 0 else min(1.0, update / warmup)
+
+
 def captioner_phase(
-    trained: Captioner, *, partner: Generator, batch: dict[str, Any], config: Config, key: DrawKey
-) -> dict[str, torch.Tensor]:
-    return caption_terms(trained, batch, config.captioner)
+    trained: Captioner,
+    *,
+    partner: Generator,
+    batch: dict[str, Any],
+    config: Config,
+    key: DrawKey,
+    bridge: VocabularyBridge | None,
+) -> PhaseOutput:
+    terms = caption_terms(trained, batch, config.captioner) if batch["kind"] == "paired" else {}
+    settings = config.cycle.i2t2i
+    if settings.mode == "none":
+        return PhaseOutput(terms, {})
+    cycle = I2T2I_MODES[settings.mode](trained, partner, batch, settings, key, bridge)
+    terms[f"i2t2i_{settings.mode}"] = settings.weight * cycle_ramp(config, key.update) * cycle.loss
+    return PhaseOutput(
+        terms, {f"i2t2i_{settings.mode}/{name}": value for name, value in cycle.metrics.items()}
+    )
 
 
 def generator_phase(
-    trained: Generator, *, partner: Captioner, batch: dict[str, Any], config: Config, key: DrawKey
-) -> dict[str, torch.Tensor]:
-    return denoise_terms(trained, batch, config.generator, key)
+    trained: Generator,
+    *,
+    partner: Captioner,
+    batch: dict[str, Any],
+    config: Config,
+    key: DrawKey,
+    bridge: VocabularyBridge | None,
+) -> PhaseOutput:
+    terms = denoise_terms(trained, batch, config.generator, key) if batch["kind"] == "paired" else {}
+    settings = config.cycle.t2i2t
+    if settings.mode == "none":
+        return PhaseOutput(terms, {})
+    cycle = T2I2T_MODES[settings.mode](trained, partner, batch, settings, key)
+    terms[f"t2i2t_{settings.mode}"] = settings.weight * cycle_ramp(config, key.update) * cycle.loss
+    return PhaseOutput(
+        terms, {f"t2i2t_{settings.mode}/{name}": value for name, value in cycle.metrics.items()}
+    )
 
 
 PHASE_LOSSES = {"captioner": captioner_phase, "generator": generator_phase}

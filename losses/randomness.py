@@ -54,3 +54,7 @@ class DrawKey:
         """One integer in [0, high) per sample, shape [B]."""
         draws = [torch.randint(high, (), generator=g) for g in self.generators(sample_ids, purpose)]
         return torch.stack(draws).to(device)
+
+    def uniform(self, purpose: str) -> float:
+        """One uniform [0, 1) draw for the whole batch, the same on every rank (no sample id involved)."""
+        return torch.rand((), generator=torch.Generator().manual_seed(self.sample_seed("", purpose))).item()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.computation import RunsInForward
@@ -245,6 +246,92 @@ class Generator(RunsInForward):
             return (snr_gamma / snr).clamp(max=1.0)
         return snr.clamp(max=snr_gamma) / (snr + 1)
 
+    def predict_x0(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, prediction: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean latents implied by one UNet prediction at `timesteps` (inverts add_noise), in float32.
+
+        One-step cycle losses decode this estimate instead of the clean latents, so the gradient reaches
+        the UNet output the way it would at sampling time.
+        """
+        timesteps = timesteps.to(self.noise_scheduler.alphas_cumprod.device)
+        alpha_bar = self.noise_scheduler.alphas_cumprod[timesteps].to(noisy.device, torch.float32)
+        alpha_bar = alpha_bar.view(-1, *([1] * (noisy.ndim - 1)))
+        noisy, prediction = noisy.float(), prediction.float()
+        if self.prediction_type == "epsilon":
+            return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+
+    def sample_with_grad(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        latents: torch.Tensor,
+        *,
+        num_inference_steps: int,
+        grad_steps: int,
+        guidance_scale: float = 1.0,
+        uncond_hidden_states: torch.Tensor | None = None,
+        gradient_checkpointing: bool = True,
+    ) -> torch.Tensor:
+        """DDIM (eta 0) from the initial noise `latents` to final float32 latents; the one sampling loop.
+
+        Only the last `grad_steps` steps are recorded for backward (DRaFT-K; 0 records none): the earlier
+        steps run under no_grad, and each recorded UNet call is checkpointed (recomputed in backward) so
+        memory stays at one UNet activation set whatever K is. Classifier-free guidance against
+        `uncond_hidden_states` when guidance_scale > 1, as StableDiffusionPipeline does.
+        """
+        batch_size = encoder_hidden_states.shape[0]
+        if tuple(latents.shape) != self.latent_shape(batch_size):
+            raise ValueError(
+                f"latents shape {tuple(latents.shape)} != {self.latent_shape(batch_size)} "
+                f"for {batch_size} text embeddings"
+            )
+        if not 0 <= grad_steps <= num_inference_steps:
+            raise ValueError(
+                f"grad_steps={grad_steps} must lie in [0, num_inference_steps={num_inference_steps}]"
+            )
+        guided = guidance_scale > 1.0
+        if guided and uncond_hidden_states is None:
+            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs uncond_hidden_states")
+        if guided and uncond_hidden_states.shape != encoder_hidden_states.shape:
+            raise ValueError(
+                f"uncond_hidden_states shape {tuple(uncond_hidden_states.shape)} != "
+                f"encoder_hidden_states shape {tuple(encoder_hidden_states.shape)}"
+            )
+        context = (
+            torch.cat([uncond_hidden_states, encoder_hidden_states]) if guided else encoder_hidden_states
+        )
+        context = context.to(self.unet.dtype)
+        # A fresh scheduler per call: set_timesteps mutates it, and it follows any prediction_type override.
+        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        first_grad_step = len(scheduler.timesteps) - grad_steps
+        for index, t in enumerate(scheduler.timesteps):
+            recorded = index >= first_grad_step and torch.is_grad_enabled()
+            with nullcontext() if recorded else torch.no_grad():
+                model_input = scheduler.scale_model_input(latents, t)
+                if recorded and gradient_checkpointing:
+                    prediction = checkpoint(
+                        self._guided_prediction, model_input, t, context, guidance_scale, use_reentrant=False
+                    )
+                else:
+                    prediction = self._guided_prediction(model_input, t, context, guidance_scale)
+                latents = scheduler.step(prediction, t, latents).prev_sample
+        return latents
+
+    def _guided_prediction(
+        self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """One UNet call (both CFG branches batched when guided), in float32."""
+        guided = guidance_scale > 1.0
+        model_input = torch.cat([latents, latents]) if guided else latents
+        prediction = self.unet(model_input.to(self.unet.dtype), t, context).sample.float()
+        if not guided:
+            return prediction
+        unconditional, conditional = prediction.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
     @torch.no_grad()
     def sample(
         self,
@@ -256,27 +343,19 @@ class Generator(RunsInForward):
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance against the empty caption; returns pixels01."""
-        shape = self.latent_shape(len(captions))
         if latents is None:
+            shape = self.latent_shape(len(captions))
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents shape {tuple(latents.shape)} != {shape} for {len(captions)} captions")
-        # A fresh scheduler per call: set_timesteps mutates it, and it follows any prediction_type override.
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
         guided = guidance_scale > 1.0
-        prompts = [""] * len(captions) + list(captions) if guided else list(captions)
-        context = self.encode_text(self.tokenize(prompts)).to(self.unet.dtype)
-        latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            model_input = torch.cat([latents, latents]) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
-            prediction = self.unet(model_input, t, context).sample.float()
-            if guided:
-                unconditional, conditional = prediction.chunk(2)
-                prediction = unconditional + guidance_scale * (conditional - unconditional)
-            latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
-        return self.decode_latents(latents)
+        final = self.sample_with_grad(
+            self.encode_text(self.tokenize(captions)),
+            latents,
+            num_inference_steps=num_inference_steps,
+            grad_steps=0,
+            guidance_scale=guidance_scale,
+            uncond_hidden_states=self.encode_text(self.tokenize([""] * len(captions))) if guided else None,
+        )
+        return self.decode_latents(final)
 
 
 def _names_component(model_index: dict[str, Any], name: str) -> bool:

@@ -14,6 +14,7 @@ from diffusers.optimization import get_scheduler
 
 from data import sources
 from data.streams import Stream
+from models.bridge import VocabularyBridge
 from models.captioner import Captioner
 from models.generator import Generator
 from models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
@@ -155,12 +156,29 @@ def _stream(records: list[sources.Record], config: Config, role: str, rank: int,
 
 
 def build_streams(config: Config, rank: int, world_size: int) -> dict[str, Stream]:
-    """Resumable, rank-sharded training streams. Only paired data feeds the supervised losses."""
-    for role in ("image_only", "text_only"):
-        if getattr(config.data, role):
-            logger.warning("data.%s is set but no configured loss uses unpaired data yet; ignoring it", role)
-    records = load_records(config.data.paired, "paired", config.data.resolution)
-    return {"paired": _stream(records, config, "paired", rank, world_size)}
+    """One resumable, rank-sharded stream per data role that has sources."""
+    streams = {}
+    for role in ("paired", "image_only", "text_only"):
+        records = load_records(getattr(config.data, role), role, config.data.resolution)
+        if records:
+            streams[role] = _stream(records, config, role, rank, world_size)
+    return streams
+
+
+def build_bridge(
+    config: Config, captioner: Captioner, generator: Generator, device: torch.device
+) -> VocabularyBridge | None:
+    """The vocabulary bridge for the soft-token I2T2I modes (None when no mode needs one)."""
+    if config.cycle.i2t2i.mode not in {"soft", "gumbel"}:
+        return None
+    bridge = VocabularyBridge.build(
+        captioner.tokenizer,
+        generator.tokenizer,
+        start_token_id=int(captioner.tokenize([""])["input_ids"][0, 0]),  # the decoder start token
+        max_length=generator.tokenizer.model_max_length,
+    )
+    logger.info("vocabulary bridge coverage: %s", bridge.coverage())
+    return bridge.to(device)
 
 
 def build_validation_batch(config: Config) -> dict:

@@ -75,6 +75,53 @@ class GeneratorSettings(ModelSettings):
     denoise_loss_weight: float = Field(1.0, ge=0)
 
 
+class I2T2ISettings(Strict):
+    """image -> caption -> image: trains the captioner through the frozen generator."""
+
+    mode: Literal["none", "soft", "gumbel", "reward"] = "none"
+    weight: float = Field(1.0, ge=0)
+    # soft: temperature of the captioner's softmax; gumbel: the Gumbel-softmax temperature.
+    temperature: float = Field(1.0, gt=0)
+    # gumbel: free-running decode length (None: captioner.max_length).
+    max_length: int | None = Field(None, ge=2)
+    # soft / gumbel: noise draws averaged in the frozen generator's denoising loss.
+    num_timesteps: int = Field(1, ge=1)
+    # reward: K sampled captions per image, scored by the generator's denoising loss.
+    num_candidates: int = Field(4, ge=2)
+    # 1.0 keeps the policy gradient on-policy; a nucleus (< 1) samples off-policy and trained worse here.
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompt: str | None = None
+    reward_timesteps: int = Field(4, ge=1)
+    logprob_reduction: Literal["sum", "mean"] = "mean"
+    kl_weight: float = Field(0.0, ge=0)
+
+
+class T2I2TSettings(Strict):
+    """text -> image -> caption: trains the generator through the frozen captioner."""
+
+    mode: Literal["none", "one_step", "sample"] = "none"
+    weight: float = Field(1.0, ge=0)
+    # one_step: timesteps drawn uniformly from [0, max_timestep) (None: the whole schedule).
+    max_timestep: int | None = Field(None, ge=1)
+    # sample: DDIM steps from pure noise, backpropagating through only the last grad_steps (DRaFT-K).
+    num_inference_steps: int = Field(10, ge=1)
+    grad_steps: int = Field(1, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _grad_steps_fit(self) -> T2I2TSettings:
+        if self.grad_steps > self.num_inference_steps:
+            raise ValueError("cycle.t2i2t.grad_steps cannot exceed cycle.t2i2t.num_inference_steps")
+        return self
+
+
+class CycleSettings(Strict):
+    # Cycle weights ramp linearly from 0 to their value over this many updates (summed over both models).
+    warmup_steps: int = Field(0, ge=0)
+    i2t2i: I2T2ISettings = I2T2ISettings()
+    t2i2t: T2I2TSettings = T2I2TSettings()
+
+
 class HFDatasetSource(Strict):
     type: Literal["hf"]
     path: str
@@ -140,6 +187,9 @@ class DataSettings(Strict):
     image_only: list[SourceSettings] = []
     text_only: list[SourceSettings] = []
     validation: list[SourceSettings] = []
+    # Probability that a captioner-phase micro-batch is image-only (and a generator-phase one text-only).
+    image_only_ratio: float = Field(0.0, ge=0, le=1)
+    text_only_ratio: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sources_fit_their_role(self) -> DataSettings:
@@ -195,6 +245,32 @@ class Config(Strict):
     generator: GeneratorSettings
     data: DataSettings
     train: TrainSettings
+    cycle: CycleSettings = CycleSettings()
+
+    @model_validator(mode="after")
+    def _unpaired_data_has_a_loss(self) -> Config:
+        """Unpaired batches only carry a cycle term, and only the modes that need no reference side."""
+        checks = (
+            (
+                "image_only",
+                self.data.image_only_ratio,
+                "cycle.i2t2i.mode",
+                self.cycle.i2t2i.mode,
+                {"gumbel", "reward"},
+            ),
+            ("text_only", self.data.text_only_ratio, "cycle.t2i2t.mode", self.cycle.t2i2t.mode, {"sample"}),
+        )
+        for role, ratio, mode_key, mode, modes in checks:
+            has_sources = bool(getattr(self.data, role))
+            if ratio > 0 and not has_sources:
+                raise ValueError(f"data.{role}_ratio is {ratio} but data.{role} has no sources")
+            if has_sources and ratio == 0:
+                raise ValueError(
+                    f"data.{role} has sources but data.{role}_ratio is 0: set the share of such batches"
+                )
+            if ratio > 0 and mode not in modes:
+                raise ValueError(f"data.{role} batches need {mode_key} in {sorted(modes)} (it is '{mode}')")
+        return self
 
     def phase_settings(self, phase: Phase) -> CaptionerSettings | GeneratorSettings:
         return self.captioner if phase == "captioner" else self.generator

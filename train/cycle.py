@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -24,10 +25,12 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from data.mixer import BatchMixer
 from losses.phases import PHASE_LOSSES
 from losses.randomness import DrawKey
 from models.lora import frozen
 from train.builders import (
+    build_bridge,
     build_captioner,
     build_generator,
     build_lr_scheduler,
@@ -126,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         optimizers[phase] = build_optimizer(module, names, settings)
         schedulers[phase] = build_lr_scheduler(optimizers[phase], settings, updates_per_phase[phase])
     streams = build_streams(config, accelerator.process_index, accelerator.num_processes)
+    mixer = BatchMixer(
+        streams, image_only_ratio=config.data.image_only_ratio, text_only_ratio=config.data.text_only_ratio
+    )
+    bridge = build_bridge(config, captioner, generator, accelerator.device)
     TrainableWeights(
         accelerator, {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
     )
@@ -157,23 +164,24 @@ def main(argv: list[str] | None = None) -> int:
         partner_phase = "generator" if phase == "captioner" else "captioner"
         trained, partner = models[phase], extract_model_from_parallel(models[partner_phase])
 
-        terms_sum: dict[str, float] = {}
+        logged: dict[str, list[float]] = defaultdict(list)
         nonfinite, ids = 0, []
         for micro in range(accumulation):
-            batch = to_device(streams["paired"].next(), accelerator.device)
+            key = DrawKey(config.seed, state.step, micro)
+            batch = to_device(mixer.next(phase, key.uniform("batch_kind")), accelerator.device)
             state.skipped_records += batch.get("skipped", 0)
             ids.extend(batch["ids"])
             with sync_gradients_if(accelerator, trained, micro == accumulation - 1), frozen(partner):
-                key = DrawKey(config.seed, state.step, micro)
                 # The whole phase computation runs as the trained model's forward, so DDP all-reduces it.
-                terms = trained(
-                    partial(PHASE_LOSSES[phase], partner=partner, batch=batch, config=config, key=key)
+                phase_loss = partial(
+                    PHASE_LOSSES[phase], partner=partner, batch=batch, config=config, key=key, bridge=bridge
                 )
-                loss = sum(terms.values())
+                output = trained(phase_loss)
+                loss = sum(output.terms.values())
                 accelerator.backward(loss / accumulation)
             nonfinite += int(not torch.isfinite(loss.detach()).item())
-            for name, value in terms.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + value.item() / accumulation
+            for name, value in {**output.terms, **output.metrics}.items():
+                logged[name].append(float(value))
 
         # Ranks agree on skipping (any non-finite loss) and on stopping (any rank got SIGTERM).
         flags = accelerator.reduce(
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if sample_log is not None:
             sample_log.append(state.step, phase, all_ids)
         if state.step % config.train.logging_steps == 0:
-            logs = {f"{phase}/{name}": value for name, value in terms_sum.items()}
+            logs = {f"{phase}/{name}": sum(values) / len(values) for name, values in logged.items()}
             logs |= {
                 f"{phase}/lr": schedulers[phase].get_last_lr()[0],
                 f"{phase}/grad_norm": result.grad_norm,

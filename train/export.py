@@ -27,6 +27,7 @@ from models.lora import (
     save_generator_lora,
     save_merged_captioner,
     save_merged_generator,
+    trainable_state_dict,
 )
 from train.builders import build_captioner, build_generator
 from train.checkpoint import CONFIG_NAME
@@ -76,6 +77,9 @@ def export_run(
     merge: bool = False,
 ) -> Path:
     """Write adapters (or full models in full mode) and optional kohya / merged variants into out_dir."""
+    whole_models = merge or "full" in (config.captioner.train_mode, config.generator.train_mode)
+    if whole_models and config.mixed_precision != "no":
+        captioner, generator = full_precision_copies(captioner, generator, config)
     base_captioner = config.captioner.pretrained_model_name_or_path
     base_generator = config.generator.pretrained_model_name_or_path
     cards: dict[str, tuple[str, str]] = {}  # folder name -> (library, how to load)
@@ -116,6 +120,25 @@ def export_run(
             model_card(config, part, library, step, command, how_to_load)
         )
     return out_dir
+
+
+def full_precision_copies(
+    captioner: Captioner, generator: Generator, config: Config
+) -> tuple[Captioner, Generator]:
+    """Fresh fp32 base models carrying the trained weights.
+
+    Under mixed precision the frozen base weights were cast to bf16/fp16 in place; merging adapters into
+    them would bake that rounding into a standalone model, so merged and full exports start from fp32 bases.
+    """
+    copies = []
+    for trained, build, settings in (
+        (captioner, build_captioner, config.captioner),
+        (generator, build_generator, config.generator),
+    ):
+        fresh, names = build(settings)
+        load_trainable_state_dict(fresh, trainable_state_dict(trained, names), names)
+        copies.append(fresh)
+    return copies[0], copies[1]
 
 
 def load_checkpoint_models(checkpoint: Path) -> tuple[Captioner, Generator, Config]:

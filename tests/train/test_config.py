@@ -34,6 +34,21 @@ def test_paper_config_trains_only_cross_attention_queries() -> None:
     assert config.captioner.optimizer.learning_rate == config.generator.optimizer.learning_rate == 1e-4
     assert "crossattention" in config.captioner.lora.target_modules
     assert "attn2" in config.generator.lora.target_modules
+    assert (config.cycle.i2t2i.mode, config.cycle.i2t2i.weight) == ("soft", 1.0)
+    assert (config.cycle.t2i2t.mode, config.cycle.t2i2t.weight) == ("one_step", 1.0)
+
+
+def test_unpaired_sources_need_a_mode_that_uses_them() -> None:
+    texts = ["data.text_only=[{type: texts, path: captions.txt}]", "data.text_only_ratio=0.5"]
+    with pytest.raises(ConfigError, match=r"data.text_only batches need cycle.t2i2t.mode in \['sample'\]"):
+        load_config(CONFIGS / "tiny.yaml", texts)
+    assert load_config(CONFIGS / "tiny.yaml", [*texts, "cycle.t2i2t.mode=sample"]).data.text_only_ratio == 0.5
+    with pytest.raises(
+        ConfigError, match=r"data\.image_only_ratio is 0\.5 but data\.image_only has no sources"
+    ):
+        load_config(CONFIGS / "tiny.yaml", ["data.image_only_ratio=0.5", "cycle.i2t2i.mode=gumbel"])
+    with pytest.raises(ConfigError, match="grad_steps cannot exceed"):
+        load_config(CONFIGS / "tiny.yaml", ["cycle.t2i2t.grad_steps=5", "cycle.t2i2t.num_inference_steps=3"])
 
 
 def test_overrides_are_parsed_as_yaml_values() -> None:

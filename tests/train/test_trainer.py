@@ -17,9 +17,12 @@ import torch
 from cycle_runs import REPO, cycle_command, environment, run_cycle, sample_log, tiny_overrides
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_offline import history, logged_config
 
 from data.shapes import all_scenes, describe, render
+from models.captioner import Captioner
+from models.generator import Generator
 from train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -109,6 +112,51 @@ def test_resume_refuses_a_config_that_changes_the_lora_shape(finished_run, tiny_
     )
     assert result.returncode == 2
     assert "generator.lora.rank: checkpoint has 4, config has 8" in result.stderr
+
+
+def test_resumed_run_continues_the_same_wandb_run(finished_run, tiny_models, tmp_path: Path) -> None:
+    output_dir = tmp_path / "continued"
+    shutil.copytree(finished_run[0], output_dir)
+    run_cycle(
+        [
+            *tiny_overrides(tiny_models, output_dir),
+            "report_to=wandb",
+            "train.max_train_steps=6",
+            "train.checkpointing_steps=2",
+            "train.resume_from_checkpoint=latest",
+        ]
+    )
+    run_files = sorted(output_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2 and run_files[0].name == run_files[1].name, "the resumed run got a new W&B id"
+    steps = [row["_step"] for path in run_files for row in history(path) if "generator/denoise" in row]
+    assert sorted(steps) == [2, 4, 6]
+
+
+def test_full_mode_bf16_run_exports_whole_models_and_logs_to_tensorboard(tiny_models, tmp_path: Path) -> None:
+    output_dir = tmp_path / "full"
+    run_cycle(
+        [
+            *tiny_overrides(tiny_models, output_dir),
+            "captioner.train_mode=full",
+            "generator.train_mode=full",
+            "mixed_precision=bf16",
+            "report_to=tensorboard",
+            "train.max_train_steps=2",
+            "train.validation_steps=2",
+        ]
+    )
+    trained = load_file(str(output_dir / "checkpoint-2" / "captioner_trainable.safetensors"))
+    exported = Captioner.from_pretrained(str(output_dir / "export" / "captioner"))
+    exported_params = dict(exported.named_parameters())
+    assert trained.keys() == exported_params.keys()
+    assert all(torch.equal(trained[name], exported_params[name].detach()) for name in trained)
+    generator = Generator.from_pretrained(str(output_dir / "export" / "generator"))
+    assert generator.vae is not None and generator.vae.dtype == torch.float32
+    events = EventAccumulator(str(next((output_dir / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"captioner/caption_ce", "generator/denoise", "validation/caption_ce"} <= set(scalars)
+    assert "validation/image_vs_generated" in events.Tags()["images"]
 
 
 def test_export_cli_rebuilds_a_checkpoint(finished_run, tmp_path: Path) -> None:

@@ -1,0 +1,216 @@
+"""Caption metrics exactly as the COCO caption evaluation computes them, so numbers compare with papers.
+
+pycocoevalcap does the work: the Stanford PTB tokenizer (lower-case, punctuation removed), BLEU-1..4 (corpus
+level, "closest" reference length), METEOR 1.5, ROUGE-L, CIDEr-D (pycocoevalcap's `Cider` is CIDEr-D: clipped
+n-gram counts and a Gaussian length penalty, scaled by 10) and SPICE. Scores keep pycocoevalcap's scale
+(fractions; CIDEr-D in [0, 10]); papers print them multiplied by 100.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+
+import pycocoevalcap.spice
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer import ptbtokenizer
+
+from evaluation.availability import MetricResult, MetricUnavailable, check_metric_names, prepare
+
+CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice")
+SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+Tokenized = dict[Hashable, list[str]]
+CaptionScorer = Callable[[Tokenized, Tokenized], dict[str, float]]
+
+
+def caption_metrics(
+    references: Mapping[Hashable, Sequence[str]],
+    candidates: Mapping[Hashable, str],
+    metrics: Sequence[str] = CAPTION_METRICS,
+) -> dict[str, MetricResult]:
+    """Score one candidate caption per sample id against that id's reference captions.
+
+    SPICE is reported as skipped unless Stanford CoreNLP's jars already sit in pycocoevalcap's spice/lib:
+    pycocoevalcap would otherwise download them (no timeout) the moment SPICE is constructed.
+    """
+    names = check_metric_names(metrics, CAPTION_METRICS)
+    for sample_id, candidate in candidates.items():
+        if not isinstance(candidate, str):
+            raise TypeError(
+                f"candidate caption for id {sample_id!r} must be a str, got {type(candidate).__name__}"
+            )
+    references_tokens, candidate_tokens = _tokenize_pairs(
+        references, {key: [c] for key, c in candidates.items()}
+    )
+    families = dict.fromkeys(_family(name) for name in names)
+    scorers, skipped = prepare(families, _scorer)
+    scores: dict[str, float] = {}
+    for scorer in scorers.values():
+        scores.update(scorer(references_tokens, candidate_tokens))
+    results = {}
+    for name in names:
+        family = _family(name)
+        if family in scorers:
+            results[name] = MetricResult(name, scores[name])
+        else:
+            results[name] = MetricResult(name, None, skipped[family].skipped_reason)
+    return results
+
+
+def per_sample_cider(
+    references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, Sequence[str]]
+) -> dict[Hashable, list[float]]:
+    """CIDEr-D of every candidate of every sample, for rank analyses (several sampled captions per image).
+
+    CIDEr-D's idf weights come from the reference corpus alone. Candidates are scored in rounds (round r holds
+    each sample's r-th candidate), so every score equals the one a whole evaluation of that round would give,
+    whatever the number of candidates per sample. Samples with fewer candidates get a placeholder in later
+    rounds, whose score is dropped.
+    """
+    _require_cider_corpus(len(references))
+    references_tokens, candidate_tokens = _tokenize_pairs(references, candidates)
+    scores: dict[Hashable, list[float]] = {key: [] for key in references_tokens}
+    rounds = max(len(texts) for texts in candidate_tokens.values())
+    for round_index in range(rounds):
+        this_round = {
+            key: [texts[round_index] if round_index < len(texts) else ""]
+            for key, texts in candidate_tokens.items()
+        }
+        _, round_scores = Cider().compute_score(references_tokens, this_round)
+        for key, score in zip(references_tokens, round_scores, strict=True):
+            if round_index < len(candidate_tokens[key]):
+                scores[key].append(float(score))
+    return scores
+
+
+def spice_jars_missing() -> list[Path]:
+    """The CoreNLP jars SPICE needs that are absent from pycocoevalcap's spice/lib (empty when SPICE can run)."""
+    lib = Path(pycocoevalcap.spice.__file__).parent / "lib"
+    return [lib / jar for jar in SPICE_CORENLP_JARS if not (lib / jar).exists()]
+
+
+def _require_cider_corpus(samples: int) -> None:
+    """CIDEr-D's idf weights log(samples / document frequency) are all zero for one sample: every score is 0."""
+    if samples < 2:
+        raise ValueError(f"CIDEr-D needs references for at least 2 samples, got {samples}")
+
+
+def _family(name: str) -> str:
+    """BLEU-1..4 come from one computation; every other metric is its own."""
+    return "bleu" if name.startswith("bleu_") else name
+
+
+def _scorer(family: str) -> CaptionScorer:
+    if family == "spice":
+        missing = spice_jars_missing()
+        if missing:
+            raise MetricUnavailable(
+                f"SPICE needs Stanford CoreNLP 3.6.0, and {', '.join(str(path) for path in missing)} "
+                "is absent; copy those jars there from stanford-corenlp-full-2015-12-09.zip "
+                "(CycleTune never downloads them)"
+            )
+    return _SCORERS[family]
+
+
+def _bleu(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    scores, _ = Bleu(4).compute_score(references, candidates, verbose=0)
+    return {f"bleu_{n}": float(score) for n, score in enumerate(scores, start=1)}
+
+
+def _meteor(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    score, _ = Meteor().compute_score(references, candidates)
+    return {"meteor": float(score)}
+
+
+def _rouge_l(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    score, _ = Rouge().compute_score(references, candidates)
+    return {"rouge_l": float(score)}
+
+
+def _cider_d(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    _require_cider_corpus(len(references))
+    score, _ = Cider().compute_score(references, candidates)
+    return {"cider_d": float(score)}
+
+
+def _spice(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    score, _ = Spice().compute_score(references, candidates)
+    return {"spice": float(score)}
+
+
+_SCORERS: dict[str, CaptionScorer] = {
+    "bleu": _bleu,
+    "meteor": _meteor,
+    "rouge_l": _rouge_l,
+    "cider_d": _cider_d,
+    "spice": _spice,
+}
+
+
+def _tokenize_pairs(
+    references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, Sequence[str]]
+) -> tuple[Tokenized, Tokenized]:
+    """Check both sides cover the same ids, then PTB-tokenize them in one Java call (each call costs ~0.5 s)."""
+    _check_same_ids(references, candidates)
+    for key, texts in references.items():
+        _check_texts(f"references for id {key!r}", texts, allow_empty=False)
+    for key, texts in candidates.items():
+        _check_texts(f"candidates for id {key!r}", texts, allow_empty=True)
+    tokenized = _ptb_tokenize(
+        {("reference", key): texts for key, texts in references.items()}
+        | {("candidate", key): texts for key, texts in candidates.items()}
+    )
+    return (
+        {key: tokenized[("reference", key)] for key in references},
+        {key: tokenized[("candidate", key)] for key in candidates},
+    )
+
+
+def _check_same_ids(references: Mapping[Hashable, object], candidates: Mapping[Hashable, object]) -> None:
+    if not references:
+        raise ValueError("no samples to score: references is empty")
+    without_candidate = [key for key in references if key not in candidates]
+    without_reference = [key for key in candidates if key not in references]
+    if without_candidate or without_reference:
+        raise ValueError(
+            "references and candidates must cover the same sample ids; "
+            f"ids without a candidate: {without_candidate[:5]}, ids without references: {without_reference[:5]}"
+        )
+
+
+def _check_texts(what: str, texts: Sequence[str], *, allow_empty: bool) -> None:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    if not texts and not allow_empty:
+        raise ValueError(f"{what} is an empty list")
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"{what} holds a {type(text).__name__}, expected str: {text!r}")
+
+
+def _ptb_tokenize(groups: Mapping[Hashable, Sequence[str]]) -> Tokenized:
+    """Tokenize as the COCO evaluation does, with whitespace collapsed first.
+
+    pycocoevalcap replaces only '\\n' before handing one caption per line to Java; a '\\r' or other line
+    separator inside a caption would split it into two lines and shift every later caption onto the wrong id.
+    """
+    if shutil.which("java") is None:
+        raise RuntimeError(
+            "caption metrics run pycocoevalcap's Java tools (PTB tokenizer, METEOR, SPICE): "
+            "install a Java runtime and put `java` on PATH"
+        )
+    tokenizer_folder = Path(ptbtokenizer.__file__).parent
+    if not os.access(tokenizer_folder, os.W_OK):
+        raise RuntimeError(
+            f"pycocoevalcap's PTB tokenizer writes its input file into {tokenizer_folder}, which is read-only"
+        )
+    captions = {key: [{"caption": " ".join(text.split())} for text in texts] for key, texts in groups.items()}
+    tokenized = ptbtokenizer.PTBTokenizer().tokenize(captions)
+    return {key: tokenized.get(key, []) for key in groups}

@@ -1,0 +1,237 @@
+"""image -> caption -> image cycle terms: train the captioner through the frozen generator.
+
+Three ways to carry the generator's judgement back to the captioner, one function each, all with the
+signature (captioner, generator, batch, settings, key, bridge) -> CycleOutput:
+
+- soft: teacher-forced on the batch's captions; the captioner's softmax at each position goes through the
+  vocabulary bridge into the generator's text encoder, and the generator's denoising loss on the ORIGINAL
+  image is backpropagated into the captioner (the paper's I2T2I term, with a better vocabulary map).
+- gumbel: the captioner's own free-running caption, sampled with the straight-through Gumbel-softmax, takes
+  the same path; needs only images.
+- reward: K nucleus-sampled captions per image scored by the generator's denoising loss (models/scoring.py,
+  no gradient through the generator), and a group-baseline policy gradient (SCST / GRPO style) on their
+  log-likelihoods, optionally with a KL penalty towards the base captioner; needs only images.
+
+The generator is frozen by the trainer but not detached: in soft and gumbel the gradient passes through its
+UNet and text encoder. Every random draw comes from `key` per sample id and purpose, so results do not
+depend on how a batch is split over processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from losses.cycle_output import CycleOutput
+from losses.randomness import DrawKey
+from models.bridge import VocabularyBridge, encode_token_embeddings
+from models.captioner import IGNORE_INDEX, Captioner, SampledCaptions
+from models.generator import Generator
+from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
+from train.config import I2T2ISettings
+
+Batch = dict[str, Any]
+
+
+def soft_token_probs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher-forced logits [B, L, V] -> the soft caption [B, L, V] the generator reads.
+
+    Position 0 is the start token's one-hot; position i + 1 is softmax(logits[:, i] / temperature), as
+    logits[:, i] predicts token i + 1.
+    """
+    start = F.one_hot(input_ids[:, :1], logits.shape[-1]).to(logits.dtype)
+    return torch.cat([start, torch.softmax(logits[:, :-1] / temperature, dim=-1)], dim=1)
+
+
+def reconstruction_loss(
+    generator: Generator,
+    bridge: VocabularyBridge,
+    pixels01: torch.Tensor,
+    ids: Sequence[str],
+    probs: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_timesteps: int,
+    key: DrawKey,
+) -> torch.Tensor:
+    """The generator's denoising loss [B] on each image given its soft caption, averaged over noise draws.
+
+    The text encoder runs once and the UNet once (all num_timesteps draws of all images in one batch). The
+    image latents are data, so they are encoded without grad.
+    """
+    token_embeds = bridge.embed(probs, attention_mask, generator.text_encoder.get_input_embeddings())
+    contexts = encode_token_embeddings(generator, token_embeds)
+    draws = DenoiseDraws.draw(generator, key, ids, "i2t2i", num_timesteps, pixels01.device)
+    with torch.no_grad():
+        latents = generator.encode_images(pixels01, draws.vae_noise)
+    return grouped_denoise_loss(generator, latents, contexts, draws)[:, 0]
+
+
+def _require_bridge(bridge: VocabularyBridge | None, mode: str) -> VocabularyBridge:
+    if bridge is None:
+        raise ValueError(f"cycle.i2t2i.mode={mode!r} needs a vocabulary bridge (models/bridge.py); got None")
+    return bridge
+
+
+def _soft_caption_output(
+    generator: Generator,
+    bridge: VocabularyBridge,
+    batch: Batch,
+    probs: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: I2T2ISettings,
+    key: DrawKey,
+) -> CycleOutput:
+    loss = reconstruction_loss(
+        generator,
+        bridge,
+        batch["pixels"],
+        batch["ids"],
+        probs,
+        attention_mask,
+        num_timesteps=settings.num_timesteps,
+        key=key,
+    ).mean()
+    return CycleOutput(
+        loss,
+        {"denoise": loss.item(), "bridge_mass": bridge.mass_coverage(probs, attention_mask)},
+    )
+
+
+def soft(
+    captioner: Captioner,
+    generator: Generator,
+    batch: Batch,
+    settings: I2T2ISettings,
+    key: DrawKey,
+    bridge: VocabularyBridge | None,
+) -> CycleOutput:
+    """Teacher-forced soft caption of the batch's captions -> frozen generator -> denoising loss."""
+    bridge = _require_bridge(bridge, "soft")
+    if "captions" not in batch:
+        raise ValueError(
+            "cycle.i2t2i.mode='soft' is teacher-forced on the batch's captions, and this batch has none "
+            f"(kind {batch.get('kind')!r}); image-only data needs mode 'gumbel' or 'reward'"
+        )
+    tokens = captioner.tokenize(batch["captions"])
+    logits = captioner.logits(batch["pixels"], tokens["input_ids"], tokens["attention_mask"]).float()
+    probs = soft_token_probs(logits, tokens["input_ids"], settings.temperature)
+    return _soft_caption_output(generator, bridge, batch, probs, tokens["attention_mask"], settings, key)
+
+
+def gumbel_noise(
+    key: DrawKey, ids: Sequence[str], shape: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """Standard Gumbel draws [B, *shape] per sample: -log(E) with E ~ Exponential(1)."""
+    draws = [
+        -torch.empty(tuple(shape)).exponential_(generator=g).clamp_min(torch.finfo(torch.float32).tiny).log()
+        for g in key.generators(ids, "i2t2i/gumbel")
+    ]
+    return torch.stack(draws).to(device)
+
+
+def gumbel(
+    captioner: Captioner,
+    generator: Generator,
+    batch: Batch,
+    settings: I2T2ISettings,
+    key: DrawKey,
+    bridge: VocabularyBridge | None,
+) -> CycleOutput:
+    """The captioner's own straight-through Gumbel-softmax caption -> frozen generator -> denoising loss."""
+    bridge = _require_bridge(bridge, "gumbel")
+    pixels, ids = batch["pixels"], batch["ids"]
+    max_length = settings.max_length or captioner.max_length
+    noise = gumbel_noise(key, ids, (max_length, captioner.vocab_size), pixels.device)
+    probs, attention_mask = captioner.gumbel_decode(
+        pixels, max_length=max_length, temperature=settings.temperature, gumbel_noise=noise
+    )
+    output = _soft_caption_output(generator, bridge, batch, probs, attention_mask, settings, key)
+    # Tokens after the start token, the end token included.
+    output.metrics["length"] = float(attention_mask[:, 1:].sum(dim=1).float().mean())
+    return output
+
+
+def sample_candidates(
+    captioner: Captioner, pixels01: torch.Tensor, ids: Sequence[str], settings: I2T2ISettings, key: DrawKey
+) -> SampledCaptions:
+    """settings.num_candidates nucleus-sampled captions per image, every choice drawn from `key` per id."""
+    max_new_tokens = settings.max_length or captioner.max_length
+    uniforms = torch.stack(
+        [
+            torch.rand((settings.num_candidates, max_new_tokens), generator=g)
+            for g in key.generators(ids, "i2t2i/sampling")
+        ]
+    )
+    return captioner.sample_captions(
+        pixels01, uniforms=uniforms, top_p=settings.top_p, prompt=settings.prompt
+    )
+
+
+def candidate_rewards(
+    generator: Generator,
+    pixels01: torch.Tensor,
+    ids: Sequence[str],
+    captions: list[list[str]],
+    settings: I2T2ISettings,
+    key: DrawKey,
+) -> torch.Tensor:
+    """Reward [B, K] of each candidate: minus the frozen generator's denoising loss (no grad)."""
+    return -caption_scores(
+        generator,
+        pixels01,
+        captions,
+        key=key,
+        ids=ids,
+        num_timesteps=settings.reward_timesteps,
+        purpose="i2t2i/reward",
+    )
+
+
+def reward(
+    captioner: Captioner,
+    generator: Generator,
+    batch: Batch,
+    settings: I2T2ISettings,
+    key: DrawKey,
+    bridge: VocabularyBridge | None,
+) -> CycleOutput:
+    """Group-baseline policy gradient on K sampled captions per image, rewarded by -denoising loss.
+
+    advantage = (r - mean_K r) / (std_K r + 1e-6) per image; loss = -mean(advantage * log p(caption)),
+    log p summed over tokens or averaged (settings.logprob_reduction). The KL penalty to the base
+    captioner (adapters off) enters as its score-function gradient, (d - mean_K d) * log p with
+    d = log p - log p_base summed over tokens: the plain `kl_weight * d` has zero expected gradient on
+    samples from p (E_p[grad log p] = 0), so it would not regularise at all. The bridge is not used.
+    """
+    pixels, ids = batch["pixels"], batch["ids"]
+    if settings.kl_weight > 0 and not captioner.has_adapters:
+        raise ValueError(
+            "cycle.i2t2i.kl_weight > 0 needs a LoRA captioner (captioner train_mode 'lora'): the KL term "
+            "compares with the base model by disabling the adapters, and full fine-tuning keeps no base copy"
+        )
+    sampled = sample_candidates(captioner, pixels, ids, settings, key)
+    rewards = candidate_rewards(generator, pixels, ids, sampled.captions, settings, key)
+    group_std = rewards.std(dim=1, correction=0, keepdim=True)
+    advantages = ((rewards - rewards.mean(dim=1, keepdim=True)) / (group_std + 1e-6)).flatten()
+    logprobs = captioner.sequence_logprobs(pixels, **sampled.tokens)
+    policy_logprobs = logprobs
+    if settings.logprob_reduction == "mean":
+        token_counts = (sampled.tokens["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+        policy_logprobs = logprobs / token_counts
+    loss = -(advantages.to(logprobs) * policy_logprobs).mean()
+    metrics = {"reward_mean": rewards.mean().item(), "reward_std": group_std.mean().item()}
+    if settings.kl_weight > 0:
+        with torch.no_grad(), captioner.adapters_disabled():
+            base_logprobs = captioner.sequence_logprobs(pixels, **sampled.tokens)
+        log_ratio = (logprobs.detach() - base_logprobs).view_as(rewards)
+        centred = (log_ratio - log_ratio.mean(dim=1, keepdim=True)).flatten()
+        loss = loss + settings.kl_weight * (centred * logprobs).mean()
+        metrics["kl"] = log_ratio.mean().item()
+    return CycleOutput(loss, metrics)
+
+
+I2T2I_MODES = {"soft": soft, "gumbel": gumbel, "reward": reward}

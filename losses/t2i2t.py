@@ -1,0 +1,88 @@
+"""text -> image -> caption cycle terms: train the generator through the frozen captioner's caption loss.
+
+Both modes make an image from the caption with gradient, decode it, and score it by the frozen captioner's
+teacher-forced cross-entropy on that same caption; the gradient reaches the UNet through the captioner and
+the VAE decoder (neither is updated: the trainer freezes the captioner, the VAE never trains). Every random
+draw comes from the DrawKey, per sample id and purpose, so runs are reproducible and shard-independent.
+
+- one_step (paired batches): the paper's one scheduler step done right. The reference image is noised to a
+  random timestep and the UNet's single prediction is turned into its clean-latent estimate (predict_x0),
+  not the clean latents themselves as the paper's code did, so the decoded image depends on the UNet.
+- sample (any batch with captions, text-only included): DDIM from key-drawn noise, backpropagating through
+  only the last grad_steps steps (DRaFT-K), with classifier-free guidance when guidance_scale > 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from losses.cycle_output import CycleOutput
+from losses.randomness import DrawKey
+from models.captioner import Captioner
+from models.generator import Generator
+from train.config import T2I2TSettings
+
+Batch = dict[str, Any]
+
+
+def one_step(
+    generator: Generator, captioner: Captioner, batch: Batch, settings: T2I2TSettings, key: DrawKey
+) -> CycleOutput:
+    """Caption loss of the image decoded from one UNet prediction's x0 estimate on the noised reference."""
+    if "pixels" not in batch:
+        raise ValueError(
+            "cycle.t2i2t.mode 'one_step' needs paired batches with 'pixels'; this batch has none "
+            "(text-only batches need mode 'sample')"
+        )
+    ids, pixels, captions = batch["ids"], batch["pixels"], batch["captions"]
+    num_train_timesteps = generator.noise_scheduler.config.num_train_timesteps
+    max_timestep = settings.max_timestep or num_train_timesteps
+    if max_timestep > num_train_timesteps:
+        raise ValueError(
+            f"cycle.t2i2t.max_timestep={max_timestep} exceeds the scheduler's {num_train_timesteps} timesteps"
+        )
+    device, latent_shape = generator.device, generator.latent_shape(1)[1:]
+    # The reference latents are a fixed input here; the gradient path runs through the UNet and decoder.
+    with torch.no_grad():
+        latents = generator.encode_images(pixels, key.randn(ids, "t2i2t_vae_noise", latent_shape, device))
+    timesteps = key.randint(ids, "t2i2t_timestep", max_timestep, device)
+    noisy = generator.noise_scheduler.add_noise(
+        latents, key.randn(ids, "t2i2t_noise", latent_shape, device), timesteps
+    )
+    context = generator.encode_text(generator.tokenize(captions)).to(generator.unet.dtype)
+    prediction = generator.unet(noisy.to(generator.unet.dtype), timesteps, context).sample
+    x0 = generator.predict_x0(noisy, timesteps, prediction)
+    return _recaption_loss(generator, captioner, x0, captions)
+
+
+def sample(
+    generator: Generator, captioner: Captioner, batch: Batch, settings: T2I2TSettings, key: DrawKey
+) -> CycleOutput:
+    """Caption loss of a DDIM sample for each caption, with gradient through its last grad_steps steps."""
+    ids, captions = batch["ids"], batch["captions"]
+    initial = key.randn(ids, "t2i2t_initial_latents", generator.latent_shape(1)[1:], generator.device)
+    guided = settings.guidance_scale > 1.0
+    uncond = generator.encode_text(generator.tokenize([""] * len(captions))) if guided else None
+    final = generator.sample_with_grad(
+        generator.encode_text(generator.tokenize(captions)),
+        initial,
+        num_inference_steps=settings.num_inference_steps,
+        grad_steps=settings.grad_steps,
+        guidance_scale=settings.guidance_scale,
+        uncond_hidden_states=uncond,
+    )
+    return _recaption_loss(generator, captioner, final, captions)
+
+
+def _recaption_loss(
+    generator: Generator, captioner: Captioner, latents: torch.Tensor, captions: list[str]
+) -> CycleOutput:
+    """Decode with gradient and score by the frozen captioner (it resizes and normalises the pixels itself)."""
+    per_sample = captioner.caption_loss(generator.decode_latents(latents), **captioner.tokenize(captions))
+    loss = per_sample.mean()
+    return CycleOutput(loss=loss, metrics={"caption_ce": loss.item()})
+
+
+T2I2T_MODES = {"one_step": one_step, "sample": sample}

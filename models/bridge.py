@@ -1,0 +1,410 @@
+"""Vocabulary bridge: a captioner's SOFT token distributions -> token embeddings for a frozen CLIP text encoder.
+
+The image->text->image cycle lets the generator read a caption the captioner has not committed to: one
+probability distribution over the captioner's vocabulary per position. The two models tokenize differently
+(BLIP: BERT WordPiece, 30,524 tokens incl. "[DEC]"; Stable Diffusion: CLIP byte-level BPE, 49,408 tokens), so
+every captioner token gets a fixed recipe of generator tokens, and a position's embedding is the
+probability-weighted sum of its tokens' recipes, read from the text encoder's CURRENT embedding matrix.
+
+Mapping rules
+- Subword markers are normalised away before matching: WordPiece marks a word-INNER continuation with a
+  "##" prefix, CLIP BPE marks a word-FINAL piece with a "</w>" suffix. A token's text (marker stripped, then
+  the generator tokenizer's normaliser and pre-tokenizer: NFC, lower case, byte-level alphabet) maps to the
+  generator token with the same string plus "</w>" (word-final) or without it (word-inner): an exact match.
+- Whether a WordPiece token ends its word depends on the NEXT position: a following "##" continuation makes
+  it word-inner. So each captioner token has a word-final and a word-inner recipe, and position i mixes them
+  as (1 - q) * final + q * inner, where q = q_{i+1} is the probability mass of "##" tokens at position i + 1
+  (0 after the last valid position). A CLIP-BPE source (the identity bridge) carries finality in its own
+  token strings, so its two recipes coincide.
+- A token with no exact match maps to the MEAN embedding of the pieces the generator's own BPE splits it
+  into (its inner recipe leaves "</w>" off the last piece): one captioner position stays one position, and
+  nothing collapses onto [UNK] (the paper's exact-match-or-[UNK] table lost 58% of CLIP's vocabulary).
+- Special tokens: the decoder start token (BLIP's "[DEC]"), [CLS] and bos -> CLIP's bos "<|startoftext|>";
+  [SEP] and eos -> CLIP's eos "<|endoftext|>"; [PAD] -> the generator tokenizer's pad token; [UNK], every
+  other special ([MASK], "[ENC]") and unmappable tokens -> the generator's unk token. Unmappable: BERT's
+  "[unused17]" placeholders (the captioner's own pre-tokenizer splits them, so no text ever yields them)
+  and characters outside the generator's alphabet.
+- Positions: probs[:, 0] is the start token, so the output starts with bos. Positions beyond the attention
+  mask get the pad embedding. The output has max_length positions (77 for SD): a longer caption is
+  truncated with eos in the last slot, as CLIP's tokenizer truncates; a shorter one is padded.
+- Storage: recipes are [V_source, P] index and weight tables (P = most pieces of any token; unused slots
+  weigh 0), never a dense [V_source, V_target] matrix (30k x 49k floats would be 6 GB). `embed` turns them
+  into a [V_source, 2 * D] table of word-final and word-inner embeddings with one embedding_bag per call,
+  so an embedding matrix that trains is followed, and multiplies the probabilities by it.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import chain
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tokenizers.models import BPE, WordPiece
+from torch import nn
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from transformers import PreTrainedTokenizerBase
+
+    from models.generator import Generator
+
+Finality = Literal["by_next", "final", "inner"]
+
+
+class _Reading(NamedTuple):
+    """A source token as text in the target's alphabet, and what decides whether it ends a word."""
+
+    words: tuple[str, ...]  # the target pre-tokenizer's words; empty: unmappable
+    finality: Finality  # "by_next": the next position decides (WordPiece); else fixed by the token itself
+    continues_word: bool  # a WordPiece "##" continuation: makes the PREVIOUS position word-inner
+
+
+def _backend(tokenizer: PreTrainedTokenizerBase, role: str) -> Tokenizer:
+    """The `tokenizers` object behind a transformers tokenizer: it exposes the model, merges and markers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise ValueError(
+            f"{role} tokenizer {type(tokenizer).__name__} has no `tokenizers` backend (backend_tokenizer); "
+            "the bridge reads subword markers and BPE merges from it"
+        )
+    return backend
+
+
+class _TargetPieces:
+    """The generator tokenizer's pieces for a text: exact vocabulary match first, its own BPE otherwise."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        backend = _backend(tokenizer, "generator")
+        model = backend.model
+        if not isinstance(model, BPE) or not model.end_of_word_suffix:
+            raise ValueError(
+                f"generator tokenizer {type(tokenizer).__name__} must be a BPE marking word ends with a "
+                f"suffix like CLIP's '</w>'; got {type(model).__name__}"
+            )
+        self.suffix: str = model.end_of_word_suffix
+        self.vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
+        self.unk_id = self.vocab.get(model.unk_token) if model.unk_token else None
+        self.final_model = model
+        # The same merges without the end-of-word suffix give the pieces of a word that continues.
+        config = json.loads(backend.to_str())
+        config["model"]["end_of_word_suffix"] = None
+        self.inner_model = Tokenizer.from_str(json.dumps(config)).model
+        self.normalizer = backend.normalizer
+        self.pre_tokenizer = backend.pre_tokenizer
+
+    def words(self, text: str) -> tuple[str, ...]:
+        """Text -> the words BPE sees: normalised, split like the tokenizer splits, in its byte alphabet."""
+        if self.normalizer is not None:
+            text = self.normalizer.normalize_str(text)
+        if self.pre_tokenizer is None:
+            return (text,) if text else ()
+        return tuple(word for word, _ in self.pre_tokenizer.pre_tokenize_str(text) if word)
+
+    def pieces(self, words: tuple[str, ...], *, final: bool) -> list[int] | None:
+        """Target ids for the words; every word but the last ends. None if any piece is unknown."""
+        ids = [
+            piece
+            for position, word in enumerate(words)
+            for piece in self._word_pieces(word, final=final or position < len(words) - 1)
+        ]
+        if not ids or self.unk_id in ids:
+            return None
+        return ids
+
+    def _word_pieces(self, word: str, *, final: bool) -> list[int]:
+        exact = self.vocab.get(word + self.suffix if final else word)
+        if exact is not None:
+            return [exact]
+        model = self.final_model if final else self.inner_model
+        return [token.id for token in model.tokenize(word)]
+
+
+def _source_reader(tokenizer: PreTrainedTokenizerBase, target: _TargetPieces) -> Callable[[str], _Reading]:
+    """How to read one source token string, by the source tokenizer's subword convention."""
+    backend = _backend(tokenizer, "captioner")
+    model = backend.model
+    if isinstance(model, WordPiece):
+        prefix: str = model.continuing_subword_prefix
+        source_pre_tokenizer = backend.pre_tokenizer
+
+        def read_wordpiece(token: str) -> _Reading:
+            continues = token.startswith(prefix) and len(token) > len(prefix)
+            text = token[len(prefix) :] if continues else token
+            # BERT's "[unused17]" pre-tokenizes into "[", "unused17", "]": no text yields it, so it maps to unk.
+            splits = (
+                source_pre_tokenizer is not None and len(source_pre_tokenizer.pre_tokenize_str(text)) != 1
+            )
+            return _Reading(() if splits else target.words(text), "by_next", continues)
+
+        return read_wordpiece
+    if isinstance(model, BPE) and model.end_of_word_suffix:
+        suffix: str = model.end_of_word_suffix
+
+        def read_bpe(token: str) -> _Reading:
+            # Already in the byte alphabet a CLIP-style target shares: match the string as it is.
+            ends = token.endswith(suffix) and len(token) > len(suffix)
+            text = token[: -len(suffix)] if ends else token
+            return _Reading((text,), "final" if ends else "inner", False)
+
+        return read_bpe
+    raise ValueError(
+        f"captioner tokenizer {type(tokenizer).__name__} uses {type(model).__name__}; the bridge reads "
+        "WordPiece ('##' continuations) or BPE with an end-of-word suffix (CLIP)"
+    )
+
+
+def _special_targets(
+    source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, start_token_id: int
+) -> dict[int, int | None]:
+    """Source special-token id -> target id by role; None: no counterpart (maps to the target's unk)."""
+    roles = {"bos": target.bos_token_id, "eos": target.eos_token_id, "pad": target.pad_token_id}
+    missing = [role for role, token_id in {**roles, "unk": target.unk_token_id}.items() if token_id is None]
+    if missing:
+        raise ValueError(f"generator tokenizer has no {', '.join(missing)} token")
+    targets: dict[int, int | None] = dict.fromkeys(source.all_special_ids)
+    # Later roles win where one token plays several (CLIP's "<|endoftext|>" is its eos, pad and unk).
+    for source_ids, target_id in (
+        ((source.pad_token_id,), roles["pad"]),
+        ((source.sep_token_id, source.eos_token_id), roles["eos"]),
+        ((start_token_id, source.cls_token_id, source.bos_token_id), roles["bos"]),
+    ):
+        targets.update((token_id, target_id) for token_id in source_ids if token_id is not None)
+    return targets
+
+
+def _recipe_table(recipes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged recipes -> [V, P] indices and mean weights (1 / pieces), padded with index 0, weight 0."""
+    lengths = torch.tensor([len(recipe) for recipe in recipes])
+    rows = torch.repeat_interleave(torch.arange(len(recipes)), lengths)
+    columns = torch.arange(len(rows)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    index = torch.zeros(len(recipes), int(lengths.max()), dtype=torch.long)
+    weight = torch.zeros(index.shape, dtype=torch.float32)
+    index[rows, columns] = torch.tensor(list(chain.from_iterable(recipes)), dtype=torch.long)
+    weight[rows, columns] = 1.0 / lengths[rows].float()
+    return index, weight
+
+
+class VocabularyBridge(nn.Module):
+    """Fixed captioner-token -> generator-token recipes; `embed` maps soft captions to token embeddings."""
+
+    def __init__(
+        self,
+        *,
+        final_recipes: list[list[int]],
+        inner_recipes: list[list[int]],
+        continuation: list[bool],
+        unmapped: list[bool],
+        pad_id: int,
+        eos_id: int,
+        max_length: int,
+        coverage: dict[str, float],
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} leaves no room for bos and eos")
+        self.source_vocab_size = len(final_recipes)
+        self.pad_id, self.eos_id, self.max_length = pad_id, eos_id, max_length
+        self._coverage = dict(coverage)
+        # Rebuilt from the tokenizers by `build`, so kept out of checkpoints (persistent=False).
+        for name, recipes in (("final", final_recipes), ("inner", inner_recipes)):
+            index, weight = _recipe_table(recipes)
+            self.register_buffer(f"{name}_index", index, persistent=False)
+            self.register_buffer(f"{name}_weight", weight, persistent=False)
+        self.register_buffer(
+            "continuation", torch.tensor(continuation, dtype=torch.float32), persistent=False
+        )
+        self.register_buffer("unmapped", torch.tensor(unmapped, dtype=torch.float32), persistent=False)
+
+    @classmethod
+    def build(
+        cls,
+        captioner_tokenizer: PreTrainedTokenizerBase,
+        generator_tokenizer: PreTrainedTokenizerBase,
+        *,
+        start_token_id: int,
+        max_length: int = 77,
+    ) -> VocabularyBridge:
+        """Read both vocabularies in one pass (1-3 s for a 30k WordPiece -> 49k CLIP pair on one CPU core)."""
+        source_size = len(captioner_tokenizer)
+        if not 0 <= start_token_id < source_size:
+            raise ValueError(
+                f"start_token_id {start_token_id} is outside the captioner vocabulary [0, {source_size})"
+            )
+        target = _TargetPieces(generator_tokenizer)
+        read = _source_reader(captioner_tokenizer, target)
+        specials = _special_targets(captioner_tokenizer, generator_tokenizer, start_token_id)
+        unk_id: int = generator_tokenizer.unk_token_id
+        final_recipes: list[list[int]] = []
+        inner_recipes: list[list[int]] = []
+        continuation, unmapped = [False] * source_size, [False] * source_size
+        token_strings = captioner_tokenizer.convert_ids_to_tokens(list(range(source_size)))
+        for token_id, token in enumerate(token_strings):
+            if token_id in specials or token is None:  # None: an id the tokenizer has no string for
+                target_id = specials.get(token_id)
+                unmapped[token_id] = target_id is None
+                final_recipes.append([unk_id if target_id is None else target_id])
+                inner_recipes.append(final_recipes[-1])
+                continue
+            reading = read(token)
+            continuation[token_id] = reading.continues_word
+            final = target.pieces(reading.words, final=reading.finality != "inner")
+            inner = target.pieces(reading.words, final=reading.finality == "final")
+            unmapped[token_id] = final is None or inner is None
+            final_recipes.append([unk_id] if unmapped[token_id] else final)
+            inner_recipes.append([unk_id] if unmapped[token_id] else inner)
+        coverage = _coverage(
+            final_recipes, inner_recipes, unmapped, set(specials), target_size=len(generator_tokenizer)
+        )
+        return cls(
+            final_recipes=final_recipes,
+            inner_recipes=inner_recipes,
+            continuation=continuation,
+            unmapped=unmapped,
+            pad_id=generator_tokenizer.pad_token_id,
+            eos_id=generator_tokenizer.eos_token_id,
+            max_length=max_length,
+            coverage=coverage,
+        )
+
+    def coverage(self) -> dict[str, float]:
+        """How the vocabularies meet, both ways (shares in [0, 1]).
+
+        source_exact / source_pieces / source_unk: regular (non-special) captioner tokens whose word-final
+        recipe is one generator token / a mean of several / the unk token; source_inner_exact and
+        source_inner_pieces: the same for the word-inner recipe (its unk share equals source_unk);
+        target_reached: generator tokens that some mapped recipe (specials included) uses.
+        """
+        return dict(self._coverage)
+
+    def embed(
+        self, probs: torch.Tensor, attention_mask: torch.Tensor, token_embedding: nn.Embedding
+    ) -> torch.Tensor:
+        """probs [B, L, V_source] -> token embeddings [B, max_length, D], differentiable w.r.t. probs.
+
+        No position embeddings: feed the result to `encode_token_embeddings`. Computed in at least float32
+        (a 30k-way sum in bf16 is coarse; float64 stays float64 for gradcheck) and returned in the
+        embedding's dtype.
+        """
+        valid = self._check_inputs(probs, attention_mask)
+        embedding_weight = token_embedding.weight
+        dtype = torch.promote_types(torch.promote_types(probs.dtype, embedding_weight.dtype), torch.float32)
+        probs, weight = probs.to(dtype), embedding_weight.to(dtype)
+        continuation_mass = probs[:, 1:] @ self.continuation.to(dtype)
+        next_continues = F.pad(continuation_mass * valid[:, 1:], (0, 1)).unsqueeze(-1)
+        final, inner = (probs @ self._recipe_embeddings(weight)).chunk(2, dim=-1)
+        # (1 - q) * final + q * inner is exact at q = 0 and q = 1, so one-hot input reproduces hard tokens.
+        embeds = (1 - next_continues) * final + next_continues * inner
+        return self._fit_length(embeds, valid, weight).to(embedding_weight.dtype)
+
+    @torch.no_grad()
+    def mass_coverage(self, probs: torch.Tensor, attention_mask: torch.Tensor) -> float:
+        """Share of the batch's probability mass (valid positions) on tokens that do NOT map to unk."""
+        valid = self._check_inputs(probs, attention_mask)
+        probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
+        unk_mass = (probs @ self.unmapped.to(probs.dtype))[valid].sum()
+        return float(1 - unk_mass / probs.sum(dim=-1)[valid].sum())
+
+    def _check_inputs(self, probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Shape checks; the mask as bools."""
+        if probs.ndim != 3 or probs.shape[-1] != self.source_vocab_size:
+            raise ValueError(
+                f"probs must be [B, L, {self.source_vocab_size}] (the captioner vocabulary the bridge was "
+                f"built for), got {tuple(probs.shape)}"
+            )
+        if tuple(attention_mask.shape) != tuple(probs.shape[:2]):
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} != probs[:2] {tuple(probs.shape[:2])}"
+            )
+        valid = attention_mask.bool()
+        if (valid[:, 1:] & ~valid[:, :-1]).any():
+            raise ValueError("attention_mask must be right-padded: ones, then zeros")
+        return valid
+
+    def _recipe_embeddings(self, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """[V_source, 2 * D]: each token's word-final recipe embedding, then its word-inner one."""
+        return torch.cat(
+            [
+                F.embedding_bag(
+                    index, embedding_weight, per_sample_weights=weight.to(embedding_weight.dtype), mode="sum"
+                )
+                for index, weight in (
+                    (self.final_index, self.final_weight),
+                    (self.inner_index, self.inner_weight),
+                )
+            ],
+            dim=1,
+        )
+
+    def _fit_length(
+        self, embeds: torch.Tensor, valid: torch.Tensor, embedding_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Pad or truncate to max_length like CLIP tokenization: pad rows past the mask, eos kept on cut."""
+        length, max_length = embeds.shape[1], self.max_length
+        overflows = valid.sum(dim=1) > max_length
+        if length < max_length:
+            embeds = F.pad(embeds, (0, 0, 0, max_length - length))
+            valid = F.pad(valid, (0, max_length - length))
+        embeds, valid = embeds[:, :max_length], valid[:, :max_length]
+        embeds = torch.where(valid.unsqueeze(-1), embeds, embedding_weight[self.pad_id])
+        last_slot = torch.arange(max_length, device=embeds.device) == max_length - 1
+        eos_slots = overflows.unsqueeze(1) & last_slot
+        return torch.where(eos_slots.unsqueeze(-1), embedding_weight[self.eos_id], embeds)
+
+
+def _coverage(
+    final_recipes: list[list[int]],
+    inner_recipes: list[list[int]],
+    unmapped: list[bool],
+    special_ids: set[int],
+    *,
+    target_size: int,
+) -> dict[str, float]:
+    """The shares `VocabularyBridge.coverage` reports, computed once from the recipes."""
+    regular = [token_id for token_id in range(len(final_recipes)) if token_id not in special_ids]
+    mapped = [token_id for token_id in regular if not unmapped[token_id]]
+    count = max(len(regular), 1)
+    shares = {"source_unk": (len(regular) - len(mapped)) / count}
+    for name, recipes in (("source", final_recipes), ("source_inner", inner_recipes)):
+        exact = sum(len(recipes[token_id]) == 1 for token_id in mapped)
+        shares[f"{name}_exact"] = exact / count
+        shares[f"{name}_pieces"] = (len(mapped) - exact) / count
+    reached = {
+        piece
+        for token_id in range(len(final_recipes))
+        if not unmapped[token_id]
+        for piece in (*final_recipes[token_id], *inner_recipes[token_id])
+    }
+    shares["target_reached"] = len(reached) / target_size
+    return shares
+
+
+def encode_token_embeddings(generator: Generator, token_embeds: torch.Tensor) -> torch.Tensor:
+    """The generator's text encoder on token embeddings [B, T, D] -> last hidden state [B, T, D_out].
+
+    CLIPTextModel (transformers 5) takes no inputs_embeds, so the token-embedding layer's output is swapped
+    for `token_embeds` while the encoder runs its own forward: position embeddings, causal mask, attention
+    backend and final layer norm are exactly those of `generator.encode_text`, which this equals bit for bit
+    when token_embeds = token_embedding(ids). Gradients flow into token_embeds; nothing here detaches.
+    """
+    text_encoder = generator.text_encoder
+    token_embedding = text_encoder.get_input_embeddings()
+    if token_embeds.ndim != 3 or token_embeds.shape[-1] != token_embedding.embedding_dim:
+        raise ValueError(
+            f"token_embeds must be [B, T, {token_embedding.embedding_dim}], got {tuple(token_embeds.shape)}"
+        )
+    placeholder_ids = torch.zeros(
+        token_embeds.shape[:2], dtype=torch.long, device=token_embedding.weight.device
+    )
+
+    def substitute(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return token_embeds.to(device=output.device, dtype=output.dtype)
+
+    handle = token_embedding.register_forward_hook(substitute)
+    try:
+        return text_encoder(placeholder_ids)[0]
+    finally:
+        handle.remove()

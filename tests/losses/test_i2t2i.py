@@ -1,0 +1,250 @@
+"""image -> caption -> image cycle terms on the tiny models: gradients against finite differences, gradient
+routing (captioner LoRA only, through the frozen generator), per-sample reproducibility, the reward loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from losses.i2t2i import (
+    I2T2I_MODES,
+    candidate_rewards,
+    reconstruction_loss,
+    sample_candidates,
+    soft,
+    soft_token_probs,
+)
+from losses.randomness import DrawKey
+from models.bridge import VocabularyBridge
+from models.captioner import IGNORE_INDEX, Captioner
+from models.generator import Generator
+from models.lora import add_captioner_lora, prepare_trainable
+from train.config import I2T2ISettings
+
+KEY = DrawKey(seed=11, update=5, micro_batch=1)
+CAPTIONS = ["a small red circle at the top", "a big blue square", "a green triangle on the left"]
+MAX_LENGTH = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run far faster on one thread than on two cores shared with other processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_models) -> Generator:
+    """Frozen as the trainer freezes the partner: gradients pass through it, none land in it."""
+    return Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False)
+
+
+def _add_lora(captioner: Captioner) -> list[str]:
+    """peft initialises LoRA A from the global RNG: seed it, so results do not depend on earlier tests."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_captioner_lora(captioner, rank=4, alpha=4.0)
+    return prepare_trainable(captioner, train_mode="lora")
+
+
+def _captioner(tiny_models, *, lora: bool = True) -> Captioner:
+    captioner = Captioner.from_pretrained(str(tiny_models.captioner), max_length=12)
+    if lora:
+        names = _add_lora(captioner)
+        params = dict(captioner.named_parameters())
+        with torch.no_grad():  # stand-in for training: LoRA B starts at zero, which would zero A's gradient
+            for name in names:
+                params[name].add_(
+                    0.05 * torch.randn(params[name].shape, generator=torch.Generator().manual_seed(0))
+                )
+    return captioner
+
+
+@pytest.fixture
+def captioner(tiny_models) -> Captioner:
+    return _captioner(tiny_models)
+
+
+@pytest.fixture(scope="module")
+def bridge(tiny_models) -> VocabularyBridge:
+    captioner = Captioner.from_pretrained(str(tiny_models.captioner))
+    generator = Generator.from_pretrained(str(tiny_models.generator))
+    return VocabularyBridge.build(
+        captioner.tokenizer,
+        generator.tokenizer,
+        start_token_id=captioner.model.config.text_config.bos_token_id,
+    )
+
+
+def _batch(size: int) -> dict:
+    pixels = torch.rand(size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return {"ids": [f"sample-{i}" for i in range(size)], "pixels": pixels, "captions": CAPTIONS[:size]}
+
+
+def _settings(mode: str, **overrides) -> I2T2ISettings:
+    defaults = {"num_timesteps": 2, "max_length": MAX_LENGTH, "num_candidates": 3, "reward_timesteps": 2}
+    return I2T2ISettings(mode=mode, **{**defaults, **overrides})
+
+
+def _lora_grads(captioner: Captioner) -> dict[str, torch.Tensor | None]:
+    return {name: param.grad for name, param in captioner.named_parameters() if "lora_" in name}
+
+
+def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models, captioner, bridge) -> None:
+    """gradcheck of the soft cycle loss w.r.t. the captioner's logits, every random draw fixed by the key.
+
+    The logits move along each sample's own loss gradient (a full Jacobian over V * L logits would take
+    thousands of UNet calls). Generator in float64, but Generator.latent_denoise_loss returns its MSE in
+    float32 and the bridge mixes embeddings in float32, so the loss carries float32 rounding (~1e-7):
+    hence eps = 0.1 and a 1% tolerance, and token embeddings scaled 30x (CLIP initialises them at
+    std 0.02) so the derivative (~1e-3) stands well above that rounding.
+    """
+    generator = Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False).double()
+    with torch.no_grad():
+        generator.text_encoder.get_input_embeddings().weight.mul_(30.0)
+    batch, temperature = _batch(2), 0.8
+    tokens = captioner.tokenize(batch["captions"])
+    logits = (
+        captioner.logits(batch["pixels"], tokens["input_ids"], tokens["attention_mask"]).detach().double()
+    )
+
+    def per_sample_loss(logits: torch.Tensor) -> torch.Tensor:
+        probs = soft_token_probs(logits, tokens["input_ids"], temperature)
+        return reconstruction_loss(
+            generator,
+            bridge,
+            batch["pixels"],
+            batch["ids"],
+            probs,
+            tokens["attention_mask"],
+            num_timesteps=2,
+            key=KEY,
+        )
+
+    # soft() is exactly this function of the captioner's teacher-forced logits.
+    output = soft(captioner, generator, batch, _settings("soft", temperature=temperature), KEY, bridge)
+    assert torch.allclose(output.loss, per_sample_loss(logits).mean(), atol=1e-6)
+
+    logits.requires_grad_(True)
+    losses = per_sample_loss(logits)
+    directions = torch.stack([torch.autograd.grad(loss, logits, retain_graph=True)[0] for loss in losses])
+    directions = directions / directions.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    logits = logits.detach()
+    assert torch.autograd.gradcheck(
+        lambda steps: per_sample_loss(logits + torch.einsum("d,dblv->blv", steps, directions)).double(),
+        (torch.zeros(2, dtype=torch.float64, requires_grad=True),),
+        eps=0.1,
+        atol=1e-6,
+        rtol=1e-2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"),
+    [("soft", {}), ("gumbel", {"temperature": 0.7}), ("reward", {}), ("reward", {"kl_weight": 0.1})],
+)
+def test_gradient_reaches_the_captioner_lora_and_no_generator_parameter(
+    captioner, generator, bridge, mode, overrides
+) -> None:
+    output = I2T2I_MODES[mode](captioner, generator, _batch(2), _settings(mode, **overrides), KEY, bridge)
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    assert all(isinstance(value, float) for value in output.metrics.values())
+    output.loss.backward()
+    grads = _lora_grads(captioner)
+    assert grads and all(grad is not None and torch.isfinite(grad).all() for grad in grads.values())
+    assert sum(float(grad.abs().sum()) for grad in grads.values()) > 0
+    assert all(param.grad is None for name, param in captioner.named_parameters() if "lora_" not in name)
+    assert all(param.grad is None for param in generator.parameters())
+
+
+@pytest.mark.parametrize("mode", ["soft", "gumbel", "reward"])
+def test_each_sample_draws_its_own_randomness(captioner, generator, bridge, mode) -> None:
+    """A batch's loss is the mean of its samples' losses computed alone: results do not depend on sharding."""
+    settings = _settings(mode, kl_weight=0.1 if mode == "reward" else 0.0)
+    batch = _batch(2)
+    together = I2T2I_MODES[mode](captioner, generator, batch, settings, KEY, bridge)
+    again = I2T2I_MODES[mode](captioner, generator, batch, settings, KEY, bridge)
+    assert torch.equal(together.loss, again.loss) and together.metrics == again.metrics
+    singles = [{name: value[i : i + 1] for name, value in batch.items()} for i in range(2)]
+    alone = torch.stack(
+        [I2T2I_MODES[mode](captioner, generator, single, settings, KEY, bridge).loss for single in singles]
+    )
+    if mode != "reward":
+        assert torch.allclose(together.loss, alone.mean(), rtol=1e-4)
+    else:
+        # Checked per piece instead: the loss is a function of each image's own candidates, rewards and
+        # log-probs, but its advantages divide by the group's reward std (~1e-3 on this random generator),
+        # which magnifies the 1-ulp differences of a batched UNet call beyond any useful tolerance.
+        sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
+        rewards = candidate_rewards(generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY)
+        logprobs = captioner.sequence_logprobs(batch["pixels"], **sampled.tokens).view(2, -1)
+        for i, single in enumerate(singles):
+            sampled_alone = sample_candidates(captioner, single["pixels"], single["ids"], settings, KEY)
+            assert sampled_alone.captions[0] == sampled.captions[i]
+            rewards_alone = candidate_rewards(
+                generator, single["pixels"], single["ids"], sampled_alone.captions, settings, KEY
+            )
+            assert torch.allclose(rewards_alone[0], rewards[i], rtol=0, atol=1e-6)
+            logprobs_alone = captioner.sequence_logprobs(single["pixels"], **sampled_alone.tokens)
+            assert torch.allclose(logprobs_alone, logprobs[i], atol=1e-4)
+    other_key = I2T2I_MODES[mode](captioner, generator, batch, settings, DrawKey(seed=11, update=6), bridge)
+    assert not torch.equal(other_key.loss, together.loss)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reward_loss_is_the_group_baseline_policy_gradient(captioner, generator, bridge, reduction) -> None:
+    batch, settings = _batch(2), _settings("reward", num_candidates=4, logprob_reduction=reduction)
+    output = I2T2I_MODES["reward"](captioner, generator, batch, settings, KEY, bridge)
+
+    sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
+    assert [len(per_image) for per_image in sampled.captions] == [4, 4]
+    rewards = candidate_rewards(generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY)
+    advantages = (rewards - rewards.mean(dim=1, keepdim=True)) / (
+        rewards.std(dim=1, correction=0, keepdim=True) + 1e-6
+    )
+    logprobs = captioner.sequence_logprobs(batch["pixels"], **sampled.tokens)
+    if reduction == "mean":
+        logprobs = logprobs / (sampled.tokens["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+    assert torch.allclose(output.loss, -(advantages.flatten() * logprobs).mean(), atol=1e-6)
+    assert output.metrics["reward_mean"] == pytest.approx(rewards.mean().item())
+
+
+def test_kl_term_is_zero_at_the_base_model_and_grows_with_the_adapters(
+    tiny_models, generator, bridge
+) -> None:
+    captioner = Captioner.from_pretrained(str(tiny_models.captioner), max_length=12)
+    names = _add_lora(captioner)
+    batch = _batch(2)
+    plain = I2T2I_MODES["reward"](captioner, generator, batch, _settings("reward"), KEY, bridge)
+    at_base = I2T2I_MODES["reward"](
+        captioner, generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
+    )
+    assert at_base.metrics["kl"] == 0.0  # fresh LoRA (B = 0) is the base model
+    assert torch.allclose(at_base.loss, plain.loss)
+
+    params = dict(captioner.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            params[name].add_(
+                0.2 * torch.randn(params[name].shape, generator=torch.Generator().manual_seed(0))
+            )
+    moved = I2T2I_MODES["reward"](
+        captioner, generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
+    )
+    assert moved.metrics["kl"] != 0.0
+
+
+def test_configuration_errors_are_named(tiny_models, generator, bridge) -> None:
+    full = _captioner(tiny_models, lora=False)
+    with pytest.raises(ValueError, match="kl_weight > 0 needs a LoRA captioner"):
+        I2T2I_MODES["reward"](full, generator, _batch(1), _settings("reward", kl_weight=0.1), KEY, bridge)
+    image_only = {"ids": ["x"], "pixels": torch.rand(1, 3, 32, 32), "kind": "images"}
+    with pytest.raises(ValueError, match="this batch has none \\(kind 'images'\\)"):
+        I2T2I_MODES["soft"](full, generator, image_only, _settings("soft"), KEY, bridge)
+    for mode in ("soft", "gumbel"):
+        with pytest.raises(ValueError, match=f"mode='{mode}' needs a vocabulary bridge"):
+            I2T2I_MODES[mode](full, generator, _batch(1), _settings(mode), KEY, None)

@@ -1,0 +1,168 @@
+"""text -> image -> caption cycle terms on tiny models: gradient routing, what is decoded, and randomness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from losses.randomness import DrawKey
+from losses.t2i2t import T2I2T_MODES, one_step, sample
+from models.captioner import Captioner
+from models.generator import Generator
+from models.lora import add_generator_lora, prepare_trainable
+from train.config import T2I2TSettings
+
+CAPTIONS = ["a red circle at the top", "a small blue square", "a large green triangle in the corner"]
+IDS = ["sample-0", "sample-1", "sample-2"]
+KEY = DrawKey(seed=0, update=7)
+ONE_STEP = T2I2TSettings(mode="one_step")
+SAMPLE = T2I2TSettings(mode="sample", num_inference_steps=3, grad_steps=2)
+GUIDED_SAMPLE = T2I2TSettings(mode="sample", num_inference_steps=2, grad_steps=1, guidance_scale=3.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine run several times faster on one thread than on two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_models) -> Captioner:
+    """Frozen as the trainer freezes the partner: it passes gradients on but gets none."""
+    captioner = Captioner.from_pretrained(str(tiny_models.captioner))
+    captioner.requires_grad_(False)
+    return captioner.eval()
+
+
+@pytest.fixture
+def generator(tiny_models) -> Generator:
+    """UNet LoRA prepared as the trainer does (VAE and text encoder frozen)."""
+    generator = Generator.from_pretrained(str(tiny_models.generator))
+    add_generator_lora(generator, rank=4, alpha=4.0)
+    prepare_trainable(generator, train_mode="lora")
+    return generator
+
+
+def _paired_batch(size: int = 3) -> dict[str, Any]:
+    pixels = torch.rand(size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return {"ids": IDS[:size], "captions": CAPTIONS[:size], "pixels": pixels}
+
+
+def _text_batch(size: int = 3) -> dict[str, Any]:
+    return {"ids": IDS[:size], "captions": CAPTIONS[:size]}
+
+
+def _rows(batch: dict[str, Any], row: int) -> dict[str, Any]:
+    return {name: value[row : row + 1] for name, value in batch.items()}
+
+
+class _UnetCalls:
+    """Records each UNet call's positional inputs and output, to rebuild what a loss did from outside."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.calls: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
+        self._handle = generator.unet.register_forward_hook(self._record)
+
+    def _record(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.calls.append((tuple(arg.detach() for arg in args), output.sample.detach()))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("settings", "batch"),
+    [(ONE_STEP, _paired_batch()), (SAMPLE, _text_batch()), (GUIDED_SAMPLE, _text_batch(2))],
+    ids=["one_step", "sample", "sample_guided"],
+)
+def test_gradient_reaches_unet_lora_and_no_captioner_parameter(
+    generator: Generator, captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
+) -> None:
+    output = T2I2T_MODES[settings.mode](generator, captioner, batch, settings, KEY)
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    assert output.metrics == {"caption_ce": pytest.approx(output.loss.item())}
+    output.loss.backward()
+    lora = {name: param for name, param in generator.unet.named_parameters() if "lora_" in name}
+    assert lora and all(
+        param.grad is not None and torch.isfinite(param.grad).all() for param in lora.values()
+    )
+    # LoRA B starts at zero (so A's first gradient is zero too); every B must get a gradient.
+    assert all(param.grad.abs().sum() > 0 for name, param in lora.items() if "lora_B" in name)
+    assert all(param.grad is None for param in captioner.parameters())
+    frozen_parts = [*generator.vae.parameters(), *generator.text_encoder.parameters()]
+    assert all(param.grad is None for param in frozen_parts)
+
+
+def test_one_step_decodes_the_unets_x0_estimate_from_the_drawn_timesteps(
+    generator: Generator, captioner: Captioner
+) -> None:
+    """The loss is the caption loss of predict_x0(UNet output), not of the clean latents, at t < max."""
+    batch, settings = _paired_batch(), T2I2TSettings(mode="one_step", max_timestep=50)
+    recorder = _UnetCalls(generator)
+    with torch.no_grad():
+        loss = one_step(generator, captioner, batch, settings, KEY).loss
+        recorder.remove()
+        [((noisy, timesteps, _), prediction)] = recorder.calls
+        x0 = generator.predict_x0(noisy, timesteps, prediction)
+        expected = captioner.caption_loss(generator.decode_latents(x0), **captioner.tokenize(CAPTIONS))
+        assert (timesteps < 50).all()
+        assert torch.equal(loss, expected.mean())
+    # The paper's code decoded the clean latents, a loss the UNet could not change. A random tiny captioner
+    # hardly looks at the image (whole-image changes move its loss by ~1e-3), hence the small threshold,
+    # still 20 float32 steps away from a deterministic recomputation's exact equality.
+    with torch.no_grad():
+        before = one_step(generator, captioner, batch, ONE_STEP, KEY).loss
+        generator.unet.conv_out.bias.add_(1.0)  # shifts every predicted noise, so every x0 estimate
+        after = one_step(generator, captioner, batch, ONE_STEP, KEY).loss
+    assert (before - after).abs() > 1e-5
+
+
+@pytest.mark.parametrize("settings", [SAMPLE, GUIDED_SAMPLE], ids=["unguided", "guided"])
+def test_sample_scores_the_ddim_sample_of_its_drawn_noise(
+    generator: Generator, captioner: Captioner, settings: T2I2TSettings
+) -> None:
+    batch = _text_batch(2)
+    recorder = _UnetCalls(generator)
+    with torch.no_grad():
+        loss = sample(generator, captioner, batch, settings, KEY).loss
+    recorder.remove()
+    (first_input, _, _), _ = recorder.calls[0]
+    initial = first_input[: len(batch["ids"])]  # guided calls batch the [uncond, cond] copies
+    pixels = generator.sample(
+        batch["captions"],
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        latents=initial,
+    )
+    expected = captioner.caption_loss(pixels, **captioner.tokenize(batch["captions"])).mean()
+    assert torch.equal(loss, expected)
+
+
+@pytest.mark.parametrize(("settings", "batch"), [(ONE_STEP, _paired_batch()), (SAMPLE, _text_batch())])
+def test_draws_are_per_sample_and_reproducible(
+    generator: Generator, captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
+) -> None:
+    """A batch's loss is the mean of its samples' losses computed alone (batch 1 works; shards agree)."""
+    mode = T2I2T_MODES[settings.mode]
+    with torch.no_grad():
+        full = mode(generator, captioner, batch, settings, KEY).loss
+        alone = [mode(generator, captioner, _rows(batch, row), settings, KEY).loss for row in range(3)]
+        again = mode(generator, captioner, batch, settings, KEY).loss
+        next_update = mode(generator, captioner, batch, settings, DrawKey(seed=0, update=8)).loss
+    assert torch.allclose(full, torch.stack(alone).mean(), atol=1e-5)
+    assert torch.equal(full, again)
+    assert not torch.isclose(full, next_update, rtol=1e-6)
+
+
+def test_bad_input_is_named(generator: Generator, captioner: Captioner) -> None:
+    with pytest.raises(ValueError, match="paired batches"):
+        one_step(generator, captioner, _text_batch(), ONE_STEP, KEY)
+    too_late = T2I2TSettings(mode="one_step", max_timestep=2000)
+    with pytest.raises(ValueError, match="max_timestep=2000"):
+        one_step(generator, captioner, _paired_batch(), too_late, KEY)

@@ -1,0 +1,348 @@
+"""Vocabulary bridge: exact agreement with hard tokens, the mapping rules on hand-written vocabularies, coverage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertTokenizer, CLIPTokenizer
+
+from models.bridge import VocabularyBridge, encode_token_embeddings
+from models.captioner import Captioner
+from models.generator import Generator
+
+# Every word exists whole in both tiny vocabularies (models/tiny.py writes both from one word list).
+CAPTIONS = ["a red circle on the left of a blue square", "a small green triangle"]
+
+# Hand-written WordPiece vocabulary: whole words, "##" continuations, a word CLIP splits into pieces
+# ("sunflower"), digits, a character outside the hand CLIP alphabet ("über"), and a BERT placeholder.
+WORDPIECE_TOKENS = (
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]",
+    "a", "dog", "run", "sun", "sunflower", "über", "##s", "##ning", "##flower", ".", "1990",
+)  # fmt: skip
+# Hand-written CLIP BPE merges, in rank order; the vocabulary is the alphabet plus every merge result.
+CLIP_MERGES = (
+    ("d", "o"), ("do", "g</w>"), ("do", "g"), ("r", "u"), ("ru", "n</w>"), ("ru", "n"), ("s", "u"),
+    ("su", "n</w>"), ("su", "n"), ("n", "i"), ("ni", "n"), ("nin", "g</w>"), ("f", "l"), ("fl", "o"),
+    ("flo", "w"), ("e", "r</w>"), ("flow", "er</w>"),
+)  # fmt: skip
+CLIP_ALPHABET = tuple("abcdefghijklmnopqrstuvwxyz0123456789.!")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine run several times faster on one thread than on two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_models) -> Captioner:
+    return Captioner.from_pretrained(str(tiny_models.captioner))
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_models) -> Generator:
+    generator = Generator.from_pretrained(str(tiny_models.generator))
+    generator.requires_grad_(False)
+    return generator
+
+
+def _start_token_id(captioner: Captioner) -> int:
+    return captioner.model.config.text_config.bos_token_id
+
+
+@pytest.fixture(scope="module")
+def tiny_bridge(captioner: Captioner, generator: Generator) -> VocabularyBridge:
+    return VocabularyBridge.build(
+        captioner.tokenizer, generator.tokenizer, start_token_id=_start_token_id(captioner)
+    )
+
+
+@pytest.fixture(scope="module")
+def wordpiece() -> BertTokenizer:
+    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(WORDPIECE_TOKENS)})
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def clip() -> CLIPTokenizer:
+    """CLIP layout with a pad distinct from eos ("!", as Stable Diffusion 2's tokenizer pads)."""
+    symbols = [*CLIP_ALPHABET, *(symbol + "</w>" for symbol in CLIP_ALPHABET)]
+    tokens = [*symbols, *(a + b for a, b in CLIP_MERGES), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=list(CLIP_MERGES), pad_token="!")
+
+
+@pytest.fixture(scope="module")
+def hand_bridge(wordpiece: BertTokenizer, clip: CLIPTokenizer) -> VocabularyBridge:
+    return VocabularyBridge.build(wordpiece, clip, start_token_id=wordpiece.bos_token_id, max_length=8)
+
+
+@pytest.fixture(scope="module")
+def hand_embedding(clip: CLIPTokenizer) -> torch.nn.Embedding:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return torch.nn.Embedding(len(clip), 4).requires_grad_(False)
+
+
+def _one_hot(ids: torch.Tensor, bridge: VocabularyBridge) -> torch.Tensor:
+    return F.one_hot(ids, bridge.source_vocab_size).float()
+
+
+def _soft(wordpiece: BertTokenizer, positions: list[dict[str, float]]) -> torch.Tensor:
+    """[1, L, V] probabilities from {token: mass} per position."""
+    probs = torch.zeros(1, len(positions), len(wordpiece))
+    for position, masses in enumerate(positions):
+        for token, mass in masses.items():
+            probs[0, position, wordpiece.convert_tokens_to_ids(token)] = mass
+    return probs
+
+
+def _rows(embedding: torch.nn.Embedding, clip: CLIPTokenizer, *pieces: str) -> torch.Tensor:
+    return embedding.weight[clip.convert_tokens_to_ids(list(pieces))]
+
+
+def _recipe(bridge: VocabularyBridge, table: str, token_id: int, clip: CLIPTokenizer) -> list[str]:
+    index, weight = getattr(bridge, f"{table}_index")[token_id], getattr(bridge, f"{table}_weight")[token_id]
+    return clip.convert_ids_to_tokens(index[weight > 0].tolist())
+
+
+def _reached_ids(bridge: VocabularyBridge) -> set[int]:
+    """Target ids used by the recipes of tokens that do not map to unk."""
+    mapped = bridge.unmapped == 0
+    return {
+        piece
+        for table in ("final", "inner")
+        for piece in getattr(bridge, f"{table}_index")[mapped][
+            getattr(bridge, f"{table}_weight")[mapped] > 0
+        ].tolist()
+    }
+
+
+def test_one_hot_caption_equals_hard_tokens_exactly(
+    captioner: Captioner, generator: Generator, tiny_bridge: VocabularyBridge
+) -> None:
+    """Captioner tokens, one-hot, through the soft path == the generator's own tokenize + encode_text, bit for bit."""
+    tokens = captioner.tokenize(CAPTIONS)  # [DEC] ... [SEP], the shorter caption padded with masked [PAD]
+    assert not tokens["attention_mask"].all()
+    token_embedding = generator.text_encoder.get_input_embeddings()
+    embeds = tiny_bridge.embed(
+        _one_hot(tokens["input_ids"], tiny_bridge), tokens["attention_mask"], token_embedding
+    )
+    hard_ids = generator.tokenize(CAPTIONS)
+    assert torch.equal(embeds, token_embedding(hard_ids))
+    assert torch.equal(encode_token_embeddings(generator, embeds), generator.encode_text(hard_ids))
+    assert (
+        tiny_bridge.mass_coverage(_one_hot(tokens["input_ids"], tiny_bridge), tokens["attention_mask"]) == 1.0
+    )
+
+
+def test_truncation_keeps_eos_and_padding_fills_like_clip(captioner: Captioner, generator: Generator) -> None:
+    """max_length 6: the long caption is cut with eos last, the 6-token one fits exactly; 9 pads with pad."""
+    tokens = captioner.tokenize(CAPTIONS)
+    token_embedding = generator.text_encoder.get_input_embeddings()
+    for max_length in (6, 9):
+        bridge = VocabularyBridge.build(
+            captioner.tokenizer,
+            generator.tokenizer,
+            start_token_id=_start_token_id(captioner),
+            max_length=max_length,
+        )
+        hard_ids = generator.tokenizer(
+            CAPTIONS, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
+        ).input_ids
+        assert hard_ids[0, -1] == generator.tokenizer.eos_token_id
+        embeds = bridge.embed(
+            _one_hot(tokens["input_ids"], bridge), tokens["attention_mask"], token_embedding
+        )
+        assert torch.equal(embeds, token_embedding(hard_ids))
+
+
+def test_identity_for_one_tokenizer_on_both_sides(generator: Generator) -> None:
+    """CLIP BPE -> the same CLIP BPE: every token maps to itself, "</w>" finality read from the token."""
+    tokenizer = generator.tokenizer
+    bridge = VocabularyBridge.build(tokenizer, tokenizer, start_token_id=tokenizer.bos_token_id)
+    every_token = torch.arange(len(tokenizer))
+    for table in ("final", "inner"):
+        assert getattr(bridge, f"{table}_index").shape == (len(tokenizer), 1)
+        assert torch.equal(getattr(bridge, f"{table}_index")[:, 0], every_token)
+        assert torch.equal(getattr(bridge, f"{table}_weight"), torch.ones(len(tokenizer), 1))
+    assert bridge.coverage() == {
+        "source_unk": 0.0,
+        "source_exact": 1.0,
+        "source_pieces": 0.0,
+        "source_inner_exact": 1.0,
+        "source_inner_pieces": 0.0,
+        "target_reached": 1.0,
+    }
+    ids = generator.tokenize(CAPTIONS)
+    token_embedding = generator.text_encoder.get_input_embeddings()
+    embeds = bridge.embed(_one_hot(ids, bridge), torch.ones_like(ids), token_embedding)
+    assert torch.equal(embeds, token_embedding(ids))
+
+
+def test_word_finality_mixes_by_next_continuation_mass(
+    wordpiece: BertTokenizer,
+    clip: CLIPTokenizer,
+    hand_bridge: VocabularyBridge,
+    hand_embedding: torch.nn.Embedding,
+) -> None:
+    """'run' before 30% '##ning' is 0.7 'run</w>' + 0.3 'run'; masked mass after the end does not count."""
+    probs = _soft(
+        wordpiece,
+        [{"[DEC]": 1.0}, {"run": 1.0}, {"##ning": 0.3, "dog": 0.7}, {"##s": 1.0}, {"dog": 1.0}, {"##s": 1.0}],
+    )
+    embeds = hand_bridge.embed(probs, torch.tensor([[1, 1, 1, 1, 1, 0]]), hand_embedding)[0]
+    assert torch.equal(embeds[0], _rows(hand_embedding, clip, "<|startoftext|>")[0])
+    run_final, run_inner = _rows(hand_embedding, clip, "run</w>", "run")
+    torch.testing.assert_close(embeds[1], 0.7 * run_final + 0.3 * run_inner)
+    # Position 2 is followed by a sure "##s": both of its candidates are read word-inner.
+    ning_inner = _rows(hand_embedding, clip, "nin", "g").mean(dim=0)
+    torch.testing.assert_close(embeds[2], 0.3 * ning_inner + 0.7 * _rows(hand_embedding, clip, "dog")[0])
+    assert torch.equal(embeds[3], _rows(hand_embedding, clip, "s</w>")[0])  # "dog" follows: word-final
+    assert torch.equal(embeds[4], _rows(hand_embedding, clip, "dog</w>")[0])  # the "##s" after is masked
+    assert torch.equal(embeds[5:], _rows(hand_embedding, clip, "!").expand(3, -1))  # pad to max_length 8
+
+
+def test_recipes_exact_pieces_specials_and_unk(
+    wordpiece: BertTokenizer, clip: CLIPTokenizer, hand_bridge: VocabularyBridge
+) -> None:
+    def recipes(token: str) -> tuple[list[str], list[str]]:
+        token_id = wordpiece.convert_tokens_to_ids(token)
+        return _recipe(hand_bridge, "final", token_id, clip), _recipe(hand_bridge, "inner", token_id, clip)
+
+    assert recipes("dog") == (["dog</w>"], ["dog"])
+    assert recipes("##s") == (["s</w>"], ["s"])  # "##" stripped
+    assert recipes("##flower") == (["flower</w>"], ["flow", "e", "r"])  # no inner "flower": CLIP's own BPE
+    assert recipes("sunflower") == (["sun", "flower</w>"], ["sun", "flow", "e", "r"])
+    assert recipes("1990") == (["1</w>", "9</w>", "9</w>", "0</w>"], ["1</w>", "9</w>", "9</w>", "0"])
+    assert recipes("[DEC]") == recipes("[CLS]") == (["<|startoftext|>"], ["<|startoftext|>"])
+    assert recipes("[SEP]") == (["<|endoftext|>"], ["<|endoftext|>"])
+    assert recipes("[PAD]") == (["!"], ["!"])
+    unk_tokens = ("[UNK]", "[MASK]", "[unused0]", "über")  # "ü" is outside the hand CLIP alphabet
+    for token in unk_tokens:
+        assert recipes(token) == ([clip.unk_token], [clip.unk_token])
+    unmapped = {wordpiece.convert_ids_to_tokens(i) for i in hand_bridge.unmapped.nonzero().flatten().tolist()}
+    assert unmapped == set(unk_tokens)
+    # Multi-piece tokens weigh their pieces equally (the mean of their embeddings).
+    sunflower = wordpiece.convert_tokens_to_ids("sunflower")
+    assert hand_bridge.inner_weight[sunflower].tolist() == [0.25, 0.25, 0.25, 0.25]
+
+
+def test_hand_pair_coverage(hand_bridge: VocabularyBridge, clip: CLIPTokenizer) -> None:
+    """12 regular tokens ([unused0] is not a special token); 5 specials + [DEC] are mapped by role."""
+    reached = {
+        *("a</w>", "a", "dog</w>", "dog", "run</w>", "run", "sun</w>", "sun", "s</w>", "s", ".</w>", "."),
+        *("flower</w>", "flow", "e", "r", "ning</w>", "nin", "g", "1</w>", "9</w>", "0</w>", "0"),
+        *("<|startoftext|>", "<|endoftext|>", "!"),
+    }
+    assert set(clip.convert_ids_to_tokens(sorted(_reached_ids(hand_bridge)))) == reached
+    assert hand_bridge.coverage() == pytest.approx(
+        {
+            "source_exact": 8 / 12,  # a dog run sun ##s ##ning ##flower .
+            "source_pieces": 2 / 12,  # sunflower 1990
+            "source_unk": 2 / 12,  # [unused0] über
+            "source_inner_exact": 6 / 12,  # a dog run sun ##s .
+            "source_inner_pieces": 4 / 12,  # sunflower ##ning ##flower 1990
+            "target_reached": len(reached) / len(clip),
+        }
+    )
+
+
+def test_tiny_pair_coverage(
+    captioner: Captioner, generator: Generator, tiny_bridge: VocabularyBridge
+) -> None:
+    """models/tiny.py writes both vocabularies from one word list, so whole words match exactly.
+
+    The WordPiece side adds single characters and "##" forms (CLIP's byte symbols, exact both ways) and the
+    suffixes ##es ##ing ##ed ##er ##ly: CLIP's BPE learnt "ly</w>" from no word, so "##ly" alone splits.
+    Word-inner recipes are exact only where CLIP has the bare string: single characters, punctuation, and
+    the few words or suffixes that are also intermediate BPE merges.
+    """
+    source, target = captioner.tokenizer, generator.tokenizer
+    specials = set(source.all_special_ids)
+    regular = [
+        token
+        for index, token in enumerate(source.convert_ids_to_tokens(list(range(len(source)))))
+        if index not in specials
+    ]
+    target_vocab = target.get_vocab()
+    bare = [token.removeprefix("##") for token in regular]
+    coverage = tiny_bridge.coverage()
+    assert coverage["source_unk"] == 0.0  # the byte alphabet spells anything; the tiny BERT has no [unusedN]
+    split = [token for token, text in zip(regular, bare, strict=True) if text + "</w>" not in target_vocab]
+    assert split == ["##ly"]
+    assert coverage["source_exact"] == (len(regular) - 1) / len(regular)
+    assert coverage["source_pieces"] == 1 / len(regular)
+    inner_exact = sum(text in target_vocab for text in bare)
+    assert inner_exact >= 2 * 36 + 13  # letters/digits, their ## forms and the punctuation, at least
+    assert coverage["source_inner_exact"] == inner_exact / len(regular)
+    assert coverage["target_reached"] == len(_reached_ids(tiny_bridge)) / len(target)
+
+
+def test_mass_coverage_counts_unk_mass_at_valid_positions(
+    wordpiece: BertTokenizer, hand_bridge: VocabularyBridge
+) -> None:
+    probs = _soft(
+        wordpiece,
+        [
+            {"[DEC]": 1.0},
+            {"dog": 0.5, "[UNK]": 0.5},
+            {"über": 0.25, "##s": 0.75},
+            {"[SEP]": 1.0},
+            {"[MASK]": 1.0},
+        ],
+    )
+    assert hand_bridge.mass_coverage(probs, torch.tensor([[1, 1, 1, 1, 0]])) == pytest.approx(1 - 0.75 / 4)
+
+
+def test_gradient_reaches_probs_through_the_frozen_encoder(
+    captioner: Captioner, generator: Generator, tiny_bridge: VocabularyBridge
+) -> None:
+    tokens = captioner.tokenize(CAPTIONS)
+    logits = torch.randn(*tokens["input_ids"].shape, tiny_bridge.source_vocab_size, requires_grad=True)
+    embeds = tiny_bridge.embed(
+        logits.softmax(dim=-1), tokens["attention_mask"], generator.text_encoder.get_input_embeddings()
+    )
+    encode_token_embeddings(generator, embeds).square().sum().backward()
+    gradient_norms = logits.grad.norm(dim=-1)
+    assert (gradient_norms[tokens["attention_mask"].bool()] > 0).all()
+    assert (gradient_norms[~tokens["attention_mask"].bool()] == 0).all()  # masked positions read pad
+    assert all(parameter.grad is None for parameter in generator.text_encoder.parameters())
+
+
+def test_embed_gradcheck_including_the_finality_mix(
+    wordpiece: BertTokenizer, hand_bridge: VocabularyBridge, hand_embedding: torch.nn.Embedding
+) -> None:
+    """float64 finite differences, with "##" mass at every position so q_{i+1} carries gradient too."""
+    embedding = torch.nn.Embedding.from_pretrained(hand_embedding.weight.double())
+    logits = torch.randn(
+        1, 4, len(wordpiece), dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    mask = torch.ones(1, 4)
+    assert torch.autograd.gradcheck(
+        lambda logits: hand_bridge.embed(logits.softmax(dim=-1), mask, embedding), logits.requires_grad_()
+    )
+
+
+def test_bad_inputs_are_named(
+    wordpiece: BertTokenizer,
+    clip: CLIPTokenizer,
+    hand_bridge: VocabularyBridge,
+    hand_embedding: torch.nn.Embedding,
+) -> None:
+    probs = _soft(wordpiece, [{"[DEC]": 1.0}, {"dog": 1.0}])
+    with pytest.raises(ValueError, match="captioner vocabulary"):
+        hand_bridge.embed(probs[..., :-1], torch.ones(1, 2), hand_embedding)
+    with pytest.raises(ValueError, match="right-padded"):
+        hand_bridge.embed(probs, torch.tensor([[0, 1]]), hand_embedding)
+    with pytest.raises(ValueError, match="generator tokenizer BertTokenizer must be a BPE"):
+        VocabularyBridge.build(wordpiece, wordpiece, start_token_id=wordpiece.bos_token_id)
+    with pytest.raises(ValueError, match="outside the captioner vocabulary"):
+        VocabularyBridge.build(wordpiece, clip, start_token_id=len(wordpiece))

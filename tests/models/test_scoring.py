@@ -1,0 +1,135 @@
+"""Caption scoring by the frozen generator's denoising loss: common random numbers, per-image draws,
+stratified timesteps, and that a generator which learnt two pairs prefers the right caption."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from losses.randomness import DrawKey
+from models.generator import Generator
+from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
+from models.tiny import save_tiny_generator
+
+KEY = DrawKey(seed=7, update=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run far faster on one thread than on two cores shared with other processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_models) -> Generator:
+    return Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False)
+
+
+def _pixels(batch: int) -> torch.Tensor:
+    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_identical_candidates_score_identically_and_each_image_draws_its_own_noise(generator) -> None:
+    pixels01 = _pixels(2)
+    candidates = [
+        ["a red circle", "a blue square", "a red circle"],
+        ["a green triangle", "a green triangle", "a small shape at the top"],
+    ]
+    scores = caption_scores(generator, pixels01, candidates, key=KEY, ids=["img-0", "img-1"], num_timesteps=3)
+    assert scores.shape == (2, 3) and scores.dtype == torch.float32 and not scores.requires_grad
+    assert torch.allclose(scores[0, 0], scores[0, 2], rtol=0, atol=1e-6)
+    assert torch.allclose(scores[1, 0], scores[1, 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(scores[0, 0], scores[0, 1], rtol=0, atol=1e-6)  # the caption does matter
+
+    # An image scores the same in any batch (per-id draws), and differently under another key.
+    alone = caption_scores(generator, pixels01[1:], candidates[1:], key=KEY, ids=["img-1"], num_timesteps=3)
+    assert torch.allclose(alone[0], scores[1], rtol=0, atol=1e-5)
+    other_key = caption_scores(
+        generator,
+        pixels01,
+        candidates,
+        key=DrawKey(seed=8, update=3),
+        ids=["img-0", "img-1"],
+        num_timesteps=3,
+    )
+    assert not torch.allclose(other_key, scores, rtol=0, atol=1e-4)
+
+
+def test_ragged_or_mismatched_candidates_are_named(generator) -> None:
+    pixels01 = _pixels(2)
+    with pytest.raises(ValueError, match=r"candidates\[1\] has 1 captions"):
+        caption_scores(generator, pixels01, [["a", "b"], ["c"]], key=KEY, ids=["x", "y"])
+    with pytest.raises(ValueError, match="2 images need 2 candidate lists and ids"):
+        caption_scores(generator, pixels01, [["a", "b"]], key=KEY, ids=["x", "y"])
+
+
+def test_draws_are_stratified_over_the_schedule_and_per_sample(generator) -> None:
+    draws = DenoiseDraws.draw(generator, KEY, ["a", "b", "c"], "scoring-test", num_timesteps=4)
+    assert draws.timesteps.shape == (3, 4) and draws.noise.shape == (3, 4, *generator.latent_shape(1)[1:])
+    stratum = draws.timesteps // 250  # 1000 training timesteps, 4 strata
+    assert torch.equal(stratum, torch.arange(4).expand(3, -1))
+    alone = DenoiseDraws.draw(generator, KEY, ["c"], "scoring-test", num_timesteps=4)
+    for field in ("noise", "timesteps", "vae_noise"):
+        assert torch.equal(getattr(alone, field)[0], getattr(draws, field)[2])
+    assert not torch.equal(draws.noise[0], draws.noise[1])
+
+
+def test_grouped_loss_is_the_generator_loss_row_by_row_in_any_chunking(generator) -> None:
+    draws = DenoiseDraws.draw(generator, KEY, ["a", "b"], "grouped-test", num_timesteps=2)
+    latents = generator.encode_images(_pixels(2), draws.vae_noise)
+    contexts = generator.encode_text(generator.tokenize(["one", "two", "three", "four", "five", "six"]))
+    contexts.requires_grad_(True)
+    grouped = grouped_denoise_loss(generator, latents, contexts, draws)
+    assert grouped.shape == (2, 3)
+    chunked = grouped_denoise_loss(generator, latents, contexts, draws, max_rows=5)
+    assert torch.allclose(chunked, grouped, atol=1e-6)
+    image, group = 1, 2
+    direct = generator.latent_denoise_loss(
+        latents[image].expand(2, -1, -1, -1),
+        contexts[image * 3 + group].expand(2, -1, -1),
+        noise=draws.noise[image],
+        timesteps=draws.timesteps[image],
+    ).mean()
+    assert torch.allclose(grouped[image, group], direct, atol=1e-6)
+    (grad,) = torch.autograd.grad(grouped[image, group], contexts)
+    assert grad[image * 3 + group].abs().sum() > 0
+    assert grad[: image * 3 + group].abs().sum() == 0 and grad[image * 3 + group + 1 :].abs().sum() == 0
+
+
+def test_a_generator_that_learnt_two_pairs_scores_the_right_caption_far_lower(tmp_path) -> None:
+    """Overfit a tiny pixel-space generator to two image-caption pairs, then rank both captions per image.
+
+    v-prediction: at high noise its target is mostly -x0, which only the caption can tell apart. With an
+    epsilon target two memorised images are told apart by the noisy image itself at all but the very
+    highest timesteps, so the caption barely changes the loss and learning to use it takes far longer.
+    """
+    path = save_tiny_generator(tmp_path / "generator", resolution=8, with_vae=False)
+    generator = Generator.from_pretrained(str(path), prediction_type="v_prediction")
+    pixels01 = torch.zeros(2, 3, 8, 8)
+    pixels01[0, 0] = 1.0  # red
+    pixels01[1, 2] = 1.0  # blue
+    captions = ["a red picture", "a blue square"]
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=2e-3)
+    input_ids = generator.tokenize(captions * 4)
+    draws = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        loss = generator.denoise_loss(
+            pixels01.repeat(4, 1, 1, 1),
+            input_ids,
+            noise=torch.randn(generator.latent_shape(8), generator=draws),
+            timesteps=torch.randint(0, 1000, (8,), generator=draws),
+        ).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    scores = caption_scores(
+        generator, pixels01, [captions, captions], key=KEY, ids=["red", "blue"], num_timesteps=8
+    )
+    right, wrong = scores.diagonal(), scores.flip(1).diagonal()
+    # Margin: the wrong caption's denoising loss is at least 3x the right one's (about 10x seen here).
+    assert (wrong > 3 * right).all(), scores
