@@ -73,6 +73,10 @@ class GeneratorSettings(ModelSettings):
     # Share of captions replaced by "" so the generator learns the unconditional branch of CFG.
     caption_dropout: float = Field(0.1, ge=0, le=1)
     denoise_loss_weight: float = Field(1.0, ge=0)
+    # Reuse the frozen text encoder's outputs and the frozen VAE's latent mean/std across epochs (latents
+    # are still sampled afresh every step); skipped automatically where the encoder trains or images are
+    # randomly augmented.
+    cache_frozen_encoders: bool = True
 
 
 class I2T2ISettings(Strict):
@@ -234,6 +238,24 @@ class TrainSettings(Strict):
         return self
 
 
+class EvaluationSettings(Strict):
+    """Metrics for validation and `python -m train.evaluate`; weights only from local paths (never a hub)."""
+
+    # Metric names logged at every validation (see evaluation/: e.g. bleu_4, cider_d, psnr, lpips, fid,
+    # sbert_similarity, shapes_caption_accuracy, shapes_image_accuracy). Empty: losses and samples only.
+    validation_metrics: list[str] = []
+    fid_feature_weights: str | None = None
+    fid_inception_dim: int = 2048
+    kid_subset_size: int = Field(1000, ge=2)
+    kid_subsets: int = Field(100, ge=1)
+    clip_image_encoder: str | None = None
+    dino_image_encoder: str | None = None
+    lpips_backbone_weights: str | None = None
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    sbert_model: str | None = None
+    clip_text_encoder: str | None = None
+
+
 class Config(Strict):
     output_dir: str
     seed: int = 0
@@ -246,6 +268,7 @@ class Config(Strict):
     data: DataSettings
     train: TrainSettings
     cycle: CycleSettings = CycleSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @model_validator(mode="after")
     def _unpaired_data_has_a_loss(self) -> Config:
