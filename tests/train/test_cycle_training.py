@@ -31,13 +31,16 @@ def lora_b_norms(output_dir: Path) -> dict[str, float]:
     ("trained", "frozen", "mode"),
     [
         ("captioner", "generator", "cycle.i2t2i.mode=soft"),
+        ("captioner", "generator", "cycle.i2t2i.mode=gumbel"),
+        ("captioner", "generator", "cycle.i2t2i.mode=reward"),
         ("generator", "captioner", "cycle.t2i2t.mode=one_step"),
+        ("generator", "captioner", "cycle.t2i2t.mode=sample"),
     ],
 )
 def test_two_process_cycle_updates_reach_only_the_trained_model(
     tiny_models, tmp_path: Path, trained: str, frozen: str, mode: str
 ) -> None:
-    output_dir = tmp_path / trained
+    output_dir = tmp_path / mode.rsplit("=", 1)[1]
     run_cycle(
         [
             *tiny_overrides(tiny_models, output_dir),
@@ -46,6 +49,8 @@ def test_two_process_cycle_updates_reach_only_the_trained_model(
             "train.max_train_steps=2",
             "captioner.caption_loss_weight=0",
             "generator.denoise_loss_weight=0",
+            "cycle.i2t2i.num_candidates=2",
+            "cycle.t2i2t.num_inference_steps=3",
         ],
         processes=2,
     )
