@@ -24,14 +24,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
 from PIL import Image
 
 from data.images import load_rgb
-from data.shapes import COLOUR_RGB, Scene
+from data.shapes import COLOUR_RGB, Scene, SceneAttributes
 
 ImageLike = Image.Image | torch.Tensor | np.ndarray
 
@@ -80,29 +80,12 @@ _BLEND_RANGE = (0.5, 1.2)
 _MAX_COLOUR_DISTANCE = 0.15
 
 
-@dataclass(frozen=True)
-class OracleReading:
-    """Attributes read from one image; None where the image shows no readable value."""
-
-    shape: str | None = None
-    colour: str | None = None
-    size: str | None = None
-    position: str | None = None
-
-    @property
-    def scene(self) -> Scene | None:
-        """The full Scene when every attribute was read, else None."""
-        if None in (self.shape, self.colour, self.size, self.position):
-            return None
-        return Scene(self.shape, self.colour, self.size, self.position)
-
-
-def read_scene(image: ImageLike) -> OracleReading:
+def read_scene(image: ImageLike) -> SceneAttributes:
     """Read one image: a PIL image, a [3, H, W] tensor in [0, 1], or an [H, W, 3] array (uint8 or [0, 1])."""
     return _read_pixels(_as_pixels(image))
 
 
-def read_scenes(pixels01: torch.Tensor) -> list[OracleReading]:
+def read_scenes(pixels01: torch.Tensor) -> list[SceneAttributes]:
     """Read a batch of [B, 3, H, W] images in [0, 1] (a generator's output)."""
     if pixels01.ndim != 4 or pixels01.shape[1] != 3:
         raise ValueError(f"read_scenes expects a [B, 3, H, W] tensor, got shape {tuple(pixels01.shape)}")
@@ -112,7 +95,7 @@ def read_scenes(pixels01: torch.Tensor) -> list[OracleReading]:
     ]
 
 
-def attribute_accuracy(readings: Sequence[OracleReading], scenes: Sequence[Scene]) -> dict[str, float]:
+def attribute_accuracy(readings: Sequence[SceneAttributes], scenes: Sequence[Scene]) -> dict[str, float]:
     """Fraction of readings that match their scene, per attribute and for all four at once ("all").
 
     An unreadable attribute (None) counts as wrong, so a generator cannot score by drawing nothing.
@@ -157,7 +140,7 @@ def _checked(pixels: np.ndarray, name: str) -> np.ndarray:
     return np.clip(pixels, 0.0, 1.0)
 
 
-def _read_pixels(pixels: np.ndarray) -> OracleReading:
+def _read_pixels(pixels: np.ndarray) -> SceneAttributes:
     height, width = pixels.shape[:2]
     if min(height, width) < _MIN_SIDE:
         raise ValueError(f"images must be at least {_MIN_SIDE} px on each side, got {width}x{height}")
@@ -167,7 +150,7 @@ def _read_pixels(pixels: np.ndarray) -> OracleReading:
     threshold = max(_MIN_BLOB_CONTRAST, 0.5 * np.quantile(contrast, _STRONG_CONTRAST_QUANTILE))
     blob = _largest_component(contrast > threshold)
     if not _MIN_BLOB_FRACTION <= blob.mean() <= _MAX_BLOB_FRACTION:
-        return OracleReading()
+        return SceneAttributes()
     # The interior (blob pixels whose 8 neighbours are blob too) is free of edge blending, and unlike the
     # most contrasted pixels it is not biased towards noise; a blob too thin to have one uses all of it.
     interior = blob & ~_dilate(~blob, 1)
@@ -176,13 +159,13 @@ def _read_pixels(pixels: np.ndarray) -> OracleReading:
     coverage *= _dilate(blob, _COVERAGE_MARGIN_PX) & (_box_mean(coverage) > _MIN_NEIGHBOURHOOD_COVERAGE)
     area = coverage.sum()
     if area < _MIN_BLOB_FRACTION * height * width:
-        return OracleReading()
+        return SceneAttributes()
     ys, xs = np.mgrid[0:height, 0:width] + 0.5
     centre_x, centre_y = (coverage * xs).sum() / area, (coverage * ys).sum() / area
     offsets = (xs - centre_x) + 1j * (ys - centre_y)
     moments = np.array([abs((coverage * offsets**k).sum()) / area ** (1 + k / 2) for k in (2, 3, 4)])
     shape = _shape(moments / _MOMENT_UNITS)
-    return OracleReading(
+    return SceneAttributes(
         shape=shape,
         colour=_colour(core, background),
         size="large" if area / (height * width) > _LARGE_AREA_FRACTION[shape] else "small",

@@ -97,8 +97,12 @@ class Scene:
 
 
 @dataclass(frozen=True)
-class ParsedCaption:
-    """Attributes read from a caption; None where the caption names none (or several conflicting) values."""
+class SceneAttributes:
+    """Attributes read back from a caption (parse) or an image (the oracle); None where none was readable.
+
+    A caption that names none or several conflicting values, or an image with no recognisable shape or
+    colour, leaves that attribute None: one type for both readers, so their results compare directly.
+    """
 
     shape: str | None = None
     colour: str | None = None
@@ -107,7 +111,7 @@ class ParsedCaption:
 
     @property
     def scene(self) -> Scene | None:
-        """The full Scene when every attribute was found, else None."""
+        """The full Scene when every attribute was read, else None."""
         if None in (self.shape, self.colour, self.size, self.position):
             return None
         return Scene(self.shape, self.colour, self.size, self.position)
@@ -144,7 +148,7 @@ def describe(scene: Scene, choice: np.random.Generator | int = 0) -> str:
     return _ARTICLE_BEFORE_VOWEL.sub("an ", caption)
 
 
-def parse(caption: str) -> ParsedCaption:
+def parse(caption: str) -> SceneAttributes:
     """Read the scene attributes back from a caption, ignoring case, punctuation and filler words."""
     words = re.findall(r"[a-z]+", caption.lower())
     vertical = {_VERTICAL_LEXICON[word] for word in words if word in _VERTICAL_LEXICON}
@@ -156,7 +160,7 @@ def parse(caption: str) -> ParsedCaption:
         positions = {f"{vertical.pop()} {horizontal.pop()}"}
     else:
         positions = set()
-    return ParsedCaption(
+    return SceneAttributes(
         shape=_only({_SHAPE_LEXICON[word] for word in words if word in _SHAPE_LEXICON}),
         colour=_only({word for word in words if word in COLOUR_RGB}),
         size=_only({_SIZE_LEXICON[word] for word in words if word in _SIZE_LEXICON}),

@@ -3,6 +3,7 @@
 Metrics that need pretrained weights (Inception for FID, CLIP, DINO, LPIPS backbones, SPICE's CoreNLP) are
 never downloaded: the libraries behind them fetch weights with no timeout, which hangs an offline run. A metric
 whose weights the user has not given is reported as skipped, with the option to set, and the others still run.
+The loading the image and text metrics share (a tower of a local CLIP checkpoint) lives here too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from transformers import CLIPConfig, PreTrainedModel
 
 PathLike = str | os.PathLike[str]
 Prepared = TypeVar("Prepared")
@@ -46,6 +50,19 @@ def option_path(option: str, value: PathLike | None, wanted: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{option}={os.fspath(value)!r}: no such file or folder (expected {wanted})")
     return path
+
+
+def load_clip_tower(
+    tower_class: type[PreTrainedModel], folder: PathLike, config: CLIPConfig
+) -> PreTrainedModel:
+    """The text or vision tower (`tower_class`, a CLIP*ModelWithProjection) of a whole local CLIP checkpoint.
+
+    A whole checkpoint's sub-configs may keep the default projection size (512) while the model projects to
+    another: only the top-level config is sure to carry it, so the tower's config takes it from there.
+    """
+    tower_config = getattr(config, tower_class.config_class.base_config_key)
+    tower_config.projection_dim = config.projection_dim
+    return tower_class.from_pretrained(folder, config=tower_config, local_files_only=True)
 
 
 def check_metric_names(requested: Sequence[str], known: Sequence[str]) -> list[str]:

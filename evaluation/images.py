@@ -23,6 +23,7 @@ from evaluation.availability import (
     MetricResult,
     PathLike,
     check_metric_names,
+    load_clip_tower,
     option_path,
     prepare,
 )
@@ -188,12 +189,7 @@ def load_image_encoder(folder: PathLike, device: str | torch.device = "cpu") -> 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     if config.model_type == "clip":
-        # A whole CLIP checkpoint: its vision sub-config may not carry the projection size of the whole model.
-        vision_config = config.vision_config
-        vision_config.projection_dim = config.projection_dim
-        model = CLIPVisionModelWithProjection.from_pretrained(
-            folder, config=vision_config, local_files_only=True
-        )
+        model = load_clip_tower(CLIPVisionModelWithProjection, folder, config)
     elif config.model_type == "clip_vision_model":
         model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
     else:

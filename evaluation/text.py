@@ -21,6 +21,7 @@ from evaluation.availability import (
     MetricUnavailable,
     PathLike,
     check_metric_names,
+    load_clip_tower,
     option_path,
     prepare,
 )
@@ -117,12 +118,7 @@ def load_clip_text_encoder(source: PathLike, device: str | torch.device = "cpu")
     tokenizer_folder = folder / "tokenizer" if is_pipeline else folder
     config = AutoConfig.from_pretrained(model_folder, local_files_only=True)
     if config.model_type == "clip":
-        # A whole CLIP checkpoint: its text sub-config may not carry the projection size of the whole model.
-        text_config = config.text_config
-        text_config.projection_dim = config.projection_dim
-        model = CLIPTextModelWithProjection.from_pretrained(
-            model_folder, config=text_config, local_files_only=True
-        )
+        model = load_clip_tower(CLIPTextModelWithProjection, model_folder, config)
     elif "CLIPTextModelWithProjection" in (config.architectures or []):
         model = CLIPTextModelWithProjection.from_pretrained(model_folder, local_files_only=True)
     else:

@@ -1,12 +1,18 @@
-"""Shared fixtures: offline caches inside the session's temp folder and tiny models built once per session."""
+"""Shared fixtures: offline caches inside the session's temp folder, one torch thread, and tiny models built once
+per session and loaded fresh (to train) or frozen and shared by a module (as read-only partners)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from models.captioner import Captioner
+    from models.generator import Generator
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -24,6 +30,14 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.mktemp("caches")
     for var in ("HF_HOME", "WANDB_DIR", "TORCH_HOME", "MPLCONFIGDIR"):
         os.environ[var] = str(root / var.lower())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """Tiny models run several times faster on one thread than on two cores shared with other processes."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @dataclass(frozen=True)
@@ -45,3 +59,35 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
         generator=save_tiny_generator(root / "generator"),
         pixel_generator=save_tiny_generator(root / "pixel_generator", with_vae=False),
     )
+
+
+@pytest.fixture
+def captioner(tiny_models: TinyModels) -> Captioner:
+    """A fresh copy per test, so tests that train or edit weights leak nothing into others."""
+    from models.captioner import Captioner
+
+    return Captioner.from_pretrained(str(tiny_models.captioner)).eval()
+
+
+@pytest.fixture
+def generator(tiny_models: TinyModels) -> Generator:
+    """A fresh copy per test, so tests that train or edit weights leak nothing into others."""
+    from models.generator import Generator
+
+    return Generator.from_pretrained(str(tiny_models.generator))
+
+
+@pytest.fixture(scope="module")
+def frozen_captioner(tiny_models: TinyModels) -> Captioner:
+    """Frozen as the trainer freezes the partner (gradients pass through, none land); a module's tests share it."""
+    from models.captioner import Captioner
+
+    return Captioner.from_pretrained(str(tiny_models.captioner)).requires_grad_(False).eval()
+
+
+@pytest.fixture(scope="module")
+def frozen_generator(tiny_models: TinyModels) -> Generator:
+    """Frozen as the trainer freezes the partner (gradients pass through, none land); a module's tests share it."""
+    from models.generator import Generator
+
+    return Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from data.oracle import OracleReading, attribute_accuracy, read_scene, read_scenes
-from data.shapes import COLOUR_RGB, Scene, random_scene, render
+from data.oracle import attribute_accuracy, read_scene, read_scenes
+from data.shapes import COLOUR_RGB, Scene, SceneAttributes, random_scene, render
 
 TEST_SEED = 20261125
 SAMPLES = 500
@@ -81,23 +81,23 @@ def test_blank_and_noise_images_are_unreadable() -> None:
     rng = np.random.default_rng(TEST_SEED)
     for resolution in (32, 64):
         blank = np.full((resolution, resolution, 3), 0.9)
-        assert read_scene(blank) == OracleReading()
-        assert read_scene(np.zeros((resolution, resolution, 3))) == OracleReading()
+        assert read_scene(blank) == SceneAttributes()
+        assert read_scene(np.zeros((resolution, resolution, 3))) == SceneAttributes()
         noise = torch.rand(6, 3, resolution, resolution, generator=torch.Generator().manual_seed(resolution))
         saturated = (noise > 0.5).float()
         gray_noise = np.clip(0.5 + rng.normal(0.0, 0.3, (resolution, resolution, 3)), 0.0, 1.0)
         for reading in [*read_scenes(noise), *read_scenes(saturated), read_scene(gray_noise)]:
-            assert reading == OracleReading()
+            assert reading == SceneAttributes()
             assert reading.scene is None
 
 
 def test_unknown_figures_and_colours_are_not_named() -> None:
     ellipse = _drawing("ellipse", [(0.2, 0.4), (0.8, 0.6)], COLOUR_RGB["red"])
-    assert read_scene(ellipse) == OracleReading(None, "red", "large", "center")
+    assert read_scene(ellipse) == SceneAttributes(None, "red", "large", "center")
     bar = _drawing("rectangle", [(0.1, 0.45), (0.9, 0.55)], COLOUR_RGB["green"])
     assert read_scene(bar).shape is None
     gray_square = _drawing("rectangle", [(0.6, 0.6), (0.85, 0.85)], (128, 128, 128))
-    assert read_scene(gray_square) == OracleReading("square", None, "small", "bottom right")
+    assert read_scene(gray_square) == SceneAttributes("square", None, "small", "bottom right")
 
 
 def test_shapes_are_read_in_any_orientation() -> None:
@@ -106,7 +106,7 @@ def test_shapes_are_read_in_any_orientation() -> None:
     diamond = _drawing(
         "polygon", [(0.15, 0.27), (0.27, 0.15), (0.39, 0.27), (0.27, 0.39)], COLOUR_RGB["purple"]
     )
-    assert read_scene(diamond) == OracleReading("square", "purple", "small", "top left")
+    assert read_scene(diamond) == SceneAttributes("square", "purple", "small", "top left")
 
 
 def test_attribute_accuracy_counts_each_attribute_and_all_four() -> None:
@@ -117,10 +117,10 @@ def test_attribute_accuracy_counts_each_attribute_and_all_four() -> None:
         Scene("circle", "yellow", "large", "top right"),
     ]
     readings = [
-        OracleReading("circle", "red", "small", "center"),  # all right
-        OracleReading("square", "blue", "small", "top left"),  # wrong size
-        OracleReading(None, "green", "small", "bottom right"),  # shape unreadable counts as wrong
-        OracleReading(),  # nothing readable
+        SceneAttributes("circle", "red", "small", "center"),  # all right
+        SceneAttributes("square", "blue", "small", "top left"),  # wrong size
+        SceneAttributes(None, "green", "small", "bottom right"),  # shape unreadable counts as wrong
+        SceneAttributes(),  # nothing readable
     ]
     assert attribute_accuracy(readings, scenes) == {
         "shape": 0.5,

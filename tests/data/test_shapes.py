@@ -15,8 +15,8 @@ from data.shapes import (
     SIZES,
     TEMPLATES,
     WORDS,
-    ParsedCaption,
     Scene,
+    SceneAttributes,
     all_scenes,
     describe,
     parse,
@@ -75,8 +75,8 @@ def test_parse_is_tolerant_to_case_punctuation_and_prefixes() -> None:
 
 
 def test_parse_returns_none_for_missing_or_conflicting_attributes() -> None:
-    assert parse("a red shape at the top") == ParsedCaption(colour="red")
-    assert parse("a red or blue square, big, in the top left or the center") == ParsedCaption(
+    assert parse("a red shape at the top") == SceneAttributes(colour="red")
+    assert parse("a red or blue square, big, in the top left or the center") == SceneAttributes(
         shape="square", size="large"
     )
     assert parse("").scene is None

@@ -3,8 +3,6 @@ routing (captioner LoRA only, through the frozen generator), per-sample reproduc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -26,21 +24,6 @@ from train.config import I2T2ISettings
 KEY = DrawKey(seed=11, update=5, micro_batch=1)
 CAPTIONS = ["a small red circle at the top", "a big blue square", "a green triangle on the left"]
 MAX_LENGTH = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread than on two cores shared with other processes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_models) -> Generator:
-    """Frozen as the trainer freezes the partner: gradients pass through it, none land in it."""
-    return Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False)
 
 
 def _add_lora(captioner: Captioner) -> list[str]:
@@ -70,13 +53,11 @@ def captioner(tiny_models) -> Captioner:
 
 
 @pytest.fixture(scope="module")
-def bridge(tiny_models) -> VocabularyBridge:
-    captioner = Captioner.from_pretrained(str(tiny_models.captioner))
-    generator = Generator.from_pretrained(str(tiny_models.generator))
+def bridge(frozen_captioner: Captioner, frozen_generator: Generator) -> VocabularyBridge:
     return VocabularyBridge.build(
-        captioner.tokenizer,
-        generator.tokenizer,
-        start_token_id=captioner.model.config.text_config.bos_token_id,
+        frozen_captioner.tokenizer,
+        frozen_generator.tokenizer,
+        start_token_id=frozen_captioner.model.config.text_config.bos_token_id,
     )
 
 
@@ -148,9 +129,11 @@ def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models
     [("soft", {}), ("gumbel", {"temperature": 0.7}), ("reward", {}), ("reward", {"kl_weight": 0.1})],
 )
 def test_gradient_reaches_the_captioner_lora_and_no_generator_parameter(
-    captioner, generator, bridge, mode, overrides
+    captioner, frozen_generator, bridge, mode, overrides
 ) -> None:
-    output = I2T2I_MODES[mode](captioner, generator, _batch(2), _settings(mode, **overrides), KEY, bridge)
+    output = I2T2I_MODES[mode](
+        captioner, frozen_generator, _batch(2), _settings(mode, **overrides), KEY, bridge
+    )
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     assert all(isinstance(value, float) for value in output.metrics.values())
     output.loss.backward()
@@ -158,20 +141,23 @@ def test_gradient_reaches_the_captioner_lora_and_no_generator_parameter(
     assert grads and all(grad is not None and torch.isfinite(grad).all() for grad in grads.values())
     assert sum(float(grad.abs().sum()) for grad in grads.values()) > 0
     assert all(param.grad is None for name, param in captioner.named_parameters() if "lora_" not in name)
-    assert all(param.grad is None for param in generator.parameters())
+    assert all(param.grad is None for param in frozen_generator.parameters())
 
 
 @pytest.mark.parametrize("mode", ["soft", "gumbel", "reward"])
-def test_each_sample_draws_its_own_randomness(captioner, generator, bridge, mode) -> None:
+def test_each_sample_draws_its_own_randomness(captioner, frozen_generator, bridge, mode) -> None:
     """A batch's loss is the mean of its samples' losses computed alone: results do not depend on sharding."""
     settings = _settings(mode, kl_weight=0.1 if mode == "reward" else 0.0)
     batch = _batch(2)
-    together = I2T2I_MODES[mode](captioner, generator, batch, settings, KEY, bridge)
-    again = I2T2I_MODES[mode](captioner, generator, batch, settings, KEY, bridge)
+    together = I2T2I_MODES[mode](captioner, frozen_generator, batch, settings, KEY, bridge)
+    again = I2T2I_MODES[mode](captioner, frozen_generator, batch, settings, KEY, bridge)
     assert torch.equal(together.loss, again.loss) and together.metrics == again.metrics
     singles = [{name: value[i : i + 1] for name, value in batch.items()} for i in range(2)]
     alone = torch.stack(
-        [I2T2I_MODES[mode](captioner, generator, single, settings, KEY, bridge).loss for single in singles]
+        [
+            I2T2I_MODES[mode](captioner, frozen_generator, single, settings, KEY, bridge).loss
+            for single in singles
+        ]
     )
     if mode != "reward":
         assert torch.allclose(together.loss, alone.mean(), rtol=1e-4)
@@ -180,29 +166,37 @@ def test_each_sample_draws_its_own_randomness(captioner, generator, bridge, mode
         # log-probs, but its advantages divide by the group's reward std (~1e-3 on this random generator),
         # which magnifies the 1-ulp differences of a batched UNet call beyond any useful tolerance.
         sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
-        rewards = candidate_rewards(generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY)
+        rewards = candidate_rewards(
+            frozen_generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY
+        )
         logprobs = captioner.sequence_logprobs(batch["pixels"], **sampled.tokens).view(2, -1)
         for i, single in enumerate(singles):
             sampled_alone = sample_candidates(captioner, single["pixels"], single["ids"], settings, KEY)
             assert sampled_alone.captions[0] == sampled.captions[i]
             rewards_alone = candidate_rewards(
-                generator, single["pixels"], single["ids"], sampled_alone.captions, settings, KEY
+                frozen_generator, single["pixels"], single["ids"], sampled_alone.captions, settings, KEY
             )
             assert torch.allclose(rewards_alone[0], rewards[i], rtol=0, atol=1e-6)
             logprobs_alone = captioner.sequence_logprobs(single["pixels"], **sampled_alone.tokens)
             assert torch.allclose(logprobs_alone, logprobs[i], atol=1e-4)
-    other_key = I2T2I_MODES[mode](captioner, generator, batch, settings, DrawKey(seed=11, update=6), bridge)
+    other_key = I2T2I_MODES[mode](
+        captioner, frozen_generator, batch, settings, DrawKey(seed=11, update=6), bridge
+    )
     assert not torch.equal(other_key.loss, together.loss)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_reward_loss_is_the_group_baseline_policy_gradient(captioner, generator, bridge, reduction) -> None:
+def test_reward_loss_is_the_group_baseline_policy_gradient(
+    captioner, frozen_generator, bridge, reduction
+) -> None:
     batch, settings = _batch(2), _settings("reward", num_candidates=4, logprob_reduction=reduction)
-    output = I2T2I_MODES["reward"](captioner, generator, batch, settings, KEY, bridge)
+    output = I2T2I_MODES["reward"](captioner, frozen_generator, batch, settings, KEY, bridge)
 
     sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
     assert [len(per_image) for per_image in sampled.captions] == [4, 4]
-    rewards = candidate_rewards(generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY)
+    rewards = candidate_rewards(
+        frozen_generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY
+    )
     advantages = (rewards - rewards.mean(dim=1, keepdim=True)) / (
         rewards.std(dim=1, correction=0, keepdim=True) + 1e-6
     )
@@ -214,14 +208,14 @@ def test_reward_loss_is_the_group_baseline_policy_gradient(captioner, generator,
 
 
 def test_kl_term_is_zero_at_the_base_model_and_grows_with_the_adapters(
-    tiny_models, generator, bridge
+    tiny_models, frozen_generator, bridge
 ) -> None:
     captioner = Captioner.from_pretrained(str(tiny_models.captioner), max_length=12)
     names = _add_lora(captioner)
     batch = _batch(2)
-    plain = I2T2I_MODES["reward"](captioner, generator, batch, _settings("reward"), KEY, bridge)
+    plain = I2T2I_MODES["reward"](captioner, frozen_generator, batch, _settings("reward"), KEY, bridge)
     at_base = I2T2I_MODES["reward"](
-        captioner, generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
+        captioner, frozen_generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
     )
     assert at_base.metrics["kl"] == 0.0  # fresh LoRA (B = 0) is the base model
     assert torch.allclose(at_base.loss, plain.loss)
@@ -233,18 +227,20 @@ def test_kl_term_is_zero_at_the_base_model_and_grows_with_the_adapters(
                 0.2 * torch.randn(params[name].shape, generator=torch.Generator().manual_seed(0))
             )
     moved = I2T2I_MODES["reward"](
-        captioner, generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
+        captioner, frozen_generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
     )
     assert moved.metrics["kl"] != 0.0
 
 
-def test_configuration_errors_are_named(tiny_models, generator, bridge) -> None:
+def test_configuration_errors_are_named(tiny_models, frozen_generator, bridge) -> None:
     full = _captioner(tiny_models, lora=False)
     with pytest.raises(ValueError, match="kl_weight > 0 needs a LoRA captioner"):
-        I2T2I_MODES["reward"](full, generator, _batch(1), _settings("reward", kl_weight=0.1), KEY, bridge)
+        I2T2I_MODES["reward"](
+            full, frozen_generator, _batch(1), _settings("reward", kl_weight=0.1), KEY, bridge
+        )
     image_only = {"ids": ["x"], "pixels": torch.rand(1, 3, 32, 32), "kind": "images"}
     with pytest.raises(ValueError, match="this batch has none \\(kind 'images'\\)"):
-        I2T2I_MODES["soft"](full, generator, image_only, _settings("soft"), KEY, bridge)
+        I2T2I_MODES["soft"](full, frozen_generator, image_only, _settings("soft"), KEY, bridge)
     for mode in ("soft", "gumbel"):
         with pytest.raises(ValueError, match=f"mode='{mode}' needs a vocabulary bridge"):
-            I2T2I_MODES[mode](full, generator, _batch(1), _settings(mode), KEY, None)
+            I2T2I_MODES[mode](full, frozen_generator, _batch(1), _settings(mode), KEY, None)

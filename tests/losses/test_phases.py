@@ -19,14 +19,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tiny_models, *overrides: str) -> Config:
     return load_config(
         CONFIGS / "tiny.yaml",

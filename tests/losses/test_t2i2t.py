@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,27 +22,9 @@ SAMPLE = T2I2TSettings(mode="sample", num_inference_steps=3, grad_steps=2)
 GUIDED_SAMPLE = T2I2TSettings(mode="sample", num_inference_steps=2, grad_steps=1, guidance_scale=3.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run several times faster on one thread than on two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def captioner(tiny_models) -> Captioner:
-    """Frozen as the trainer freezes the partner: it passes gradients on but gets none."""
-    captioner = Captioner.from_pretrained(str(tiny_models.captioner))
-    captioner.requires_grad_(False)
-    return captioner.eval()
-
-
 @pytest.fixture
-def generator(tiny_models) -> Generator:
-    """UNet LoRA prepared as the trainer does (VAE and text encoder frozen)."""
-    generator = Generator.from_pretrained(str(tiny_models.generator))
+def generator(generator: Generator) -> Generator:
+    """The fresh tiny generator with UNet LoRA prepared as the trainer does (VAE and text encoder frozen)."""
     add_generator_lora(generator, rank=4, alpha=4.0)
     prepare_trainable(generator, train_mode="lora")
     return generator
@@ -82,9 +63,9 @@ class _UnetCalls:
     ids=["one_step", "sample", "sample_guided"],
 )
 def test_gradient_reaches_unet_lora_and_no_captioner_parameter(
-    generator: Generator, captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
+    generator: Generator, frozen_captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
 ) -> None:
-    output = T2I2T_MODES[settings.mode](generator, captioner, batch, settings, KEY)
+    output = T2I2T_MODES[settings.mode](generator, frozen_captioner, batch, settings, KEY)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     assert output.metrics == {"caption_ce": pytest.approx(output.loss.item())}
     output.loss.backward()
@@ -94,43 +75,45 @@ def test_gradient_reaches_unet_lora_and_no_captioner_parameter(
     )
     # LoRA B starts at zero (so A's first gradient is zero too); every B must get a gradient.
     assert all(param.grad.abs().sum() > 0 for name, param in lora.items() if "lora_B" in name)
-    assert all(param.grad is None for param in captioner.parameters())
+    assert all(param.grad is None for param in frozen_captioner.parameters())
     frozen_parts = [*generator.vae.parameters(), *generator.text_encoder.parameters()]
     assert all(param.grad is None for param in frozen_parts)
 
 
 def test_one_step_decodes_the_unets_x0_estimate_from_the_drawn_timesteps(
-    generator: Generator, captioner: Captioner
+    generator: Generator, frozen_captioner: Captioner
 ) -> None:
     """The loss is the caption loss of predict_x0(UNet output), not of the clean latents, at t < max."""
     batch, settings = _paired_batch(), T2I2TSettings(mode="one_step", max_timestep=50)
     recorder = _UnetCalls(generator)
     with torch.no_grad():
-        loss = one_step(generator, captioner, batch, settings, KEY).loss
+        loss = one_step(generator, frozen_captioner, batch, settings, KEY).loss
         recorder.remove()
         [((noisy, timesteps, _), prediction)] = recorder.calls
         x0 = generator.predict_x0(noisy, timesteps, prediction)
-        expected = captioner.caption_loss(generator.decode_latents(x0), **captioner.tokenize(CAPTIONS))
+        expected = frozen_captioner.caption_loss(
+            generator.decode_latents(x0), **frozen_captioner.tokenize(CAPTIONS)
+        )
         assert (timesteps < 50).all()
         assert torch.equal(loss, expected.mean())
     # The paper's code decoded the clean latents, a loss the UNet could not change. A random tiny captioner
     # hardly looks at the image (whole-image changes move its loss by ~1e-3), hence the small threshold,
     # still 20 float32 steps away from a deterministic recomputation's exact equality.
     with torch.no_grad():
-        before = one_step(generator, captioner, batch, ONE_STEP, KEY).loss
+        before = one_step(generator, frozen_captioner, batch, ONE_STEP, KEY).loss
         generator.unet.conv_out.bias.add_(1.0)  # shifts every predicted noise, so every x0 estimate
-        after = one_step(generator, captioner, batch, ONE_STEP, KEY).loss
+        after = one_step(generator, frozen_captioner, batch, ONE_STEP, KEY).loss
     assert (before - after).abs() > 1e-5
 
 
 @pytest.mark.parametrize("settings", [SAMPLE, GUIDED_SAMPLE], ids=["unguided", "guided"])
 def test_sample_scores_the_ddim_sample_of_its_drawn_noise(
-    generator: Generator, captioner: Captioner, settings: T2I2TSettings
+    generator: Generator, frozen_captioner: Captioner, settings: T2I2TSettings
 ) -> None:
     batch = _text_batch(2)
     recorder = _UnetCalls(generator)
     with torch.no_grad():
-        loss = sample(generator, captioner, batch, settings, KEY).loss
+        loss = sample(generator, frozen_captioner, batch, settings, KEY).loss
     recorder.remove()
     (first_input, _, _), _ = recorder.calls[0]
     initial = first_input[: len(batch["ids"])]  # guided calls batch the [uncond, cond] copies
@@ -140,29 +123,29 @@ def test_sample_scores_the_ddim_sample_of_its_drawn_noise(
         guidance_scale=settings.guidance_scale,
         latents=initial,
     )
-    expected = captioner.caption_loss(pixels, **captioner.tokenize(batch["captions"])).mean()
+    expected = frozen_captioner.caption_loss(pixels, **frozen_captioner.tokenize(batch["captions"])).mean()
     assert torch.equal(loss, expected)
 
 
 @pytest.mark.parametrize(("settings", "batch"), [(ONE_STEP, _paired_batch()), (SAMPLE, _text_batch())])
 def test_draws_are_per_sample_and_reproducible(
-    generator: Generator, captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
+    generator: Generator, frozen_captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
 ) -> None:
     """A batch's loss is the mean of its samples' losses computed alone (batch 1 works; shards agree)."""
     mode = T2I2T_MODES[settings.mode]
     with torch.no_grad():
-        full = mode(generator, captioner, batch, settings, KEY).loss
-        alone = [mode(generator, captioner, _rows(batch, row), settings, KEY).loss for row in range(3)]
-        again = mode(generator, captioner, batch, settings, KEY).loss
-        next_update = mode(generator, captioner, batch, settings, DrawKey(seed=0, update=8)).loss
+        full = mode(generator, frozen_captioner, batch, settings, KEY).loss
+        alone = [mode(generator, frozen_captioner, _rows(batch, row), settings, KEY).loss for row in range(3)]
+        again = mode(generator, frozen_captioner, batch, settings, KEY).loss
+        next_update = mode(generator, frozen_captioner, batch, settings, DrawKey(seed=0, update=8)).loss
     assert torch.allclose(full, torch.stack(alone).mean(), atol=1e-5)
     assert torch.equal(full, again)
     assert not torch.isclose(full, next_update, rtol=1e-6)
 
 
-def test_bad_input_is_named(generator: Generator, captioner: Captioner) -> None:
+def test_bad_input_is_named(generator: Generator, frozen_captioner: Captioner) -> None:
     with pytest.raises(ValueError, match="paired batches"):
-        one_step(generator, captioner, _text_batch(), ONE_STEP, KEY)
+        one_step(generator, frozen_captioner, _text_batch(), ONE_STEP, KEY)
     too_late = T2I2TSettings(mode="one_step", max_timestep=2000)
     with pytest.raises(ValueError, match="max_timestep=2000"):
-        one_step(generator, captioner, _paired_batch(), too_late, KEY)
+        one_step(generator, frozen_captioner, _paired_batch(), too_late, KEY)

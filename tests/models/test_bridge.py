@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,35 +29,16 @@ CLIP_MERGES = (
 CLIP_ALPHABET = tuple("abcdefghijklmnopqrstuvwxyz0123456789.!")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run several times faster on one thread than on two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def captioner(tiny_models) -> Captioner:
-    return Captioner.from_pretrained(str(tiny_models.captioner))
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_models) -> Generator:
-    generator = Generator.from_pretrained(str(tiny_models.generator))
-    generator.requires_grad_(False)
-    return generator
-
-
 def _start_token_id(captioner: Captioner) -> int:
     return captioner.model.config.text_config.bos_token_id
 
 
 @pytest.fixture(scope="module")
-def tiny_bridge(captioner: Captioner, generator: Generator) -> VocabularyBridge:
+def tiny_bridge(frozen_captioner: Captioner, frozen_generator: Generator) -> VocabularyBridge:
     return VocabularyBridge.build(
-        captioner.tokenizer, generator.tokenizer, start_token_id=_start_token_id(captioner)
+        frozen_captioner.tokenizer,
+        frozen_generator.tokenizer,
+        start_token_id=_start_token_id(frozen_captioner),
     )
 
 
@@ -126,47 +105,53 @@ def _reached_ids(bridge: VocabularyBridge) -> set[int]:
 
 
 def test_one_hot_caption_equals_hard_tokens_exactly(
-    captioner: Captioner, generator: Generator, tiny_bridge: VocabularyBridge
+    frozen_captioner: Captioner, frozen_generator: Generator, tiny_bridge: VocabularyBridge
 ) -> None:
     """Captioner tokens, one-hot, through the soft path == the generator's own tokenize + encode_text, bit for bit."""
-    tokens = captioner.tokenize(CAPTIONS)  # [DEC] ... [SEP], the shorter caption padded with masked [PAD]
+    tokens = frozen_captioner.tokenize(
+        CAPTIONS
+    )  # [DEC] ... [SEP], the shorter caption padded with masked [PAD]
     assert not tokens["attention_mask"].all()
-    token_embedding = generator.text_encoder.get_input_embeddings()
+    token_embedding = frozen_generator.text_encoder.get_input_embeddings()
     embeds = tiny_bridge.embed(
         _one_hot(tokens["input_ids"], tiny_bridge), tokens["attention_mask"], token_embedding
     )
-    hard_ids = generator.tokenize(CAPTIONS)
+    hard_ids = frozen_generator.tokenize(CAPTIONS)
     assert torch.equal(embeds, token_embedding(hard_ids))
-    assert torch.equal(encode_token_embeddings(generator, embeds), generator.encode_text(hard_ids))
+    assert torch.equal(
+        encode_token_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
+    )
     assert (
         tiny_bridge.mass_coverage(_one_hot(tokens["input_ids"], tiny_bridge), tokens["attention_mask"]) == 1.0
     )
 
 
-def test_truncation_keeps_eos_and_padding_fills_like_clip(captioner: Captioner, generator: Generator) -> None:
+def test_truncation_keeps_eos_and_padding_fills_like_clip(
+    frozen_captioner: Captioner, frozen_generator: Generator
+) -> None:
     """max_length 6: the long caption is cut with eos last, the 6-token one fits exactly; 9 pads with pad."""
-    tokens = captioner.tokenize(CAPTIONS)
-    token_embedding = generator.text_encoder.get_input_embeddings()
+    tokens = frozen_captioner.tokenize(CAPTIONS)
+    token_embedding = frozen_generator.text_encoder.get_input_embeddings()
     for max_length in (6, 9):
         bridge = VocabularyBridge.build(
-            captioner.tokenizer,
-            generator.tokenizer,
-            start_token_id=_start_token_id(captioner),
+            frozen_captioner.tokenizer,
+            frozen_generator.tokenizer,
+            start_token_id=_start_token_id(frozen_captioner),
             max_length=max_length,
         )
-        hard_ids = generator.tokenizer(
+        hard_ids = frozen_generator.tokenizer(
             CAPTIONS, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
         ).input_ids
-        assert hard_ids[0, -1] == generator.tokenizer.eos_token_id
+        assert hard_ids[0, -1] == frozen_generator.tokenizer.eos_token_id
         embeds = bridge.embed(
             _one_hot(tokens["input_ids"], bridge), tokens["attention_mask"], token_embedding
         )
         assert torch.equal(embeds, token_embedding(hard_ids))
 
 
-def test_identity_for_one_tokenizer_on_both_sides(generator: Generator) -> None:
+def test_identity_for_one_tokenizer_on_both_sides(frozen_generator: Generator) -> None:
     """CLIP BPE -> the same CLIP BPE: every token maps to itself, "</w>" finality read from the token."""
-    tokenizer = generator.tokenizer
+    tokenizer = frozen_generator.tokenizer
     bridge = VocabularyBridge.build(tokenizer, tokenizer, start_token_id=tokenizer.bos_token_id)
     every_token = torch.arange(len(tokenizer))
     for table in ("final", "inner"):
@@ -181,8 +166,8 @@ def test_identity_for_one_tokenizer_on_both_sides(generator: Generator) -> None:
         "source_inner_pieces": 0.0,
         "target_reached": 1.0,
     }
-    ids = generator.tokenize(CAPTIONS)
-    token_embedding = generator.text_encoder.get_input_embeddings()
+    ids = frozen_generator.tokenize(CAPTIONS)
+    token_embedding = frozen_generator.text_encoder.get_input_embeddings()
     embeds = bridge.embed(_one_hot(ids, bridge), torch.ones_like(ids), token_embedding)
     assert torch.equal(embeds, token_embedding(ids))
 
@@ -256,7 +241,7 @@ def test_hand_pair_coverage(hand_bridge: VocabularyBridge, clip: CLIPTokenizer) 
 
 
 def test_tiny_pair_coverage(
-    captioner: Captioner, generator: Generator, tiny_bridge: VocabularyBridge
+    frozen_captioner: Captioner, frozen_generator: Generator, tiny_bridge: VocabularyBridge
 ) -> None:
     """models/tiny.py writes both vocabularies from one word list, so whole words match exactly.
 
@@ -265,7 +250,7 @@ def test_tiny_pair_coverage(
     Word-inner recipes are exact only where CLIP has the bare string: single characters, punctuation, and
     the few words or suffixes that are also intermediate BPE merges.
     """
-    source, target = captioner.tokenizer, generator.tokenizer
+    source, target = frozen_captioner.tokenizer, frozen_generator.tokenizer
     specials = set(source.all_special_ids)
     regular = [
         token
@@ -303,18 +288,18 @@ def test_mass_coverage_counts_unk_mass_at_valid_positions(
 
 
 def test_gradient_reaches_probs_through_the_frozen_encoder(
-    captioner: Captioner, generator: Generator, tiny_bridge: VocabularyBridge
+    frozen_captioner: Captioner, frozen_generator: Generator, tiny_bridge: VocabularyBridge
 ) -> None:
-    tokens = captioner.tokenize(CAPTIONS)
+    tokens = frozen_captioner.tokenize(CAPTIONS)
     logits = torch.randn(*tokens["input_ids"].shape, tiny_bridge.source_vocab_size, requires_grad=True)
     embeds = tiny_bridge.embed(
-        logits.softmax(dim=-1), tokens["attention_mask"], generator.text_encoder.get_input_embeddings()
+        logits.softmax(dim=-1), tokens["attention_mask"], frozen_generator.text_encoder.get_input_embeddings()
     )
-    encode_token_embeddings(generator, embeds).square().sum().backward()
+    encode_token_embeddings(frozen_generator, embeds).square().sum().backward()
     gradient_norms = logits.grad.norm(dim=-1)
     assert (gradient_norms[tokens["attention_mask"].bool()] > 0).all()
     assert (gradient_norms[~tokens["attention_mask"].bool()] == 0).all()  # masked positions read pad
-    assert all(parameter.grad is None for parameter in generator.text_encoder.parameters())
+    assert all(parameter.grad is None for parameter in frozen_generator.text_encoder.parameters())
 
 
 def test_embed_gradcheck_including_the_finality_mix(

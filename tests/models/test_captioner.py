@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from PIL import Image
@@ -11,21 +9,6 @@ from PIL import Image
 from models.captioner import IGNORE_INDEX, Captioner
 
 CAPTIONS = ["a small red circle", "there is a big blue square at the top left of the picture"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread than on two cores shared with other processes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def captioner(tiny_models) -> Captioner:
-    """A fresh copy per test, so tests that train do not leak weights into others."""
-    return Captioner.from_pretrained(str(tiny_models.captioner))
 
 
 def _smooth_image(size: int) -> torch.Tensor:

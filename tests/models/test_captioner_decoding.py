@@ -3,8 +3,6 @@ sequence log-probabilities and the base-model switch, on the tiny BLIP."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -18,20 +16,6 @@ from models.captioner import (
 from models.lora import add_captioner_lora, prepare_trainable
 
 MAX_NEW_TOKENS = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread than on two cores shared with other processes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def captioner(tiny_models) -> Captioner:
-    return Captioner.from_pretrained(str(tiny_models.captioner)).eval()
 
 
 def _end_early(captioner: Captioner, bias: float = 4.0) -> int:

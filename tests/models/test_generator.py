@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,6 @@ from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusi
 from models.generator import Generator
 
 CAPTIONS = ["a red circle at the top", "a small blue square"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run several times faster on one thread than on two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_models) -> Generator:
-    return Generator.from_pretrained(str(tiny_models.generator))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,20 +12,6 @@ from models.generator import Generator
 
 CAPTIONS = ["a red circle at the top", "a small blue square"]
 STEPS, GRAD_STEPS = 3, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run several times faster on one thread than on two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_models) -> Generator:
-    return Generator.from_pretrained(str(tiny_models.generator))
 
 
 def _noise(generator: Generator, batch_size: int, seed: int) -> torch.Tensor:

@@ -3,8 +3,6 @@ stratified timesteps, and that a generator which learnt two pairs prefers the ri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -16,41 +14,31 @@ from models.tiny import save_tiny_generator
 KEY = DrawKey(seed=7, update=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread than on two cores shared with other processes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_models) -> Generator:
-    return Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False)
-
-
 def _pixels(batch: int) -> torch.Tensor:
     return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def test_identical_candidates_score_identically_and_each_image_draws_its_own_noise(generator) -> None:
+def test_identical_candidates_score_identically_and_each_image_draws_its_own_noise(frozen_generator) -> None:
     pixels01 = _pixels(2)
     candidates = [
         ["a red circle", "a blue square", "a red circle"],
         ["a green triangle", "a green triangle", "a small shape at the top"],
     ]
-    scores = caption_scores(generator, pixels01, candidates, key=KEY, ids=["img-0", "img-1"], num_timesteps=3)
+    scores = caption_scores(
+        frozen_generator, pixels01, candidates, key=KEY, ids=["img-0", "img-1"], num_timesteps=3
+    )
     assert scores.shape == (2, 3) and scores.dtype == torch.float32 and not scores.requires_grad
     assert torch.allclose(scores[0, 0], scores[0, 2], rtol=0, atol=1e-6)
     assert torch.allclose(scores[1, 0], scores[1, 1], rtol=0, atol=1e-6)
     assert not torch.allclose(scores[0, 0], scores[0, 1], rtol=0, atol=1e-6)  # the caption does matter
 
     # An image scores the same in any batch (per-id draws), and differently under another key.
-    alone = caption_scores(generator, pixels01[1:], candidates[1:], key=KEY, ids=["img-1"], num_timesteps=3)
+    alone = caption_scores(
+        frozen_generator, pixels01[1:], candidates[1:], key=KEY, ids=["img-1"], num_timesteps=3
+    )
     assert torch.allclose(alone[0], scores[1], rtol=0, atol=1e-5)
     other_key = caption_scores(
-        generator,
+        frozen_generator,
         pixels01,
         candidates,
         key=DrawKey(seed=8, update=3),
@@ -60,36 +48,42 @@ def test_identical_candidates_score_identically_and_each_image_draws_its_own_noi
     assert not torch.allclose(other_key, scores, rtol=0, atol=1e-4)
 
 
-def test_ragged_or_mismatched_candidates_are_named(generator) -> None:
+def test_ragged_or_mismatched_candidates_are_named(frozen_generator) -> None:
     pixels01 = _pixels(2)
     with pytest.raises(ValueError, match=r"candidates\[1\] has 1 captions"):
-        caption_scores(generator, pixels01, [["a", "b"], ["c"]], key=KEY, ids=["x", "y"])
+        caption_scores(frozen_generator, pixels01, [["a", "b"], ["c"]], key=KEY, ids=["x", "y"])
     with pytest.raises(ValueError, match="2 images need 2 candidate lists and ids"):
-        caption_scores(generator, pixels01, [["a", "b"]], key=KEY, ids=["x", "y"])
+        caption_scores(frozen_generator, pixels01, [["a", "b"]], key=KEY, ids=["x", "y"])
 
 
-def test_draws_are_stratified_over_the_schedule_and_per_sample(generator) -> None:
-    draws = DenoiseDraws.draw(generator, KEY, ["a", "b", "c"], "scoring-test", num_timesteps=4)
-    assert draws.timesteps.shape == (3, 4) and draws.noise.shape == (3, 4, *generator.latent_shape(1)[1:])
+def test_draws_are_stratified_over_the_schedule_and_per_sample(frozen_generator) -> None:
+    draws = DenoiseDraws.draw(frozen_generator, KEY, ["a", "b", "c"], "scoring-test", num_timesteps=4)
+    assert draws.timesteps.shape == (3, 4) and draws.noise.shape == (
+        3,
+        4,
+        *frozen_generator.latent_shape(1)[1:],
+    )
     stratum = draws.timesteps // 250  # 1000 training timesteps, 4 strata
     assert torch.equal(stratum, torch.arange(4).expand(3, -1))
-    alone = DenoiseDraws.draw(generator, KEY, ["c"], "scoring-test", num_timesteps=4)
+    alone = DenoiseDraws.draw(frozen_generator, KEY, ["c"], "scoring-test", num_timesteps=4)
     for field in ("noise", "timesteps", "vae_noise"):
         assert torch.equal(getattr(alone, field)[0], getattr(draws, field)[2])
     assert not torch.equal(draws.noise[0], draws.noise[1])
 
 
-def test_grouped_loss_is_the_generator_loss_row_by_row_in_any_chunking(generator) -> None:
-    draws = DenoiseDraws.draw(generator, KEY, ["a", "b"], "grouped-test", num_timesteps=2)
-    latents = generator.encode_images(_pixels(2), draws.vae_noise)
-    contexts = generator.encode_text(generator.tokenize(["one", "two", "three", "four", "five", "six"]))
+def test_grouped_loss_is_the_generator_loss_row_by_row_in_any_chunking(frozen_generator) -> None:
+    draws = DenoiseDraws.draw(frozen_generator, KEY, ["a", "b"], "grouped-test", num_timesteps=2)
+    latents = frozen_generator.encode_images(_pixels(2), draws.vae_noise)
+    contexts = frozen_generator.encode_text(
+        frozen_generator.tokenize(["one", "two", "three", "four", "five", "six"])
+    )
     contexts.requires_grad_(True)
-    grouped = grouped_denoise_loss(generator, latents, contexts, draws)
+    grouped = grouped_denoise_loss(frozen_generator, latents, contexts, draws)
     assert grouped.shape == (2, 3)
-    chunked = grouped_denoise_loss(generator, latents, contexts, draws, max_rows=5)
+    chunked = grouped_denoise_loss(frozen_generator, latents, contexts, draws, max_rows=5)
     assert torch.allclose(chunked, grouped, atol=1e-6)
     image, group = 1, 2
-    direct = generator.latent_denoise_loss(
+    direct = frozen_generator.latent_denoise_loss(
         latents[image].expand(2, -1, -1, -1),
         contexts[image * 3 + group].expand(2, -1, -1),
         noise=draws.noise[image],
