@@ -37,5 +37,11 @@ tiny: $(TINY)/captioner/config.json
 demo: setup tiny
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(LAUNCH) train/cycle.py --config configs/shapes.yaml
 
+# Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/bench.py); ~4 min on
+# 2 CPU cores, plus a bf16 SD 1.5 / BLIP-base part where CUDA works. Results: runs/bench/latest.{md,json}.
+.PHONY: bench
+bench: setup
+	$(OFFLINE) $(PY) -m train.bench
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

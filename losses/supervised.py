@@ -37,7 +37,11 @@ def drop_captions(captions: list[str], ids: list[str], probability: float, key: 
 def denoise_terms(
     generator: Generator, batch: Batch, settings: GeneratorSettings, key: DrawKey
 ) -> dict[str, torch.Tensor]:
-    """The standard diffusion objective on the pair, with per-sample noise, timesteps and caption dropout."""
+    """The standard diffusion objective on the pair, with per-sample noise, timesteps and caption dropout.
+
+    The frozen encoders' outputs come from the generator's encoder cache when one is attached
+    (models/cache.py); the draws are the same either way.
+    """
     ids, pixels = batch["ids"], batch["pixels"]
     captions = drop_captions(batch["captions"], ids, settings.caption_dropout, key)
     latent_shape = generator.latent_shape(1)[1:]
@@ -46,12 +50,12 @@ def denoise_terms(
         offset = key.randn(ids, "noise_offset", (latent_shape[0], 1, 1), pixels.device)
         noise = noise + settings.noise_offset * offset
     num_timesteps = generator.noise_scheduler.config.num_train_timesteps
-    per_sample = generator.denoise_loss(
-        pixels,
-        generator.tokenize(captions),
+    vae_noise = key.randn(ids, "vae_noise", latent_shape, pixels.device)
+    per_sample = generator.latent_denoise_loss(
+        generator.data_latents(pixels, vae_noise, ids),
+        generator.encode_captions(captions),
         noise=noise,
         timesteps=key.randint(ids, "timestep", num_timesteps, pixels.device),
-        vae_noise=key.randn(ids, "vae_noise", latent_shape, pixels.device),
         snr_gamma=settings.snr_gamma,
     )
     return {"denoise": settings.denoise_loss_weight * per_sample.mean()}

@@ -15,6 +15,7 @@ from diffusers.optimization import get_scheduler
 from data import sources
 from data.streams import Stream
 from models.bridge import VocabularyBridge
+from models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from models.captioner import Captioner
 from models.generator import Generator
 from models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
@@ -66,6 +67,30 @@ def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") ->
     return generator, prepare_trainable(
         generator, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
     )
+
+
+def build_encoder_cache(
+    config: Config, generator: Generator, max_bytes: int = DEFAULT_MAX_BYTES
+) -> FrozenEncoderCache | None:
+    """The frozen-encoder cache for generator.cache_frozen_encoders, each side only where reuse is exact.
+
+    Text states change when the text encoder trains (train_mode full); image posteriors change when random
+    augmentation (data.random_flip) alters the pixels, and a pixel-space generator has no VAE to skip.
+    """
+    settings = config.generator
+    if not settings.cache_frozen_encoders:
+        return None
+    text_off = "the text encoder trains (generator.train_mode full)" if settings.train_mode == "full" else ""
+    images_off = ""
+    if config.data.random_flip:
+        images_off = "data.random_flip augments the images"
+    elif generator.vae is None:
+        images_off = "the generator has no VAE (pixel space)"
+    for side, off in (("text", text_off), ("images", images_off)):
+        logger.info("encoder cache, %s side: %s", side, f"off, {off}" if off else "on")
+    if text_off and images_off:
+        return None
+    return FrozenEncoderCache(text=not text_off, images=not images_off, max_bytes=max_bytes)
 
 
 def _lora_kwargs(settings: ModelSettings) -> dict:

@@ -32,6 +32,7 @@ from models.lora import frozen
 from train.builders import (
     build_bridge,
     build_captioner,
+    build_encoder_cache,
     build_generator,
     build_lr_scheduler,
     build_optimizer,
@@ -59,7 +60,7 @@ from train.export import export_run
 from train.state import TrainerState
 from train.tracking import SampleLog, log_validation_table, start_tracking, trackers_for, wandb_run_dir
 from train.update import optimizer_update
-from train.validation import validate
+from train.validation import check_validation_metrics, validate
 
 logger = logging.getLogger("cycletune")
 
@@ -90,6 +91,7 @@ def sync_gradients_if(
 def main(argv: list[str] | None = None) -> int:
     try:
         config, command = parse_args(argv)
+        check_validation_metrics(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- models, optimizers, schedulers, data -------------------------------------------------------
     captioner, captioner_names = build_captioner(config.captioner, config.mixed_precision)
     generator, generator_names = build_generator(config.generator, config.mixed_precision)
+    generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
     updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)
     optimizers, schedulers = {}, {}
     for phase, module, names in (

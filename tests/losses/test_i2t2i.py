@@ -76,24 +76,20 @@ def _lora_grads(captioner: Captioner) -> dict[str, torch.Tensor | None]:
 
 
 def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models, captioner, bridge) -> None:
-    """gradcheck of the soft cycle loss w.r.t. the captioner's logits, every random draw fixed by the key.
+    """float64 gradcheck of the soft cycle loss w.r.t. the captioner's logits, every random draw fixed by the key.
 
-    The logits move along each sample's own loss gradient (a full Jacobian over V * L logits would take
-    thousands of UNet calls). Generator in float64, but Generator.latent_denoise_loss returns its MSE in
-    float32 and the bridge mixes embeddings in float32, so the loss carries float32 rounding (~1e-7):
-    hence eps = 0.1 and a 1% tolerance, and token embeddings scaled 30x (CLIP initialises them at
-    std 0.02) so the derivative (~1e-3) stands well above that rounding.
+    The whole path (softmax, bridge, text encoder, UNet, MSE) runs in float64. A full Jacobian over all V * L
+    logits would take thousands of UNet calls, so the check perturbs 12 of them (the 4 likeliest tokens at
+    3 caption positions, where the gradient is largest) and holds the rest fixed.
     """
     generator = Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False).double()
-    with torch.no_grad():
-        generator.text_encoder.get_input_embeddings().weight.mul_(30.0)
     batch, temperature = _batch(2), 0.8
     tokens = captioner.tokenize(batch["captions"])
     logits = (
         captioner.logits(batch["pixels"], tokens["input_ids"], tokens["attention_mask"]).detach().double()
     )
 
-    def per_sample_loss(logits: torch.Tensor) -> torch.Tensor:
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
         probs = soft_token_probs(logits, tokens["input_ids"], temperature)
         return reconstruction_loss(
             generator,
@@ -104,24 +100,24 @@ def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models
             tokens["attention_mask"],
             num_timesteps=2,
             key=KEY,
-        )
+        ).mean()
 
     # soft() is exactly this function of the captioner's teacher-forced logits.
     output = soft(captioner, generator, batch, _settings("soft", temperature=temperature), KEY, bridge)
-    assert torch.allclose(output.loss, per_sample_loss(logits).mean(), atol=1e-6)
+    assert torch.allclose(output.loss.double(), loss_of(logits), atol=1e-6)
 
-    logits.requires_grad_(True)
-    losses = per_sample_loss(logits)
-    directions = torch.stack([torch.autograd.grad(loss, logits, retain_graph=True)[0] for loss in losses])
-    directions = directions / directions.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    logits = logits.detach()
-    assert torch.autograd.gradcheck(
-        lambda steps: per_sample_loss(logits + torch.einsum("d,dblv->blv", steps, directions)).double(),
-        (torch.zeros(2, dtype=torch.float64, requires_grad=True),),
-        eps=0.1,
-        atol=1e-6,
-        rtol=1e-2,
-    )
+    positions = torch.tensor([1, 2, 3])
+    vocab = logits[0, positions].topk(4, dim=-1).indices  # [3, 4]
+    rows, columns = positions[:, None].expand_as(vocab), vocab
+
+    def loss_of_slice(values: torch.Tensor) -> torch.Tensor:
+        perturbed = logits.clone()
+        perturbed[0, rows, columns] = values
+        return loss_of(perturbed)
+
+    chosen = logits[0, rows, columns].clone().requires_grad_(True)
+    assert torch.autograd.grad(loss_of_slice(chosen), chosen)[0].abs().max() > 1e-8, "no gradient to check"
+    assert torch.autograd.gradcheck(loss_of_slice, (chosen,), eps=1e-6, atol=1e-9, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

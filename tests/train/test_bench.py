@@ -1,0 +1,200 @@
+"""The benchmark's machinery: statistics on synthetic timings, the acceptance checks, the step profiler and
+FLOP count on the trainer's real step, and one mode end to end through worker processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.bench import (
+    BASELINE,
+    CPU_ARCHITECTURES,
+    MODES,
+    Architecture,
+    BareGeneratorStep,
+    TrainerStep,
+    Worker,
+    WorkerDied,
+    WorkerSpec,
+    acceptance,
+    bench_config,
+    format_table,
+    mean_spearman,
+    profile_step,
+    speed_ratio_interval,
+    step_flops,
+    step_summary,
+    time_ratio,
+    worker_context,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_step_summary_reports_median_min_and_throughput() -> None:
+    summary = step_summary([0.2, 0.1, 0.4], batch_size=4)
+    assert summary == pytest.approx({"median_ms": 200.0, "min_ms": 100.0, "samples_per_s": 20.0})
+
+
+def test_speed_ratio_interval_brackets_the_true_ratio_and_shrugs_off_bursts() -> None:
+    generator = torch.Generator().manual_seed(0)
+    baseline = (1.0 + 0.05 * torch.rand(40, generator=generator)).tolist()
+    ours = [time / 0.9 for time in baseline]  # 10% slower: speed ratio 0.9
+    ours[3] *= 8  # another process's burst hits one of our steps
+    interval = speed_ratio_interval(ours, baseline)
+    assert interval["pairs"] == 40
+    assert interval["low"] <= 0.9 <= interval["high"]
+    assert interval["ratio"] == pytest.approx(0.9)
+    assert interval["high"] - interval["low"] < 0.02
+
+
+def test_speed_ratio_interval_widens_with_noise_and_needs_pairs() -> None:
+    generator = torch.Generator().manual_seed(1)
+    baseline = [1.0] * 30
+    noisy = (1.0 + 0.5 * torch.rand(30, generator=generator)).tolist()
+    quiet = (1.0 + 0.01 * torch.rand(30, generator=generator)).tolist()
+    wide, narrow = speed_ratio_interval(noisy, baseline), speed_ratio_interval(quiet, baseline)
+    assert wide["high"] - wide["low"] > 5 * (narrow["high"] - narrow["low"])
+    with pytest.raises(ValueError, match="pairs"):
+        speed_ratio_interval([1.0], [1.0])
+
+
+def test_time_ratio_and_spearman() -> None:
+    assert time_ratio([2.0, 3.0, 10.0], [1.0, 1.0, 1.0]) == pytest.approx(3.0)
+    assert mean_spearman([[1, 2, 3], [1, 2, 3]], [[10, 20, 30], [30, 20, 10]]) == pytest.approx(0.0)
+    assert mean_spearman([[1, 2, 3]], [[0.1, 0.5, 0.9]]) == pytest.approx(1.0)
+
+
+def _figures(ours: list[float], baseline: list[float], **extra) -> dict:
+    return {
+        **step_summary(ours, 4),
+        "seconds": ours,
+        "baseline_seconds": baseline,
+        "time_vs_baseline": time_ratio(ours, baseline),
+        "peak_memory_mb": 100.0,
+        "flops_per_step": 2e9,
+        **extra,
+    }
+
+
+def test_acceptance_checks_read_the_measured_figures() -> None:
+    base = [1.0] * 30
+    results = {
+        "small": {
+            "generator": _figures([1.01] * 30, base),
+            "captioner": _figures([0.5] * 4, [1.0] * 4),
+            "i2t2i_soft": _figures([1.0] * 4, [1.0] * 4),
+            "i2t2i_reward": {"error": "bench worker 'i2t2i_reward' died (1):\nout of memory"},
+        },
+        "tiny": {
+            "generator": _figures([1.0] * 30, base),
+            "generator_cached": _figures([0.75] * 30, base),
+            "t2i2t_one_step": _figures([1.5] * 4, [1.0] * 4),
+            BASELINE: {**_figures(base, base), "encoders_ms": 300.0},
+        },
+    }
+    checks = acceptance(results)
+    overhead = checks["framework_overhead"]
+    assert overhead["passes"] and overhead["ratio"] == pytest.approx(1 / 1.01)
+    cache = checks["cache_speedup"]
+    assert cache["passes"] and cache["ratio"] == pytest.approx(1 / 0.75)
+    assert cache["ceiling"] == pytest.approx(1000 / 700) and cache["vs_uncached"] == pytest.approx(1 / 0.75)
+    costs = checks["cycle_costs"]
+    assert costs["small/i2t2i_soft"]["relative_to_supervised"] == pytest.approx(2.0)
+    assert not costs["small/i2t2i_soft"]["within_limit"]
+    assert costs["tiny/t2i2t_one_step"]["within_limit"]
+    assert "small/i2t2i_reward" not in costs, "a failed mode is left out of the checks"
+    table = format_table(results)
+    assert "| small | i2t2i_soft | 1000.0 | 1000.0 | 4.00 | 2.00 | 1.00x | 2.00x | 100 |" in table
+    assert "| small | i2t2i_reward | failed: bench worker 'i2t2i_reward' died (1): |" in table
+
+
+def test_acceptance_fails_with_too_few_pairs_or_a_slow_step() -> None:
+    results = {"small": {"generator": _figures([1.2] * 30, [1.0] * 30)}}
+    assert not acceptance(results)["framework_overhead"]["passes"]
+    results = {"small": {"generator": _figures([1.0] * 10, [1.0] * 10)}}
+    assert not acceptance(results)["framework_overhead"]["passes"], "fewer than 30 pairs never pass"
+
+
+def _config(tiny_models, mode: str, arch: Architecture, tmp_path: Path):
+    return bench_config(arch, tiny_models.captioner, tiny_models.generator, MODES[mode], tmp_path)
+
+
+def test_profile_splits_the_trainers_one_step_by_component(tiny_models, tmp_path: Path) -> None:
+    runner = TrainerStep(
+        _config(tiny_models, "t2i2t_one_step", CPU_ARCHITECTURES["tiny"], tmp_path), "generator", "cpu"
+    )
+    profile = profile_step(runner, "cpu")
+    assert profile["UNet"]["calls"] == 2, "the denoising term and the one-step term each run the UNet"
+    for part in ("UNet", "VAE decoder", "captioner vision"):
+        assert profile[part]["forward_ms"] > 0 and profile[part]["backward_ms"] > 0, part
+    assert profile["VAE encoder"]["backward_ms"] == 0, "the reference latents need no gradient"
+    assert set(profile["step"]) == {"forward", "backward", "update"}
+    parts_backward = sum(values["backward_ms"] for name, values in profile.items() if name != "step")
+    assert parts_backward <= profile["step"]["backward"] * 1.01
+    assert step_flops(runner.step) > 0
+
+
+def test_the_baseline_runs_in_bf16_with_fp32_adapters_as_on_the_gpu(tiny_models, tmp_path: Path) -> None:
+    # The trainer's own bf16 path is tested end to end in test_trainer.py; the bare baseline's is here.
+    arch = Architecture("tiny-bf16", resolution=32, batch_size=2, precision="bf16")
+    baseline = BareGeneratorStep(_config(tiny_models, "generator", arch, tmp_path), "cpu")
+    before = [param.detach().clone() for param in baseline.params]
+    baseline.step()
+    assert torch.isfinite(torch.tensor(baseline.logged["loss"]))
+    assert baseline.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(param.dtype == torch.float32 for param in baseline.params), "adapters train in fp32"
+    assert any(not torch.equal(old, new) for old, new in zip(before, baseline.params, strict=True))
+    assert baseline.extra()["encoders_ms"] > 0
+
+
+@pytest.mark.slow
+def test_one_mode_end_to_end_writes_the_table_and_json(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "train.bench",
+        "--out",
+        str(tmp_path),
+        "--archs",
+        "tiny",
+        "--modes",
+        "generator",
+        "generator_cached",
+        "--pairs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--skip-reward",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GPU part skipped" in result.stdout
+    report = json.loads((tmp_path / "latest.json").read_text())
+    tiny = report["results"]["tiny"]
+    assert set(tiny) == {"generator", "generator_cached", BASELINE}
+    assert len(tiny["generator"]["seconds"]) == 3 and len(tiny[BASELINE]["seconds"]) == 6
+    assert tiny["generator"]["cache"] is None and tiny["generator_cached"]["cache"]["image_hits"] > 0
+    # The same model work as the baseline, and caching removes the encoders' share of it.
+    assert tiny["generator"]["flops_per_step"] == tiny[BASELINE]["flops_per_step"]
+    assert tiny["generator_cached"]["flops_per_step"] < tiny["generator"]["flops_per_step"]
+    assert tiny[BASELINE]["peak_memory_mb"] > 0 and tiny[BASELINE]["encoders_ms"] > 0
+    assert "profile" in tiny["generator"]
+    assert report["machine"]["torch_threads"] == 1 and "torch" in report["machine"]["versions"]
+    assert "cache_speedup" in report["checks"]
+    assert "| tiny | generator_cached |" in (tmp_path / "latest.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_raises_with_its_log(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-model")
+    spec = WorkerSpec(CPU_ARCHITECTURES["tiny"], "generator", missing, missing, str(tmp_path), 1, 0)
+    with pytest.raises(WorkerDied, match="no-such-model"):
+        Worker(worker_context(), spec, tmp_path / "generator.log")
