@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cycle_runs import tiny_config
 
 from losses.phases import captioner_phase, cycle_ramp, generator_phase
 from losses.randomness import DrawKey
@@ -13,22 +14,14 @@ from losses.supervised import caption_terms, denoise_terms
 from models.lora import frozen, save_merged_captioner, save_merged_generator
 from models.tiny import save_tiny_generator
 from train.builders import build_bridge, build_captioner, build_generator
-from train.config import Config, load_config
+from train.config import Config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center"]
 
 
 def _config(tiny_models, *overrides: str) -> Config:
-    return load_config(
-        CONFIGS / "tiny.yaml",
-        [
-            f"captioner.pretrained_model_name_or_path={tiny_models.captioner}",
-            f"generator.pretrained_model_name_or_path={tiny_models.generator}",
-            "cycle.i2t2i.num_candidates=2",
-            "cycle.t2i2t.num_inference_steps=3",
-            *overrides,
-        ],
+    return tiny_config(
+        tiny_models, "cycle.i2t2i.num_candidates=2", "cycle.t2i2t.num_inference_steps=3", *overrides
     )
 
 

@@ -9,16 +9,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from train.config import Config, load_config
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
 def tiny_overrides(tiny_models: Any, output_dir: Path) -> list[str]:
+    return [f"output_dir={output_dir}", *tiny_model_overrides(tiny_models)]
+
+
+def tiny_model_overrides(tiny_models: Any) -> list[str]:
     return [
-        f"output_dir={output_dir}",
         f"captioner.pretrained_model_name_or_path={tiny_models.captioner}",
         f"generator.pretrained_model_name_or_path={tiny_models.generator}",
     ]
+
+
+def tiny_config(tiny_models: Any, *overrides: str) -> Config:
+    """configs/tiny.yaml on the session's tiny models, for tests that build components in-process."""
+    return load_config(TINY_CONFIG, [*tiny_model_overrides(tiny_models), *overrides])
 
 
 def environment(**extra: str) -> dict[str, str]:

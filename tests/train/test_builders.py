@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cycle_runs import tiny_config
 
 from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_terms
@@ -16,15 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _config(tiny_models, *overrides: str) -> Config:
-    return load_config(
-        CONFIGS / "tiny.yaml",
-        [
-            f"captioner.pretrained_model_name_or_path={tiny_models.captioner}",
-            f"generator.pretrained_model_name_or_path={tiny_models.generator}",
-            "generator.caption_dropout=0.0",
-            *overrides,
-        ],
-    )
+    return tiny_config(tiny_models, "generator.caption_dropout=0.0", *overrides)
 
 
 def _batch(size: int = 2) -> dict:
