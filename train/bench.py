@@ -360,7 +360,6 @@ class TrainerStep:
         self.logged = {name: term.item() for name, term in output.terms.items()} | output.metrics
         optimizer_update(
             self.accelerator,
-            trained,
             self.optimizer,
             self.scheduler,
             self.config.phase_settings(self.phase).optimizer.max_grad_norm,

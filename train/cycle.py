@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("resumed from %s at update %d", resume_dir, state.step)
     state.tracker_run_id = start_tracking(accelerator, config, state.tracker_run_id)
     sample_log = SampleLog(output_dir / "samples.jsonl", state.step) if accelerator.is_main_process else None
-    validation_batch = build_validation_batch(config) if accelerator.is_main_process else None
+    validates = accelerator.is_main_process and config.train.validation_steps is not None
+    validation_batch = build_validation_batch(config) if validates else None
     preemption = PreemptionSignal()
 
     # --- the loop: one optimizer update of one model per step --------------------------------------------
@@ -192,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = optimizer_update(
             accelerator,
-            trained,
             optimizers[phase],
             schedulers[phase],
             config.phase_settings(phase).optimizer.max_grad_norm,

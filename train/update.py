@@ -17,7 +17,6 @@ class UpdateResult:
 
 def optimizer_update(
     accelerator: Accelerator,
-    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     max_grad_norm: float | None,
@@ -29,7 +28,8 @@ def optimizer_update(
     so all ranks skip together. Under fp16 the optimizer is still called: the GradScaler must see the
     inf gradients to lower its scale, and it skips the step itself.
     """
-    parameters = [param for param in model.parameters() if param.requires_grad]
+    # Exactly what the optimizer steps; no walk over the (mostly frozen) model every update.
+    parameters = [param for group in optimizer.param_groups for param in group["params"]]
     grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm or math.inf)
     finite = not nonfinite_loss and bool(torch.isfinite(grad_norm))
     if finite or accelerator.scaler is not None:

@@ -24,7 +24,7 @@ def _step(
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, eps=1e-8, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    result = optimizer_update(Accelerator(cpu=True), model, optimizer, scheduler, max_grad_norm, nonfinite)
+    result = optimizer_update(Accelerator(cpu=True), optimizer, scheduler, max_grad_norm, nonfinite)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert all(p.grad is None for p in model.parameters()), "gradients must be cleared after the update"
     return after - before, result.skipped
@@ -50,7 +50,7 @@ def test_gradients_are_clipped_to_the_norm() -> None:
         )
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    result = optimizer_update(accelerator, model, optimizer, scheduler, 0.5, nonfinite_loss=False)
+    result = optimizer_update(accelerator, optimizer, scheduler, 0.5, nonfinite_loss=False)
     assert norm_before > 1.0
     assert abs(result.grad_norm - float(norm_before)) < 1e-3 * float(norm_before)
     assert abs(float(seen[0]) - 0.5) < 1e-4
