@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 TINY := runs/tiny-models
+EXPERIMENT_STEPS ?= 1200
 
-.PHONY: setup test test-quick lint demo tiny clean
+.PHONY: setup test test-quick lint demo experiment base tiny clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +35,19 @@ $(TINY)/captioner/config.json: | setup
 
 tiny: $(TINY)/captioner/config.json
 
-demo: setup tiny
-	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(LAUNCH) train/cycle.py --config configs/shapes.yaml
+# The shapes demo (train/demo.py): control and cycle LoRA arms from the committed base models
+# (pretrained/shapes-base), scored on the test split; report in runs/demo/report/report.html.
+demo: setup
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.demo --out runs/demo
+
+# The 3-seed comparison behind the README's Results section.
+experiment: setup
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.demo --out runs/experiment --seeds 0 1 2 \
+		--steps $(EXPERIMENT_STEPS) --test-samples 180
+
+# Retrain the demo's base models from scratch into pretrained/shapes-base (train/base.py; ~1 h on 1 CPU core).
+base: setup
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.base
 
 # Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/bench.py); ~4 min on
 # 2 CPU cores, plus a bf16 SD 1.5 / BLIP-base part where CUDA works. Results: runs/bench/latest.{md,json}.

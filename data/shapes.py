@@ -12,6 +12,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,6 +51,22 @@ _CENTRES = {
 _RADII = {"small": 0.12, "large": 0.22}  # half-extent as a fraction of the image side
 _SUPERSAMPLE = 4  # draw at 4x and box-downsample: edges stay readable at 32 px
 _MIN_RESOLUTION = 8
+
+# The split that makes unpaired data matter: these colour-shape combinations never appear in the paired
+# training data, only in the unpaired image and caption sets and in the unseen test split. A Latin pattern:
+# every colour still appears paired with two shapes and every shape with four colours.
+UNSEEN_COMBINATIONS = frozenset(
+    {
+        ("red", "circle"),
+        ("green", "circle"),
+        ("blue", "square"),
+        ("yellow", "square"),
+        ("purple", "triangle"),
+        ("orange", "triangle"),
+    }
+)
+Combinations = Literal["all", "seen", "unseen"]
+COMBINATIONS: tuple[str, ...] = ("all", "seen", "unseen")
 
 _PLACEHOLDER = re.compile(r"\{\w+\}")
 _ARTICLE_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
@@ -122,11 +139,28 @@ def all_scenes() -> list[Scene]:
     return [Scene(*values) for values in itertools.product(SHAPES, COLOURS, SIZES, POSITIONS)]
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    """A uniformly drawn scene."""
-    return Scene(
-        *(vocabulary[rng.integers(len(vocabulary))] for vocabulary in (SHAPES, COLOURS, SIZES, POSITIONS))
-    )
+def random_scene(rng: np.random.Generator, combinations: Combinations = "all") -> Scene:
+    """A uniformly drawn scene, optionally only among the seen or the unseen colour-shape combinations."""
+    if combinations == "all":
+        return Scene(
+            *(vocabulary[rng.integers(len(vocabulary))] for vocabulary in (SHAPES, COLOURS, SIZES, POSITIONS))
+        )
+    allowed = scenes_of(combinations)
+    return allowed[rng.integers(len(allowed))]
+
+
+def is_unseen(scene: Scene) -> bool:
+    """Whether the scene's colour-shape combination is held out of the paired split."""
+    return (scene.colour, scene.shape) in UNSEEN_COMBINATIONS
+
+
+def scenes_of(combinations: Combinations) -> list[Scene]:
+    """The scenes of one part of the split ("all", "seen" or "unseen" colour-shape combinations)."""
+    if combinations not in COMBINATIONS:
+        raise ValueError(f"combinations must be one of {COMBINATIONS}, got {combinations!r}")
+    if combinations == "all":
+        return all_scenes()
+    return [scene for scene in all_scenes() if is_unseen(scene) == (combinations == "unseen")]
 
 
 def describe(scene: Scene, choice: np.random.Generator | int = 0) -> str:

@@ -231,17 +231,21 @@ def text_only_file(path: str | os.PathLike, text_column: str = "text") -> Source
     return _finish(entries, report, "text_only_file", str(path))
 
 
-def shapes(num_samples: int, seed: int = 0, resolution: int = 32) -> SourceResult:
+def shapes(
+    num_samples: int, seed: int = 0, resolution: int = 32, combinations: shapes_world.Combinations = "all"
+) -> SourceResult:
     """Paired records of the synthetic shapes world, rendered on the fly when loaded.
 
-    Sample `index` depends only on (seed, index), so a larger num_samples extends a smaller one.
+    Sample `index` depends only on (seed, index, combinations), so a larger num_samples extends a smaller
+    one. `combinations` restricts the scenes to the colour-shape combinations seen in the demo's paired
+    split, or to the held-out (unseen) ones.
     """
     if num_samples <= 0:
         raise ValueError(f"shapes: num_samples must be positive, got {num_samples}")
     entries: list[tuple[str, Path | ImageLoader | None, str]] = []
     for index in range(num_samples):
         rng = np.random.default_rng([seed, index])
-        scene = shapes_world.random_scene(rng)
+        scene = shapes_world.random_scene(rng, combinations)
         caption = shapes_world.describe(scene, rng)
         render_seed = int(rng.integers(2**31))
         entries.append((f"shapes:{seed}:{index}", _ShapesImage(scene, resolution, render_seed), caption))

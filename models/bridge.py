@@ -227,9 +227,19 @@ class VocabularyBridge(nn.Module):
         *,
         start_token_id: int,
         max_length: int = 77,
+        source_vocab_size: int | None = None,
     ) -> VocabularyBridge:
-        """Read both vocabularies in one pass (1-3 s for a 30k WordPiece -> 49k CLIP pair on one CPU core)."""
-        source_size = len(captioner_tokenizer)
+        """Read both vocabularies in one pass (1-3 s for a 30k WordPiece -> 49k CLIP pair on one CPU core).
+
+        `source_vocab_size` is the captioner's logit count when its embedding matrix is padded beyond the
+        tokenizer (common: sizes rounded up to a multiple of 64); those ids have no text and stay unmapped.
+        """
+        source_size = len(captioner_tokenizer) if source_vocab_size is None else source_vocab_size
+        if source_size < len(captioner_tokenizer):
+            raise ValueError(
+                f"source_vocab_size={source_size} is smaller than the captioner tokenizer "
+                f"({len(captioner_tokenizer)} tokens)"
+            )
         if not 0 <= start_token_id < source_size:
             raise ValueError(
                 f"start_token_id {start_token_id} is outside the captioner vocabulary [0, {source_size})"
@@ -241,7 +251,8 @@ class VocabularyBridge(nn.Module):
         final_recipes: list[list[int]] = []
         inner_recipes: list[list[int]] = []
         continuation, unmapped = [False] * source_size, [False] * source_size
-        token_strings = captioner_tokenizer.convert_ids_to_tokens(list(range(source_size)))
+        token_strings = captioner_tokenizer.convert_ids_to_tokens(list(range(len(captioner_tokenizer))))
+        token_strings += [None] * (source_size - len(captioner_tokenizer))
         for token_id, token in enumerate(token_strings):
             if token_id in specials or token is None:  # None: an id the tokenizer has no string for
                 target_id = specials.get(token_id)

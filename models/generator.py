@@ -345,7 +345,11 @@ class Generator(RunsInForward):
         )
         context = context.to(self.dtype)
         # A fresh scheduler per call: set_timesteps mutates it, and it follows any prediction_type override.
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        # Pixel-space samples live in [-1, 1], so each step's x0 estimate is clipped there (as in DDPM),
+        # which keeps an imperfect model's samples from saturating. StableDiffusionPipeline rewrites
+        # clip_sample to False in saved configs, hence set here; latent models keep their config's value.
+        pixel_space = {"clip_sample": True} if self.vae is None else {}
+        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config, **pixel_space)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
         first_grad_step = len(scheduler.timesteps) - grad_steps

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -241,11 +242,19 @@ def save_tiny_generator(
     resolution: int = 32,
     with_vae: bool = True,
     vocab_words: Sequence[str] | None = None,
+    text_hidden_size: int = 32,
+    prediction_type: str = "epsilon",
+    beta_schedule: str = "scaled_linear",
+    timestep_spacing: str = "leading",
+    unet_options: dict[str, Any] | None = None,
 ) -> Path:
     """Random-init Stable Diffusion parts saved in the StableDiffusionPipeline folder layout; returns out_dir.
 
     with_vae=False leaves the VAE out (model_index.json has vae null) and the UNet denoises RGB pixels at
-    `resolution`; otherwise a 2-level AutoencoderKL gives 4-channel latents at resolution / 2.
+    `resolution`; otherwise a 2-level AutoencoderKL gives 4-channel latents at resolution / 2. The defaults
+    are SD 1.5's noise schedule and objective; the shapes demo's base model uses v-prediction on a cosine
+    schedule instead, which learns usable samples from scratch in far fewer CPU steps. `unet_options`
+    override UNet2DConditionModel arguments (levels, channels, where attention sits).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -261,9 +270,9 @@ def save_tiny_generator(
 
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        projection_dim=32,
+        hidden_size=text_hidden_size,
+        intermediate_size=2 * text_hidden_size,
+        projection_dim=text_hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=_CLIP_MAX_LENGTH,
@@ -274,17 +283,20 @@ def save_tiny_generator(
     image_channels = 4 if with_vae else 3
     with _seeded(seed):
         text_encoder = CLIPTextModel(text_config)
+        unet_arguments = {
+            "layers_per_block": 1,
+            "block_out_channels": block_out_channels,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 2,
+            "norm_num_groups": 32,
+        } | (unet_options or {})
         unet = UNet2DConditionModel(
             sample_size=resolution // vae_downscale if with_vae else resolution,
             in_channels=image_channels,
             out_channels=image_channels,
-            layers_per_block=1,
-            block_out_channels=block_out_channels,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=text_config.hidden_size,
-            attention_head_dim=2,
-            norm_num_groups=32,
+            **unet_arguments,
         )
         vae = (
             AutoencoderKL(
@@ -305,10 +317,11 @@ def save_tiny_generator(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
         clip_sample=False,
         steps_offset=1,
+        timestep_spacing=timestep_spacing,
     )
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -324,15 +337,46 @@ def save_tiny_generator(
     return out_dir
 
 
+# Architectures by purpose: "test" is the fastest that exercises every code path (latent space, VAE);
+# "shapes-base" is the one the demo's base models are trained from (make base): wide enough to learn the
+# shapes world, pixel space (no VAE to train), v-prediction on a cosine schedule.
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "test": ({}, {}),
+    "shapes-base": (
+        {"hidden_size": 64},
+        {
+            "with_vae": False,
+            "text_hidden_size": 64,
+            "prediction_type": "v_prediction",
+            "beta_schedule": "squaredcos_cap_v2",
+            # Few-step DDIM then starts from pure noise at the last training timestep.
+            "timestep_spacing": "trailing",
+            # Attention only at 8x8: at 32x32 it would cost most of the step on a CPU.
+            "unet_options": {
+                "block_out_channels": (16, 32, 64),
+                "norm_num_groups": 8,
+                "attention_head_dim": 4,
+                "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            },
+        },
+    ),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random-init captioner and generator.")
     parser.add_argument(
         "--out", type=Path, required=True, help="folder that receives captioner/ and generator/"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="test", help="architecture (see PRESETS)"
+    )
     args = parser.parse_args(argv)
-    print(save_tiny_captioner(args.out / "captioner", seed=args.seed))
-    print(save_tiny_generator(args.out / "generator", seed=args.seed))
+    captioner_options, generator_options = PRESETS[args.preset]
+    print(save_tiny_captioner(args.out / "captioner", seed=args.seed, **captioner_options))
+    print(save_tiny_generator(args.out / "generator", seed=args.seed, **generator_options))
 
 
 if __name__ == "__main__":

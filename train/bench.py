@@ -129,6 +129,7 @@ GPU_ARCHITECTURE = Architecture(
     precision="bf16",
     description="SD 1.5 UNet/VAE/CLIP-L text at 512 px + BLIP-base at 384 px, random weights, bf16",
 )
+ARCHITECTURES = {**CPU_ARCHITECTURES, GPU_ARCHITECTURE.name: GPU_ARCHITECTURE}
 
 
 def _replace_generator_parts(folder: Path, *, unet: dict, vae: dict, text: dict) -> None:
@@ -681,8 +682,9 @@ class Worker:
             raise WorkerDied(f"bench worker {self.name!r} died ({self.process.exitcode}):\n{tail}") from None
 
 
-def worker_context() -> BaseContext:
-    """A forkserver that has imported the bench (and so torch, diffusers, transformers) once."""
+def worker_context(cuda: bool) -> BaseContext:
+    """A forkserver that has imported the bench (and so torch, diffusers, transformers) once; spawn for CUDA,
+    which cannot be used in a process forked from one where a library already initialised it."""
     for name, value in {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -690,6 +692,8 @@ def worker_context() -> BaseContext:
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         os.environ.setdefault(name, value)
+    if cuda:
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__ if __name__ != "__main__" else "train.bench"])
     return context
@@ -776,7 +780,7 @@ def bench_architecture(
     """All planned modes of one architecture, each interleaved pair by pair with one long-lived baseline."""
     order = random.Random(0)
     logs = out_dir / "logs" / arch.name
-    context = worker_context()
+    context = worker_context(cuda=arch.device.startswith("cuda"))
 
     def start(mode: str) -> Worker:
         spec = WorkerSpec(
@@ -1068,13 +1072,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(args.out)
     torch.set_num_threads(args.threads)
-    architectures = [CPU_ARCHITECTURES[name] for name in args.archs]
-    if torch.cuda.is_available() and not args.skip_gpu:
-        architectures.append(GPU_ARCHITECTURE)
-    else:
-        print(
-            "GPU part skipped: " + ("--skip-gpu" if args.skip_gpu else "torch.cuda.is_available() is False")
+    architectures = [ARCHITECTURES[name] for name in args.archs]
+    if GPU_ARCHITECTURE in architectures and not torch.cuda.is_available():
+        raise SystemExit(
+            f"error: --archs {GPU_ARCHITECTURE.name} needs CUDA (torch.cuda.is_available() is False)"
         )
+    if GPU_ARCHITECTURE not in architectures:
+        if torch.cuda.is_available() and not args.skip_gpu:
+            architectures.append(GPU_ARCHITECTURE)
+        else:
+            print(
+                "GPU part skipped: "
+                + ("--skip-gpu" if args.skip_gpu else "torch.cuda.is_available() is False")
+            )
     report: dict[str, Any] = {"machine": machine_info(args.threads), "architectures": {}, "results": {}}
     models = {arch.name: MODEL_BUILDERS[arch.name](out_dir / "models" / arch.name) for arch in architectures}
     for arch in architectures:
@@ -1126,7 +1136,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=str(REPO / "runs" / "bench"), help="results, models and logs folder")
     parser.add_argument(
-        "--archs", nargs="+", default=list(CPU_ARCHITECTURES), choices=list(CPU_ARCHITECTURES)
+        "--archs",
+        nargs="+",
+        default=list(CPU_ARCHITECTURES),
+        choices=list(ARCHITECTURES),
+        help=f"default: the CPU ones, plus {GPU_ARCHITECTURE.name} where CUDA works",
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument(

@@ -201,6 +201,7 @@ def build_bridge(
         generator.tokenizer,
         start_token_id=int(captioner.tokenize([""])["input_ids"][0, 0]),  # the decoder start token
         max_length=generator.tokenizer.model_max_length,
+        source_vocab_size=captioner.vocab_size,
     )
     logger.info("vocabulary bridge coverage: %s", bridge.coverage())
     return bridge.to(device)

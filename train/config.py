@@ -164,6 +164,8 @@ class ShapesSource(Strict):
     type: Literal["shapes"]
     num_samples: int = Field(ge=1)
     seed: int = 0
+    # "seen" / "unseen": only the colour-shape combinations in / held out of the demo's paired split.
+    combinations: Literal["all", "seen", "unseen"] = "all"
 
 
 SourceSettings = Annotated[

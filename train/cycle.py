@@ -58,7 +58,7 @@ from train.config import (
 )
 from train.export import export_run
 from train.state import TrainerState
-from train.tracking import SampleLog, log_validation_table, start_tracking, trackers_for, wandb_run_dir
+from train.tracking import StepLog, log_validation_table, start_tracking, trackers_for, wandb_run_dir
 from train.update import optimizer_update
 from train.validation import check_validation_metrics, validate
 
@@ -149,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.load_state(str(resume_dir))
         logger.info("resumed from %s at update %d", resume_dir, state.step)
     state.tracker_run_id = start_tracking(accelerator, config, state.tracker_run_id)
-    sample_log = SampleLog(output_dir / "samples.jsonl", state.step) if accelerator.is_main_process else None
+    sample_log, metrics_log = (
+        (StepLog(output_dir / "samples.jsonl", state.step), StepLog(output_dir / "metrics.jsonl", state.step))
+        if accelerator.is_main_process
+        else (None, None)
+    )
     validates = accelerator.is_main_process and config.train.validation_steps is not None
     validation_batch = build_validation_batch(config) if validates else None
     preemption = PreemptionSignal()
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
         all_ids = gather_object(ids)
         if sample_log is not None:
-            sample_log.append(state.step, phase, all_ids)
+            sample_log.append(state.step, phase=phase, ids=all_ids)
         if state.step % config.train.logging_steps == 0:
             logs = {f"{phase}/{name}": sum(values) / len(values) for name, values in logged.items()}
             logs |= {
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                 "skipped_records": state.skipped_records,
             }
             accelerator.log(logs, step=state.step)
+            if metrics_log is not None:
+                metrics_log.append(state.step, **logs)
             progress.set_postfix(
                 {key.split("/")[-1]: f"{value:.4g}" for key, value in logs.items() if "/" in key}
             )
@@ -232,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                         config,
                     )
                 accelerator.log(metrics, step=state.step)
+                metrics_log.append(state.step, **metrics)
                 log_validation_table(accelerator, rows, state.step)
             accelerator.wait_for_everyone()
         stopping = flags[1].item() > 0

@@ -97,11 +97,13 @@ def log_validation_table(accelerator: Accelerator, rows: list[ValidationRow], st
             tracker.writer.add_text("validation/captions", text, step)
 
 
-class SampleLog:
-    """`samples.jsonl` in the run folder: which sample ids trained each update (main process writes).
+class StepLog:
+    """A JSON-lines file in the run folder, one object per logged step (the main process writes).
 
-    Lets anyone check that a resumed or re-sharded run saw exactly the batches of an uninterrupted one.
-    On resume, entries after the resumed step (written by the interrupted run) are dropped.
+    Two live in every run: `samples.jsonl` (which sample ids trained each update, so anyone can check that a
+    resumed or re-sharded run saw exactly the batches of an uninterrupted one) and `metrics.jsonl` (every
+    logged scalar, so curves can be drawn without a tracker). On resume, entries after the resumed step
+    (written by the interrupted run) are dropped.
     """
 
     def __init__(self, path: Path, resume_step: int) -> None:
@@ -110,6 +112,6 @@ class SampleLog:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(f"{line}\n" for line in kept))
 
-    def append(self, step: int, phase: str, ids: list[str]) -> None:
+    def append(self, step: int, **fields: Any) -> None:
         with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": step, "phase": phase, "ids": ids}) + "\n")
+            handle.write(json.dumps({"step": step, **fields}) + "\n")

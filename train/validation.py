@@ -133,19 +133,27 @@ def sample_batch(
             options[0] for options in captioner.generate(pixels01, num_beams=settings.num_beams)
         ]
     if needs.images:
-        latents = DrawKey(settings.seed, VALIDATION_UPDATE).randn(
-            ids, "validation/latents", generator.latent_shape(1)[1:], generator.device
-        )
-        batch.generated = generator.sample(
-            batch.prompts,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            latents=latents,
-        )
+        batch.generated = draw_images(generator, ids, batch.prompts, settings)
     if needs.recaptions:
         recaptions = captioner.generate(batch.generated.to(captioner.device), num_beams=settings.num_beams)
         batch.recaptions = [options[0] for options in recaptions]
     return batch
+
+
+@torch.no_grad()
+def draw_images(
+    generator: Generator, ids: Sequence[str], prompts: list[str], settings: SamplingSettings
+) -> torch.Tensor:
+    """One image per prompt, from initial noise drawn per sample id (the same in any batch); pixels01."""
+    latents = DrawKey(settings.seed, VALIDATION_UPDATE).randn(
+        ids, "validation/latents", generator.latent_shape(1)[1:], generator.device
+    )
+    return generator.sample(
+        prompts,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        latents=latents,
+    )
 
 
 def image_options(settings: EvaluationSettings, device: str | torch.device = "cpu") -> ImageMetricOptions:

@@ -14,14 +14,17 @@ from data.shapes import (
     SHAPES,
     SIZES,
     TEMPLATES,
+    UNSEEN_COMBINATIONS,
     WORDS,
     Scene,
     SceneAttributes,
     all_scenes,
     describe,
+    is_unseen,
     parse,
     random_scene,
     render,
+    scenes_of,
 )
 
 
@@ -130,3 +133,25 @@ def test_bad_arguments_are_refused() -> None:
         describe(Scene("circle", "red", "small", "center"), len(TEMPLATES))
     with pytest.raises(ValueError, match="resolution"):
         render(Scene("circle", "red", "small", "center"), 4)
+
+
+def test_the_demo_split_holds_out_a_latin_pattern_of_colour_shape_pairs() -> None:
+    seen, unseen = scenes_of("seen"), scenes_of("unseen")
+    assert len(unseen) == len(UNSEEN_COMBINATIONS) * len(SIZES) * len(POSITIONS) == 60
+    assert sorted(seen + unseen, key=all_scenes().index) == all_scenes()
+    assert all(is_unseen(scene) for scene in unseen) and not any(is_unseen(scene) for scene in seen)
+    # Every colour and every shape still appears in the paired (seen) part, so unseen pairs are new
+    # combinations of known values rather than unknown values.
+    assert {scene.colour for scene in seen} == set(COLOURS)
+    assert {scene.shape for scene in seen} == set(SHAPES)
+    assert all(sum(shape == s for _, s in UNSEEN_COMBINATIONS) == 2 for shape in SHAPES)
+
+
+@pytest.mark.parametrize("combinations", ["seen", "unseen"])
+def test_random_scene_draws_only_from_the_asked_part(combinations: str) -> None:
+    rng = np.random.default_rng(0)
+    drawn = [random_scene(rng, combinations) for _ in range(300)]
+    assert set(drawn) <= set(scenes_of(combinations))
+    assert len(set(drawn)) > 40  # spread over the part, not stuck on a few scenes
+    with pytest.raises(ValueError, match="combinations must be one of"):
+        scenes_of("some")

@@ -314,5 +314,15 @@ def test_shapes_records_are_stable_and_render_their_caption() -> None:
     assert restored[0].image().tobytes() == records[0].image().tobytes()
 
 
+def test_shapes_records_can_be_limited_to_seen_or_unseen_combinations() -> None:
+    unseen, _ = shapes(30, seed=3, combinations="unseen")
+    seen, _ = shapes(30, seed=3, combinations="seen")
+    assert all(shapes_world.is_unseen(record.image.scene) for record in unseen)
+    assert not any(shapes_world.is_unseen(record.image.scene) for record in seen)
+    everything, _ = shapes(30, seed=3)
+    assert {record.id for record in everything} == {record.id for record in seen}  # ids name seed and index
+    assert [r.caption for r in everything] != [r.caption for r in seen]
+
+
 def parse_scene(caption: str) -> shapes_world.Scene | None:
     return shapes_world.parse(caption).scene

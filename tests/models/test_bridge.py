@@ -331,3 +331,32 @@ def test_bad_inputs_are_named(
         VocabularyBridge.build(wordpiece, wordpiece, start_token_id=wordpiece.bos_token_id)
     with pytest.raises(ValueError, match="outside the captioner vocabulary"):
         VocabularyBridge.build(wordpiece, clip, start_token_id=len(wordpiece))
+
+
+def test_a_captioner_embedding_padded_beyond_its_tokenizer_gets_unmapped_extra_ids(
+    wordpiece: BertTokenizer,
+    clip: CLIPTokenizer,
+    hand_bridge: VocabularyBridge,
+    hand_embedding: torch.nn.Embedding,
+) -> None:
+    """Models often round their vocabulary up (BLIP-2 OPT: 50272 logits, 50265 tokens): the bridge takes the
+    logit count, maps the extra ids to unk, and leaves every real token's recipe unchanged."""
+    padded = VocabularyBridge.build(
+        wordpiece,
+        clip,
+        start_token_id=wordpiece.bos_token_id,
+        max_length=8,
+        source_vocab_size=len(wordpiece) + 3,
+    )
+    assert padded.source_vocab_size == len(wordpiece) + 3
+    assert padded.unmapped[-3:].tolist() == [1.0, 1.0, 1.0]
+    probs = _soft(wordpiece, [{"[DEC]": 1.0}, {"dog": 1.0}])
+    extended = F.pad(probs, (0, 3))
+    assert torch.equal(
+        padded.embed(extended, torch.ones(1, 2), hand_embedding),
+        hand_bridge.embed(probs, torch.ones(1, 2), hand_embedding),
+    )
+    with pytest.raises(ValueError, match="smaller than the captioner tokenizer"):
+        VocabularyBridge.build(
+            wordpiece, clip, start_token_id=wordpiece.bos_token_id, source_vocab_size=len(wordpiece) - 1
+        )

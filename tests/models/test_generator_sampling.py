@@ -154,3 +154,24 @@ def test_sample_with_grad_rejects_bad_input(generator: Generator) -> None:
             guidance_scale=3.0,
             uncond_hidden_states=uncond[:1],
         )
+
+
+def test_pixel_space_sampling_clips_each_x0_estimate_to_the_pixel_range(tiny_models) -> None:
+    """Without a VAE the samples are pixels: DDIM clips its x0 estimates to [-1, 1], so the final sample
+    (the last x0 estimate) cannot saturate; with a VAE, latents are left unclipped."""
+    pixel_generator = Generator.from_pretrained(str(tiny_models.pixel_generator))
+    with torch.no_grad():
+        pixel_generator.unet.conv_out.bias.fill_(5.0)  # a badly trained model: predictions far out of range
+    context, _ = _contexts(pixel_generator, CAPTIONS)
+    final = pixel_generator.sample_with_grad(
+        context, _noise(pixel_generator, 2, seed=4), num_inference_steps=STEPS, grad_steps=0
+    )
+    assert final.abs().max() <= 1.0 + 1e-5
+    latent_generator = Generator.from_pretrained(str(tiny_models.generator))
+    with torch.no_grad():
+        latent_generator.unet.conv_out.bias.fill_(5.0)
+    context, _ = _contexts(latent_generator, CAPTIONS)
+    final = latent_generator.sample_with_grad(
+        context, _noise(latent_generator, 2, seed=4), num_inference_steps=STEPS, grad_steps=0
+    )
+    assert final.abs().max() > 1.5

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.captioner import Captioner
+from models.generator import Generator
 from models.tiny import SHAPES_WORDS, default_vocabulary, main, save_tiny_captioner
 
 SHAPES_CAPTIONS = [
@@ -163,3 +165,16 @@ def test_default_vocabulary_includes_the_shapes_grammar() -> None:
     assert len(words) == len(set(words)) > 200
     shapes = pytest.importorskip("data.shapes")
     assert set(shapes.WORDS) <= set(words)
+
+
+def test_shapes_base_preset_is_a_pixel_space_v_prediction_model(tmp_path) -> None:
+    main(["--out", str(tmp_path), "--preset", "shapes-base"])
+    generator = Generator.from_pretrained(str(tmp_path / "generator"))
+    assert generator.vae is None and generator.prediction_type == "v_prediction"
+    scheduler = generator.noise_scheduler.config
+    assert (scheduler.beta_schedule, scheduler.timestep_spacing) == ("squaredcos_cap_v2", "trailing")
+    assert {type(block).__name__ for block in generator.unet.down_blocks[:2]} == {"DownBlock2D"}
+    images = generator.sample(["a small red circle in the center"], num_inference_steps=2)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    captioner = Captioner.from_pretrained(str(tmp_path / "captioner"))
+    assert captioner.model.config.text_config.hidden_size == 64

@@ -197,4 +197,4 @@ def test_a_worker_that_dies_raises_with_its_log(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-model")
     spec = WorkerSpec(CPU_ARCHITECTURES["tiny"], "generator", missing, missing, str(tmp_path), 1, 0)
     with pytest.raises(WorkerDied, match="no-such-model"):
-        Worker(worker_context(), spec, tmp_path / "generator.log")
+        Worker(worker_context(cuda=False), spec, tmp_path / "generator.log")
