@@ -7,7 +7,6 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 TINY := runs/tiny-models
-EXPERIMENT_STEPS ?= 1200
 
 .PHONY: setup test test-quick lint demo experiment base tiny clean
 
@@ -43,9 +42,9 @@ demo: setup
 # The 3-seed comparison behind the README's Results section.
 experiment: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.demo --out runs/experiment --seeds 0 1 2 \
-		--steps $(EXPERIMENT_STEPS) --test-samples 180
+		--test-samples 180
 
-# Retrain the demo's base models from scratch into pretrained/shapes-base (train/base.py; ~1 h on 1 CPU core).
+# Retrain the demo's base models from scratch into pretrained/shapes-base (train/base.py; about an hour on CPU).
 base: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.base
 

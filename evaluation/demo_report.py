@@ -184,17 +184,25 @@ def _is_number(value: object) -> bool:
 
 
 def _plotted_key(key: str) -> bool:
-    """Learning rates, throughput and skip counters say nothing about which arm learns better."""
+    """Learning rates, gradient norms, throughput and skip counters say nothing about which arm learns
+    better."""
     return not (
-        key.endswith("/lr") or key.endswith("samples_per_second") or key.split("/")[-1].startswith("skipped_")
+        key.endswith(("/lr", "/grad_norm", "samples_per_second")) or key.split("/")[-1].startswith("skipped_")
     )
+
+
+def _plot_order(key: str) -> tuple[bool, str]:
+    """Validation metrics first (what the arms are compared on), then the training terms, each sorted."""
+    return (not key.startswith("validation/"), key)
 
 
 def _plot_curves(metrics: Mapping[str, dict[str, dict[int, float]]], path: Path) -> bool:
     """One subplot per metric, one colour per arm; raw points faint under their EMA. False if nothing to plot."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state to manage
 
-    keys = sorted({key for series in metrics.values() for key in series if _plotted_key(key)})
+    keys = sorted(
+        {key for series in metrics.values() for key in series if _plotted_key(key)}, key=_plot_order
+    )
     if not keys:
         return False
     if len(keys) > MAX_CURVES:

@@ -5,9 +5,10 @@ teacher-forced cross-entropy on that same caption; the gradient reaches the UNet
 the VAE decoder (neither is updated: the trainer freezes the captioner, the VAE never trains). Every random
 draw comes from the DrawKey, per sample id and purpose, so runs are reproducible and shard-independent.
 
-- one_step (paired batches): the paper's one scheduler step done right. The reference image is noised to a
-  random timestep and the UNet's single prediction is turned into its clean-latent estimate (predict_x0),
-  not the clean latents themselves as the paper's code did, so the decoded image depends on the UNet.
+- one_step: the paper's one scheduler step done right. The reference image is noised to a random timestep
+  and the UNet's single prediction is turned into its clean-latent estimate (predict_x0), not the clean
+  latents themselves as the paper's code did, so the decoded image depends on the UNet. Text-only batches
+  start from pure noise at the last timestep instead (the sampler's first step).
 - sample (any batch with captions, text-only included): DDIM from key-drawn noise, backpropagating through
   only the last grad_steps steps (DRaFT-K), with classifier-free guidance when guidance_scale > 1.
 """
@@ -30,13 +31,14 @@ Batch = dict[str, Any]
 def one_step(
     generator: Generator, captioner: Captioner, batch: Batch, settings: T2I2TSettings, key: DrawKey
 ) -> CycleOutput:
-    """Caption loss of the image decoded from one UNet prediction's x0 estimate on the noised reference."""
-    if "pixels" not in batch:
-        raise ValueError(
-            "cycle.t2i2t.mode 'one_step' needs paired batches with 'pixels'; this batch has none "
-            "(text-only batches need mode 'sample')"
-        )
-    ids, pixels, captions = batch["ids"], batch["pixels"], batch["captions"]
+    """Caption loss of the image decoded from one UNet prediction's x0 estimate.
+
+    On paired batches the reference image is noised to a timestep below max_timestep. A text-only batch
+    has no image to noise, so its input is pure noise at the last training timestep: the sampler's own
+    first step, whose x0 estimate is where a sample's layout (position, size) is decided. That also lets
+    unpaired captions teach the generator at the cost of one UNet call.
+    """
+    ids, captions = batch["ids"], batch["captions"]
     num_train_timesteps = generator.noise_scheduler.config.num_train_timesteps
     max_timestep = settings.max_timestep or num_train_timesteps
     if max_timestep > num_train_timesteps:
@@ -44,13 +46,18 @@ def one_step(
             f"cycle.t2i2t.max_timestep={max_timestep} exceeds the scheduler's {num_train_timesteps} timesteps"
         )
     device, latent_shape = generator.device, generator.latent_shape(1)[1:]
-    # The reference latents are a fixed input here; the gradient path runs through the UNet and decoder.
-    with torch.no_grad():
-        latents = generator.encode_images(pixels, key.randn(ids, "t2i2t_vae_noise", latent_shape, device))
-    timesteps = key.randint(ids, "t2i2t_timestep", max_timestep, device)
-    noisy = generator.noise_scheduler.add_noise(
-        latents, key.randn(ids, "t2i2t_noise", latent_shape, device), timesteps
-    )
+    noise = key.randn(ids, "t2i2t_noise", latent_shape, device)
+    if "pixels" in batch:
+        # The reference latents are a fixed input here; the gradient path runs through the UNet and decoder.
+        with torch.no_grad():
+            latents = generator.encode_images(
+                batch["pixels"], key.randn(ids, "t2i2t_vae_noise", latent_shape, device)
+            )
+        timesteps = key.randint(ids, "t2i2t_timestep", max_timestep, device)
+        noisy = generator.noise_scheduler.add_noise(latents, noise, timesteps)
+    else:
+        timesteps = torch.full((len(ids),), num_train_timesteps - 1, device=device, dtype=torch.long)
+        noisy = noise
     context = generator.encode_text(generator.tokenize(captions)).to(generator.unet.dtype)
     prediction = generator.unet(noisy.to(generator.unet.dtype), timesteps, context).sample
     x0 = generator.predict_x0(noisy, timesteps, prediction)

@@ -29,6 +29,7 @@ from train.config import load_config
 from train.launch import launch_command, run_timed
 
 VALIDATION_METRICS = "shapes_caption_accuracy,shapes_image_accuracy"
+VALIDATION_FILE = "validation_metrics.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,21 +55,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     init = [sys.executable, "-m", "models.tiny", "--out", str(init_dir), "--preset", "shapes-base"]
     init += ["--seed", str(config.seed)]
     train = launch_command(args.config, args.overrides)
-    metrics_file = run_dir / "validation_metrics.json"
+    metrics_file = run_dir / VALIDATION_FILE
     evaluate = [sys.executable, "-m", "train.evaluate", "--checkpoint", str(run_dir / "export")]
     evaluate += ["--config", str(run_dir / CONFIG_NAME), "--metrics", VALIDATION_METRICS, "--num-beams", "1"]
     evaluate += ["--out", str(metrics_file)]
     wall_times = {name: run_timed(command) for name, command in (("init", init), ("train", train))}
     wall_times["evaluate"] = run_timed(evaluate)
+    made_by = "make base (python -m train.base " + " ".join(argv or sys.argv[1:]) + ")"
+    publish(run_dir, args.out, made_by=made_by, commands=[init, train, evaluate], wall_times=wall_times)
+    print(f"base models: {args.out.resolve()} (train {wall_times['train'] / 60:.1f} min)")
+    return 0
 
-    args.out.mkdir(parents=True, exist_ok=True)
+
+def publish(
+    run_dir: Path, out: Path, *, made_by: str, commands: list[list[str]], wall_times: dict[str, float]
+) -> None:
+    """Copy a finished base run's exported models into `out` with base.json (how they were made)."""
+    config = load_config(run_dir / CONFIG_NAME)
+    out.mkdir(parents=True, exist_ok=True)
     for part in ("captioner", "generator"):
-        shutil.rmtree(args.out / part, ignore_errors=True)
-        shutil.copytree(run_dir / "export" / part, args.out / part)
-    shutil.copy(run_dir / CONFIG_NAME, args.out / "train_config.yaml")
+        shutil.rmtree(out / part, ignore_errors=True)
+        shutil.copytree(run_dir / "export" / part, out / part)
+    shutil.copy(run_dir / CONFIG_NAME, out / "train_config.yaml")
     record = {
-        "made_by": "make base (python -m train.base " + " ".join(argv or sys.argv[1:]) + ")",
-        "commands": [" ".join(command) for command in (init, train, evaluate)],
+        "made_by": made_by,
+        "commands": [" ".join(command) for command in commands],
         "seed": config.seed,
         "wall_time_s": wall_times,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -79,11 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "transformers": transformers.__version__,
             "diffusers": diffusers.__version__,
         },
-        "validation": json.loads(metrics_file.read_text()),
+        "validation": json.loads((run_dir / VALIDATION_FILE).read_text()),
     }
-    (args.out / "base.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(f"base models: {args.out.resolve()} (train {wall_times['train'] / 60:.1f} min)")
-    return 0
+    (out / "base.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -283,7 +283,13 @@ class Config(Strict):
                 self.cycle.i2t2i.mode,
                 {"gumbel", "reward"},
             ),
-            ("text_only", self.data.text_only_ratio, "cycle.t2i2t.mode", self.cycle.t2i2t.mode, {"sample"}),
+            (
+                "text_only",
+                self.data.text_only_ratio,
+                "cycle.t2i2t.mode",
+                self.cycle.t2i2t.mode,
+                {"one_step", "sample"},
+            ),
         )
         for role, ratio, mode_key, mode, modes in checks:
             has_sources = bool(getattr(self.data, role))

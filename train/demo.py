@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -67,7 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--inference-steps", type=int, default=10, help="DDIM steps when drawing test images")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--num-processes", type=int, default=1, help="accelerate launch --num_processes")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for both arms, e.g. seed-independent")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted config overrides for both arms, e.g. data.train_batch_size=8"
+    )
     return parser.parse_args(argv)
 
 
@@ -85,12 +89,45 @@ def arm_command(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) ->
     return launch_command(args.config, overrides, args.num_processes)
 
 
-def evaluate(sources: ModelSources, split: TestSplit, args: argparse.Namespace, seed: int) -> PairResults:
+def train_once(command: list[str], run_dir: Path) -> float:
+    """Train an arm, or reuse its finished run when the same command made it (an interrupted or repeated
+    experiment picks up where it stopped); returns the arm's training wall time in seconds."""
+    record = run_dir / "demo_run.json"
+    if record.is_file() and (run_dir / "export").is_dir():
+        saved = json.loads(record.read_text())
+        if saved["command"] == command[command.index("train/cycle.py") :]:
+            print(f"reusing the finished run in {run_dir}", flush=True)
+            return saved["wall_time_s"]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # unfinished or made by another command: start clean
+    wall_time = run_timed(command)
+    script_and_overrides = command[command.index("train/cycle.py") :]
+    record.write_text(json.dumps({"command": script_and_overrides, "wall_time_s": wall_time}) + "\n")
+    return wall_time
+
+
+def evaluate_once(
+    sources: ModelSources, split: TestSplit, args: argparse.Namespace, seed: int, cache: Path
+) -> PairResults:
+    """Score a pair on the test split, or load the scores it got with the same settings before."""
+    settings = {
+        "test_samples": args.test_samples,
+        "steps": args.inference_steps,
+        "guidance": args.guidance_scale,
+    }
+    settings["seed"] = seed
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        if saved["settings"] == settings:
+            return saved["results"]
     captioner, generator = sources.load(device="cuda" if torch.cuda.is_available() else "cpu")
     sampling = SamplingSettings(
         seed=seed, num_beams=1, num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale
     )
-    return evaluate_pair(captioner, generator, split, sampling)
+    results = evaluate_pair(captioner, generator, split, sampling)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"settings": settings, "results": results}, cache)
+    return results
 
 
 def paired_differences(results: dict[int, dict[str, PairResults]], metric: str) -> dict[str, float]:
@@ -103,8 +140,19 @@ def paired_differences(results: dict[int, dict[str, PairResults]], metric: str) 
     return {"mean": mean, "sd": sd, "passes": bool(mean > 2 * sd), "differences": differences}
 
 
+def format_differences(comparisons: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of the paired differences cycle - control, one row per metric."""
+    lines = ["| metric | cycle - control (mean) | sd (ddof=1) | mean > 2 sd |", "|---|---:|---:|:---:|"]
+    lines += [
+        f"| {name} | {c['mean']:+.3f} | {c['sd']:.3f} | {'yes' if c['passes'] else 'no'} |"
+        for name, c in comparisons.items()
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     missing = [part for part in ("captioner", "generator") if not (args.base / part).is_dir()]
     if missing:
         print(f"error: {args.base} has no {', '.join(missing)}/: run `make base` first", file=sys.stderr)
@@ -120,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         runs: dict[str, PairResults] = {}
         for arm in ARMS:
-            run_dir = args.out / f"seed-{seed}" / arm
-            wall[arm].append(run_timed(arm_command(args, arm, seed, run_dir)))
+            command = arm_command(args, arm, seed, args.out / f"seed-{seed}" / arm)
+            wall[arm].append(train_once(command, args.out / f"seed-{seed}" / arm))
         for arm in tqdm(("base", *ARMS), desc=f"evaluating seed {seed}"):
             run_dir = args.out / f"seed-{seed}" / arm
             sources = (
@@ -129,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if arm == "base"
                 else ModelSources(checkpoint=run_dir / "export", config=load_config(run_dir / CONFIG_NAME))
             )
-            runs[arm] = evaluate(sources, split, args, seed)
+            runs[arm] = evaluate_once(sources, split, args, seed, run_dir / "test_results.pt")
         results[seed] = runs
     return _report(args, split, results, wall)
 
@@ -149,30 +197,32 @@ def _report(
         }
         for arm in arms
     }
+    base_record = args.base / "base.json"
+    base_wall = json.loads(base_record.read_text())["wall_time_s"]["train"] if base_record.is_file() else None
     for arm in arms:
-        table[arm]["wall_time_s"] = statistics.fmean(wall[arm]) if arm in wall else float("nan")
+        table[arm]["wall_time_s"] = statistics.fmean(wall[arm]) if arm in wall else base_wall or float("nan")
     comparisons = (
         {metric: paired_differences(results, metric) for metric in metric_names} if len(results) > 1 else {}
     )
     first_seed = next(iter(results))
     runs = results[first_seed]
+    shown = {part: min(SHEET_EXAMPLES_PER_PART, len(split.ids[part])) for part in PARTS}
     sheet = ContactSheet(
-        images=torch.cat([split.pixels[part][:SHEET_EXAMPLES_PER_PART] for part in PARTS]),
-        captions=[caption for part in PARTS for caption in split.captions[part][:SHEET_EXAMPLES_PER_PART]],
-        unseen=[part == "unseen" for part in PARTS for _ in range(SHEET_EXAMPLES_PER_PART)],
+        images=torch.cat([split.pixels[part][: shown[part]] for part in PARTS]),
+        captions=[caption for part in PARTS for caption in split.captions[part][: shown[part]]],
+        unseen=[part == "unseen" for part in PARTS for _ in range(shown[part])],
         arm_captions={
-            arm: [c for part in PARTS for c in runs[arm].captions[part][:SHEET_EXAMPLES_PER_PART]]
+            arm: [caption for part in PARTS for caption in runs[arm].captions[part][: shown[part]]]
             for arm in arms
         },
         arm_images={
-            arm: torch.cat([runs[arm].images[part][:SHEET_EXAMPLES_PER_PART] for part in PARTS])
-            for arm in arms
+            arm: torch.cat([runs[arm].images[part][: shown[part]] for part in PARTS]) for arm in arms
         },
     )
     seeds = list(results)
     notes = [
         f"Seeds {seeds}; {args.test_samples} test images per part; metrics are means over seeds.",
-        "Command: python -m train.demo " + " ".join(sys.argv[1:]),
+        f"Command: python -m train.demo {' '.join(args.argv)}",
     ]
     for metric in HEADLINE_METRICS:
         if metric in comparisons:
@@ -199,6 +249,8 @@ def _report(
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(format_table(table))
+    if comparisons:
+        print(format_differences(comparisons))
     for note in notes[2:]:
         print(note)
     print(f"report: {report.resolve()}")

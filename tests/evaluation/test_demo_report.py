@@ -18,6 +18,8 @@ from evaluation.demo_report import (
     GAP_PIXELS,
     MAX_CURVES,
     ContactSheet,
+    _plot_order,
+    _plotted_key,
     ema,
     format_table,
     read_metrics,
@@ -177,3 +179,9 @@ def test_bad_table_and_metrics_files_are_named(tmp_path: Path) -> None:
     broken.write_text('{"step": 1, "phase": "captioner"}\n')
     with pytest.raises(ValueError, match=r"line 1: value of 'phase' is not a number"):
         read_metrics(broken)
+
+
+def test_curves_show_validation_metrics_first_and_leave_out_optimizer_diagnostics() -> None:
+    keys = ["generator/denoise", "captioner/grad_norm", "validation/shapes_image_accuracy", "captioner/lr"]
+    plotted = sorted(filter(_plotted_key, keys), key=_plot_order)
+    assert plotted == ["validation/shapes_image_accuracy", "generator/denoise"]

@@ -127,7 +127,11 @@ def test_sample_scores_the_ddim_sample_of_its_drawn_noise(
     assert torch.equal(loss, expected)
 
 
-@pytest.mark.parametrize(("settings", "batch"), [(ONE_STEP, _paired_batch()), (SAMPLE, _text_batch())])
+@pytest.mark.parametrize(
+    ("settings", "batch"),
+    [(ONE_STEP, _paired_batch()), (ONE_STEP, _text_batch()), (SAMPLE, _text_batch())],
+    ids=["one_step_paired", "one_step_text_only", "sample"],
+)
 def test_draws_are_per_sample_and_reproducible(
     generator: Generator, frozen_captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
 ) -> None:
@@ -143,9 +147,28 @@ def test_draws_are_per_sample_and_reproducible(
     assert not torch.isclose(full, next_update, rtol=1e-6)
 
 
+def test_one_step_on_captions_alone_decodes_the_first_sampling_step_from_pure_noise(
+    generator: Generator, frozen_captioner: Captioner
+) -> None:
+    """No image to noise: the UNet sees the drawn noise at the last timestep, as the sampler's first step."""
+    recorder = _UnetCalls(generator)
+    with torch.no_grad():
+        loss = one_step(generator, frozen_captioner, _text_batch(), ONE_STEP, KEY).loss
+    recorder.remove()
+    [((noisy, timesteps, _), prediction)] = recorder.calls
+    last = generator.noise_scheduler.config.num_train_timesteps - 1
+    assert timesteps.tolist() == [last] * 3
+    paired_noise = KEY.randn(IDS, "t2i2t_noise", generator.latent_shape(1)[1:], generator.device)
+    assert torch.equal(noisy, paired_noise)  # the same per-sample draw a paired batch noises its image with
+    x0 = generator.predict_x0(noisy, timesteps, prediction)
+    with torch.no_grad():
+        expected = frozen_captioner.caption_loss(
+            generator.decode_latents(x0), **frozen_captioner.tokenize(CAPTIONS)
+        )
+    assert torch.equal(loss, expected.mean())
+
+
 def test_bad_input_is_named(generator: Generator, frozen_captioner: Captioner) -> None:
-    with pytest.raises(ValueError, match="paired batches"):
-        one_step(generator, frozen_captioner, _text_batch(), ONE_STEP, KEY)
     too_late = T2I2TSettings(mode="one_step", max_timestep=2000)
     with pytest.raises(ValueError, match="max_timestep=2000"):
         one_step(generator, frozen_captioner, _paired_batch(), too_late, KEY)

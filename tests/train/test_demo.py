@@ -1,0 +1,141 @@
+"""The shapes demo: both arms train from the committed base models, are scored, and a report is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cycle_runs import REPO, environment
+from PIL import Image
+
+from train.config import load_config
+from train.demo import ARM_OVERRIDES, DEFAULT_BASE, DEFAULT_CONFIG, paired_differences, parse_args
+from train.demo import arm_command as demo_arm_command
+
+
+class _Results:
+    def __init__(self, metrics: dict[str, float]) -> None:
+        self.metrics = metrics
+
+
+def test_paired_differences_compare_cycle_with_control_seed_by_seed() -> None:
+    results = {
+        seed: {"control": _Results({"m": control}), "cycle": _Results({"m": cycle})}
+        for seed, (control, cycle) in enumerate([(0.1, 0.5), (0.3, 0.6), (0.2, 0.6)])
+    }
+    summary = paired_differences(results, "m")
+    assert summary["differences"] == pytest.approx([0.4, 0.3, 0.4])
+    assert summary["mean"] == pytest.approx(11 / 30)
+    assert summary["sd"] == pytest.approx(math.sqrt(((0.4 - 11 / 30) ** 2 * 2 + (0.3 - 11 / 30) ** 2) / 2))
+    assert summary["passes"]  # 0.367 > 2 * 0.058
+    results[1]["cycle"] = _Results({"m": 0.0})  # one seed where cycle loses badly: spread swamps the mean
+    assert not paired_differences(results, "m")["passes"]
+
+
+def test_the_control_arm_is_the_cycle_config_without_cycle_terms_or_unpaired_data(tmp_path: Path) -> None:
+    cycle = load_config(REPO / DEFAULT_CONFIG)
+    assert cycle.cycle.i2t2i.mode != "none" and cycle.cycle.t2i2t.mode != "none"
+    assert cycle.data.image_only and cycle.data.text_only
+    assert all(source.combinations == "seen" for source in cycle.data.paired)
+    control = load_config(REPO / DEFAULT_CONFIG, ARM_OVERRIDES["control"])
+    assert (control.cycle.i2t2i.mode, control.cycle.t2i2t.mode) == ("none", "none")
+    assert not control.data.image_only and not control.data.text_only
+    # Everything else is shared: same models, optimizers, paired data, schedule and length.
+    for section in ("captioner", "generator", "train", "seed"):
+        assert getattr(control, section) == getattr(cycle, section), section
+    assert control.data.paired == cycle.data.paired
+    args = parse_args(["--steps", "7", "--seeds", "3", "--out", str(tmp_path)])
+    command = demo_arm_command(args, "control", 3, tmp_path / "control")
+    assert command[command.index("--config") + 1] == str(DEFAULT_CONFIG)
+    assert {"seed=3", "train.max_train_steps=7", f"output_dir={tmp_path / 'control'}"} <= set(command)
+    assert set(ARM_OVERRIDES["control"]) <= set(command)
+
+
+def _run(module: str, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_demo_refuses_to_start_without_base_models(tmp_path: Path) -> None:
+    result = _run("train.demo", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "make base" in result.stderr and "captioner" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_reduced_demo_runs_both_arms_from_the_committed_base_models_and_writes_the_report(
+    tmp_path: Path,
+) -> None:
+    assert (REPO / DEFAULT_BASE / "base.json").is_file(), "the committed base models are missing"
+    out = tmp_path / "demo"
+    flags = ["--steps", "2", "--test-samples", "2", "--inference-steps", "2", "--out", str(out)]
+    overrides = ["train.validation_steps=2", "train.num_validation_samples=2", "train.logging_steps=1"]
+    result = _run("train.demo", *flags, *overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["table"]) == {"base", "control", "cycle"}
+    for arm, metrics in summary["table"].items():
+        assert "unseen/caption_exact" in metrics and "seen/image_exact" in metrics, arm
+        assert all(math.isfinite(value) for name, value in metrics.items() if name != "wall_time_s"), arm
+    for arm in ("control", "cycle"):
+        run = out / "seed-0" / arm
+        assert (run / "export" / "captioner" / "adapter_config.json").is_file()
+        assert (run / "export" / "generator" / "pytorch_lora_weights.safetensors").is_file()
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert {entry["step"] for entry in logged} == {1, 2}
+        assert any(key.startswith("validation/") for entry in logged for key in entry)
+    cycle_terms = {
+        key
+        for line in (out / "seed-0" / "cycle" / "metrics.jsonl").read_text().splitlines()
+        for key in json.loads(line)
+    }
+    assert any("i2t2i" in key for key in cycle_terms) and any("t2i2t" in key for key in cycle_terms)
+    report = out / "report"
+    html = (report / "report.html").read_text()
+    assert "unseen/caption_exact" in html and "cycle" in html
+    for picture in ("curves.png", "contact_sheet.png"):
+        with Image.open(report / picture) as image:
+            assert image.width > 100 and image.height > 100
+    assert "report:" in result.stdout and "| metric |" in result.stdout
+    # Run again: finished arms and their scores are reused, so an interrupted experiment continues.
+    again = _run("train.demo", *flags, *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing the finished run") == 2
+    assert json.loads((out / "results.json").read_text())["table"] == summary["table"]
+
+
+@pytest.mark.slow
+def test_make_base_trains_both_models_from_scratch_and_publishes_them_with_their_record(
+    tmp_path: Path,
+) -> None:
+    out, run = tmp_path / "published", tmp_path / "run"
+    overrides = [
+        f"output_dir={run}",
+        f"captioner.pretrained_model_name_or_path={tmp_path / 'init' / 'captioner'}",
+        f"generator.pretrained_model_name_or_path={tmp_path / 'init' / 'generator'}",
+        "train.max_train_steps=5",
+        "train.validation_steps=null",
+        "report_to=none",
+        "data.validation=[{type: shapes, num_samples: 4, seed: 103}]",
+        "train.validation_inference_steps=2",
+    ]
+    result = _run("train.base", "--out", str(out), *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "base.json").read_text())
+    assert record["seed"] == 0 and set(record["wall_time_s"]) == {"init", "train", "evaluate"}
+    assert "shapes_image_accuracy" in record["validation"]["metrics"]
+    assert any("train/cycle.py" in command for command in record["commands"])
+    # Full models in the standard layouts, loadable without the run: what make demo starts from.
+    assert (out / "captioner" / "config.json").is_file() and (
+        out / "generator" / "model_index.json"
+    ).is_file()
+    assert load_config(out / "train_config.yaml").train.max_train_steps == 5
