@@ -37,7 +37,7 @@ tiny: $(TINY)/captioner/config.json
 # The shapes demo (train/demo.py): control and cycle LoRA arms from the committed base models
 # (pretrained/shapes-base), scored on the test split; report in runs/demo/report/report.html.
 demo: setup
-	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.demo --out runs/demo
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.demo --out runs/demo --steps 400
 
 # The 3-seed comparison behind the README's Results section.
 experiment: setup

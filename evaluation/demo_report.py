@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,11 +184,16 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+_PER_ATTRIBUTE = re.compile(r"accuracy_(shape|colour|size|position)$")
+
+
 def _plotted_key(key: str) -> bool:
     """Learning rates, gradient norms, throughput and skip counters say nothing about which arm learns
-    better."""
+    better; per-attribute accuracies are in the table, and would crowd out the training terms."""
     return not (
-        key.endswith(("/lr", "/grad_norm", "samples_per_second")) or key.split("/")[-1].startswith("skipped_")
+        key.endswith(("/lr", "/grad_norm", "samples_per_second"))
+        or key.split("/")[-1].startswith("skipped_")
+        or _PER_ATTRIBUTE.search(key)
     )
 
 

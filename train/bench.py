@@ -129,6 +129,8 @@ GPU_ARCHITECTURE = Architecture(
     precision="bf16",
     description="SD 1.5 UNet/VAE/CLIP-L text at 512 px + BLIP-base at 384 px, random weights, bf16",
 )
+# The shapes demo's committed base generator (make base), scored by the reward-cost comparison.
+SHAPES_BASE_GENERATOR = REPO / "pretrained" / "shapes-base" / "generator"
 ARCHITECTURES = {**CPU_ARCHITECTURES, GPU_ARCHITECTURE.name: GPU_ARCHITECTURE}
 
 
@@ -1099,8 +1101,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["architectures"][arch.name] = {**asdict(arch), **asdict(plan)}
         report["results"][arch.name] = bench_architecture(arch, models[arch.name], plan, out_dir)
     if not args.skip_reward:
-        tiny = models.get("tiny") or MODEL_BUILDERS["tiny"](out_dir / "models" / "tiny")
-        generator_dir = Path(args.reward_generator) if args.reward_generator else tiny[1]
+        if args.reward_generator:
+            generator_dir = Path(args.reward_generator)
+        elif (SHAPES_BASE_GENERATOR / "model_index.json").is_file():
+            generator_dir = SHAPES_BASE_GENERATOR  # trained: its rankings mean something
+        else:
+            generator_dir = (models.get("tiny") or MODEL_BUILDERS["tiny"](out_dir / "models" / "tiny"))[1]
         report["reward_cost"] = reward_cost(generator_dir, args.reward_resolution)
     report["checks"] = acceptance(report["results"])
     report["machine"]["load_average_end"] = os.getloadavg()
@@ -1149,7 +1155,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per worker (default: a plan)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
     parser.add_argument("--skip-reward", action="store_true", help="skip the reward-cost comparison")
-    parser.add_argument("--reward-generator", default=None, help="generator folder for the reward comparison")
+    parser.add_argument(
+        "--reward-generator",
+        default=None,
+        help="generator folder for the reward comparison (default: pretrained/shapes-base, else the tiny one)",
+    )
     parser.add_argument("--reward-resolution", type=int, default=32)
     parser.add_argument("--skip-gpu", action="store_true", help="skip the CUDA part even where CUDA works")
     return parser.parse_args(argv)

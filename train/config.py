@@ -227,6 +227,7 @@ class TrainSettings(Strict):
     checkpoints_total_limit: int | None = Field(None, ge=1)
     # "latest" or a checkpoint folder.
     resume_from_checkpoint: str | None = None
+    # Log every N updates of each model (its own count, so every phase gets logged).
     logging_steps: int = Field(1, ge=1)
     validation_steps: int | None = Field(None, ge=1)
     num_validation_samples: int = Field(4, ge=1)

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         all_ids = gather_object(ids)
         if sample_log is not None:
             sample_log.append(state.step, phase=phase, ids=all_ids)
-        if state.step % config.train.logging_steps == 0:
+        # Per model: a global counter would never land on one phase's updates (2 phases, even interval).
+        if state.updates[phase] % config.train.logging_steps == 0:
             logs = {f"{phase}/{name}": sum(values) / len(values) for name, values in logged.items()}
             logs |= {
                 f"{phase}/lr": schedulers[phase].get_last_lr()[0],

@@ -17,6 +17,7 @@ mean exceeds twice the standard deviation.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -89,33 +90,43 @@ def arm_command(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) ->
     return launch_command(args.config, overrides, args.num_processes)
 
 
-def train_once(command: list[str], run_dir: Path) -> float:
-    """Train an arm, or reuse its finished run when the same command made it (an interrupted or repeated
-    experiment picks up where it stopped); returns the arm's training wall time in seconds."""
+def base_identity(base: Path) -> str:
+    """What distinguishes one set of base models from another: the hash of its base.json record (written
+    anew by every make base), else the folder's path. Reused runs and scores must come from the same base."""
+    record = base / "base.json"
+    if record.is_file():
+        return hashlib.sha256(record.read_bytes()).hexdigest()[:16]
+    return str(base.resolve())
+
+
+def train_once(command: list[str], run_dir: Path, base: str) -> float:
+    """Train an arm, or reuse its finished run when the same command made it from the same base (an
+    interrupted or repeated experiment picks up where it stopped); returns its training wall time in s."""
     record = run_dir / "demo_run.json"
+    made_by = {"command": command[command.index("train/cycle.py") :], "base": base}
     if record.is_file() and (run_dir / "export").is_dir():
         saved = json.loads(record.read_text())
-        if saved["command"] == command[command.index("train/cycle.py") :]:
+        if {key: saved.get(key) for key in made_by} == made_by:
             print(f"reusing the finished run in {run_dir}", flush=True)
             return saved["wall_time_s"]
     if run_dir.exists():
         shutil.rmtree(run_dir)  # unfinished or made by another command: start clean
     wall_time = run_timed(command)
-    script_and_overrides = command[command.index("train/cycle.py") :]
-    record.write_text(json.dumps({"command": script_and_overrides, "wall_time_s": wall_time}) + "\n")
+    record.write_text(json.dumps({**made_by, "wall_time_s": wall_time}) + "\n")
     return wall_time
 
 
 def evaluate_once(
-    sources: ModelSources, split: TestSplit, args: argparse.Namespace, seed: int, cache: Path
+    sources: ModelSources, split: TestSplit, args: argparse.Namespace, seed: int, cache: Path, base: str
 ) -> PairResults:
     """Score a pair on the test split, or load the scores it got with the same settings before."""
     settings = {
         "test_samples": args.test_samples,
         "steps": args.inference_steps,
         "guidance": args.guidance_scale,
+        "seed": seed,
+        "base": base,
     }
-    settings["seed"] = seed
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         if saved["settings"] == settings:
@@ -165,11 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = ModelSources(
         captioner=str(args.base / "captioner"), generator=str(args.base / "generator"), config=config
     )
+    base_id = base_identity(args.base)
     for seed in args.seeds:
         runs: dict[str, PairResults] = {}
         for arm in ARMS:
             command = arm_command(args, arm, seed, args.out / f"seed-{seed}" / arm)
-            wall[arm].append(train_once(command, args.out / f"seed-{seed}" / arm))
+            wall[arm].append(train_once(command, args.out / f"seed-{seed}" / arm, base_id))
         for arm in tqdm(("base", *ARMS), desc=f"evaluating seed {seed}"):
             run_dir = args.out / f"seed-{seed}" / arm
             sources = (
@@ -177,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if arm == "base"
                 else ModelSources(checkpoint=run_dir / "export", config=load_config(run_dir / CONFIG_NAME))
             )
-            runs[arm] = evaluate_once(sources, split, args, seed, run_dir / "test_results.pt")
+            runs[arm] = evaluate_once(sources, split, args, seed, run_dir / "test_results.pt", base_id)
         results[seed] = runs
     return _report(args, split, results, wall)
 

@@ -183,5 +183,6 @@ def test_bad_table_and_metrics_files_are_named(tmp_path: Path) -> None:
 
 def test_curves_show_validation_metrics_first_and_leave_out_optimizer_diagnostics() -> None:
     keys = ["generator/denoise", "captioner/grad_norm", "validation/shapes_image_accuracy", "captioner/lr"]
+    keys += ["validation/shapes_image_accuracy_position"]
     plotted = sorted(filter(_plotted_key, keys), key=_plot_order)
     assert plotted == ["validation/shapes_image_accuracy", "generator/denoise"]

@@ -13,7 +13,15 @@ from cycle_runs import REPO, environment
 from PIL import Image
 
 from train.config import load_config
-from train.demo import ARM_OVERRIDES, DEFAULT_BASE, DEFAULT_CONFIG, paired_differences, parse_args
+from train.demo import (
+    ARM_OVERRIDES,
+    DEFAULT_BASE,
+    DEFAULT_CONFIG,
+    base_identity,
+    paired_differences,
+    parse_args,
+    train_once,
+)
 from train.demo import arm_command as demo_arm_command
 
 
@@ -53,6 +61,22 @@ def test_the_control_arm_is_the_cycle_config_without_cycle_terms_or_unpaired_dat
     assert command[command.index("--config") + 1] == str(DEFAULT_CONFIG)
     assert {"seed=3", "train.max_train_steps=7", f"output_dir={tmp_path / 'control'}"} <= set(command)
     assert set(ARM_OVERRIDES["control"]) <= set(command)
+
+
+def test_a_finished_arm_is_reused_only_for_the_same_command_and_base(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "base.json").write_text('{"date": "one"}')
+    run_dir = tmp_path / "arm"
+    (run_dir / "export").mkdir(parents=True)
+    command = [sys.executable, "-c", "raise SystemExit(3)", "train/cycle.py", "--config", "x.yaml", "seed=0"]
+    made_by = {"command": command[3:], "base": base_identity(base), "wall_time_s": 12.5}
+    (run_dir / "demo_run.json").write_text(json.dumps(made_by))
+    assert train_once(command, run_dir, base_identity(base)) == 12.5  # reused: the command would fail
+    (base / "base.json").write_text('{"date": "two"}')  # make base ran again: new models, so train again
+    with pytest.raises(subprocess.CalledProcessError):
+        train_once(command, run_dir, base_identity(base))
+    assert not (run_dir / "export").exists()  # the stale run was cleared before training
 
 
 def _run(module: str, *arguments: str) -> subprocess.CompletedProcess:

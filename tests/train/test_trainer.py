@@ -57,6 +57,7 @@ def finished_run(tiny_models, tmp_path_factory) -> tuple[Path, subprocess.Comple
             "train.checkpointing_steps=2",
             "train.checkpoints_total_limit=1",
             "train.validation_steps=4",
+            "train.logging_steps=2",
         ]
     )
     return output_dir, result
@@ -83,6 +84,22 @@ def test_run_trains_both_phases_prunes_exports_and_says_where(finished_run) -> N
     assert state["updates"] == {"captioner": 2, "generator": 2}
 
 
+def test_metrics_jsonl_logs_every_phase_every_logging_steps_of_its_own_updates(finished_run) -> None:
+    """Updates alternate captioner, generator; with logging_steps=2 each model logs its 2nd update (steps 3
+    and 4). A global step counter would have logged only the generator (steps 2 and 4)."""
+    output_dir, _ = finished_run
+    logged = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [
+        (entry["step"], key) for entry in logged for key in entry if key.endswith(("caption_ce", "denoise"))
+    ]
+    assert ("captioner/caption_ce" in dict((k, s) for s, k in losses)) and (
+        3,
+        "captioner/caption_ce",
+    ) in losses
+    assert (4, "generator/denoise") in losses
+    assert not any(step in (1, 2) for step, key in losses if not key.startswith("validation/"))
+
+
 def test_offline_wandb_run_holds_config_and_loss_series(finished_run) -> None:
     output_dir, _ = finished_run
     run_file = next(output_dir.rglob("run-*.wandb"))
@@ -92,7 +109,7 @@ def test_offline_wandb_run_holds_config_and_loss_series(finished_run) -> None:
     rows = history(run_file)
     caption_losses = [row["captioner/caption_ce"] for row in rows if "captioner/caption_ce" in row]
     denoise_losses = [row["generator/denoise"] for row in rows if "generator/denoise" in row]
-    assert len(caption_losses) == 2 and len(denoise_losses) == 2
+    assert len(caption_losses) == 1 and len(denoise_losses) == 1  # logging_steps=2 of each model's updates
     assert all(math.isfinite(value) and value > 0 for value in caption_losses + denoise_losses)
     tables = [row for row in rows if row.get("validation/samples/_type") == "table-file"]
     assert tables and tables[0]["validation/samples/nrows"] == 2, "the validation table was not logged"
@@ -129,7 +146,7 @@ def test_resumed_run_continues_the_same_wandb_run(finished_run, tiny_models, tmp
     run_files = sorted(output_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(run_files) == 2 and run_files[0].name == run_files[1].name, "the resumed run got a new W&B id"
     steps = [row["_step"] for path in run_files for row in history(path) if "generator/denoise" in row]
-    assert sorted(steps) == [2, 4, 6]
+    assert sorted(steps) == [4, 6]  # the first run logs every 2nd generator update, the continuation each
 
 
 def test_full_mode_bf16_run_exports_whole_models_and_logs_to_tensorboard(tiny_models, tmp_path: Path) -> None:
