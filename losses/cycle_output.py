@@ -10,4 +10,6 @@ import torch
 @dataclass
 class CycleOutput:
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    # Detached 0-dim tensors (or floats): they stay on the device until the trainer logs them after the
+    # backward pass, so computing a metric never makes the host wait for the GPU mid-step.
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)

@@ -31,6 +31,7 @@ from models.bridge import VocabularyBridge, encode_token_embeddings
 from models.captioner import IGNORE_INDEX, Captioner, SampledCaptions
 from models.generator import Generator
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
+from models.transfer import to_device
 from train.config import I2T2ISettings
 
 Batch = dict[str, Any]
@@ -97,7 +98,7 @@ def _soft_caption_output(
     ).mean()
     return CycleOutput(
         loss,
-        {"denoise": loss.item(), "bridge_mass": bridge.mass_coverage(probs, attention_mask)},
+        {"denoise": loss.detach(), "bridge_mass": bridge.mass_coverage(probs, attention_mask)},
     )
 
 
@@ -130,7 +131,7 @@ def gumbel_noise(
         -torch.empty(tuple(shape)).exponential_(generator=g).clamp_min(torch.finfo(torch.float32).tiny).log()
         for g in key.generators(ids, "i2t2i/gumbel")
     ]
-    return torch.stack(draws).to(device)
+    return to_device(torch.stack(draws), device)
 
 
 def gumbel(
@@ -151,7 +152,7 @@ def gumbel(
     )
     output = _soft_caption_output(generator, bridge, batch, probs, attention_mask, settings, key)
     # Tokens after the start token, the end token included.
-    output.metrics["length"] = float(attention_mask[:, 1:].sum(dim=1).float().mean())
+    output.metrics["length"] = attention_mask[:, 1:].sum(dim=1).float().mean()
     return output
 
 
@@ -223,14 +224,14 @@ def reward(
         token_counts = (sampled.tokens["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         policy_logprobs = logprobs / token_counts
     loss = -(advantages.to(logprobs) * policy_logprobs).mean()
-    metrics = {"reward_mean": rewards.mean().item(), "reward_std": group_std.mean().item()}
+    metrics = {"reward_mean": rewards.detach().mean(), "reward_std": group_std.detach().mean()}
     if settings.kl_weight > 0:
         with torch.no_grad(), captioner.adapters_disabled():
             base_logprobs = captioner.sequence_logprobs(pixels, **sampled.tokens)
         log_ratio = (logprobs.detach() - base_logprobs).view_as(rewards)
         centred = (log_ratio - log_ratio.mean(dim=1, keepdim=True)).flatten()
         loss = loss + settings.kl_weight * (centred * logprobs).mean()
-        metrics["kl"] = log_ratio.mean().item()
+        metrics["kl"] = log_ratio.detach().mean()
     return CycleOutput(loss, metrics)
 
 

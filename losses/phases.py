@@ -25,7 +25,7 @@ from train.config import Config
 
 class PhaseOutput(NamedTuple):
     terms: dict[str, torch.Tensor]
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor | float]
 
 
 def cycle_ramp(config: Config, update: int) -> float:

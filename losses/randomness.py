@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.transfer import to_device
+
 
 @dataclass(frozen=True)
 class DrawKey:
@@ -39,21 +41,21 @@ class DrawKey:
     ) -> torch.Tensor:
         """Standard normal draws of `shape` per sample, stacked to [B, *shape]."""
         draws = [torch.randn(tuple(shape), generator=g) for g in self.generators(sample_ids, purpose)]
-        return torch.stack(draws).to(device=device, dtype=dtype)
+        return to_device(torch.stack(draws), device, dtype)
 
     def rand(
         self, sample_ids: Sequence[str], purpose: str, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
         """One uniform [0, 1) draw per sample, shape [B]."""
         draws = [torch.rand((), generator=g) for g in self.generators(sample_ids, purpose)]
-        return torch.stack(draws).to(device)
+        return to_device(torch.stack(draws), device)
 
     def randint(
         self, sample_ids: Sequence[str], purpose: str, high: int, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
         """One integer in [0, high) per sample, shape [B]."""
         draws = [torch.randint(high, (), generator=g) for g in self.generators(sample_ids, purpose)]
-        return torch.stack(draws).to(device)
+        return to_device(torch.stack(draws), device)
 
     def uniform(self, purpose: str) -> float:
         """One uniform [0, 1) draw for the whole batch, the same on every rank (no sample id involved)."""

@@ -89,7 +89,7 @@ def _recaption_loss(
     """Decode with gradient and score by the frozen captioner (it resizes and normalises the pixels itself)."""
     per_sample = captioner.caption_loss(generator.decode_latents(latents), **captioner.tokenize(captions))
     loss = per_sample.mean()
-    return CycleOutput(loss=loss, metrics={"caption_ce": loss.item()})
+    return CycleOutput(loss=loss, metrics={"caption_ce": loss.detach()})
 
 
 T2I2T_MODES = {"one_step": one_step, "sample": sample}

@@ -312,12 +312,16 @@ class VocabularyBridge(nn.Module):
         return self._fit_length(embeds, valid, weight).to(embedding_weight.dtype)
 
     @torch.no_grad()
-    def mass_coverage(self, probs: torch.Tensor, attention_mask: torch.Tensor) -> float:
-        """Share of the batch's probability mass (valid positions) on tokens that do NOT map to unk."""
+    def mass_coverage(self, probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Share of the batch's probability mass (valid positions) on tokens that do NOT map to unk.
+
+        A 0-dim tensor, detached, computed without boolean indexing (which would wait for the GPU).
+        """
         valid = self._check_inputs(probs, attention_mask)
-        probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
-        unk_mass = (probs @ self.unmapped.to(probs.dtype))[valid].sum()
-        return float(1 - unk_mass / probs.sum(dim=-1)[valid].sum())
+        probs = probs.detach().to(torch.promote_types(probs.dtype, torch.float32))
+        weights = valid.to(probs.dtype)
+        unk_mass = ((probs @ self.unmapped.to(probs.dtype)) * weights).sum()
+        return 1 - unk_mass / (probs.sum(dim=-1) * weights).sum()
 
     def _check_inputs(self, probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Shape checks; the mask as bools."""

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from models.transfer import to_device
+
 if TYPE_CHECKING:
     from models.generator import Generator
 
@@ -79,7 +81,8 @@ class FrozenEncoderCache:
         self.counts: Counter[str] = Counter()
         self._text_states: dict[str, torch.Tensor] = {}
         self._image_entries: dict[str, _ImageEntry] = {}
-        self._projections: dict[tuple[int, ...], torch.Tensor] = {}
+        # Per image shape and device: kept where the pixels are, so no step copies them (25 MB at 512 px).
+        self._projections: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._warned_full = False
         self._warned_stale = False
 
@@ -107,7 +110,7 @@ class FrozenEncoderCache:
                 self._store(self._text_states, caption, _cpu_copy(states))
             else:
                 self.counts["text_hits"] += 1
-            rows.append(states.to(device))
+            rows.append(to_device(states, device))
         self._count_batch()
         return torch.stack(rows)
 
@@ -137,7 +140,7 @@ class FrozenEncoderCache:
                 self._store(self._image_entries, sample_id, stored)
             else:
                 self.counts["image_hits"] += 1
-                mean, std = entry.mean.to(device), entry.std.to(device)
+                mean, std = to_device(entry.mean, device), to_device(entry.std, device)
             means.append(mean)
             stds.append(std)
         self._count_batch()
@@ -203,14 +206,14 @@ class FrozenEncoderCache:
     def _fingerprints(self, pixels01: torch.Tensor) -> torch.Tensor:
         """[B, P] fixed random projections of each image (float64): equal for equal pixels, and a flip,
         crop or different picture changes them."""
-        shape = tuple(pixels01.shape[1:])
-        if shape not in self._projections:
+        place = (tuple(pixels01.shape[1:]), pixels01.device)
+        if place not in self._projections:
             generator = torch.Generator().manual_seed(_FINGERPRINT_SEED)
             size = pixels01[0].numel()
-            self._projections[shape] = torch.randn(
-                size, _FINGERPRINT_PROJECTIONS, generator=generator
-            ).double()
-        projections = self._projections[shape].to(pixels01.device)
+            projections = torch.randn(size, _FINGERPRINT_PROJECTIONS, generator=generator).double()
+            self._projections[place] = projections.to(pixels01.device)
+        projections = self._projections[place]
+        # The one wait of a cached step: hits and misses are decided on the host.
         with torch.no_grad():
             return (pixels01.detach().flatten(1).double() @ projections).cpu()
 

@@ -18,6 +18,7 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from models.computation import RunsInForward
+from models.transfer import to_device
 
 IGNORE_INDEX = -100
 
@@ -266,9 +267,9 @@ class Captioner(RunsInForward):
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         labels[:, 0] = IGNORE_INDEX
         return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-            "labels": labels.to(self.device),
+            "input_ids": to_device(input_ids, self.device),
+            "attention_mask": to_device(attention_mask, self.device),
+            "labels": to_device(labels, self.device),
         }
 
     def logits(

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.computation import RunsInForward
+from models.transfer import to_device
 
 if TYPE_CHECKING:
     from models.cache import FrozenEncoderCache
@@ -156,7 +157,7 @@ class Generator(RunsInForward):
         tokens = self.tokenizer(
             list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
-        return tokens.input_ids.to(self.device)
+        return to_device(tokens.input_ids, self.device)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last hidden state of the text encoder: the UNet's cross-attention context, as in SD."""

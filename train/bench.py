@@ -80,7 +80,7 @@ from train.builders import (
     build_streams,
 )
 from train.config import Config, load_config
-from train.cycle import to_device
+from train.cycle import batch_to_device
 from train.update import optimizer_update
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,8 @@ CPU_ARCHITECTURES = {
         "tiny",
         resolution=32,
         batch_size=4,
-        description="models/tiny.py: UNet (32,64) 1 layer/block, VAE (32,64), CLIP text 32x2, BLIP 32x2, 32 px",
+        description="UNet (32,64) 1 layer/block, attention at 64 ch, xattn 32 (0.99M), VAE (32,64), "
+        "CLIP text 32x5, BLIP 32x2, 32 px",
     ),
     "small": Architecture(
         "small",
@@ -188,7 +189,22 @@ def _vae_config(channels: tuple[int, ...], *, layers: int, resolution: int) -> d
 
 
 def _save_tiny(out_dir: Path) -> tuple[Path, Path]:
-    return save_tiny_captioner(out_dir / "captioner"), save_tiny_generator(out_dir / "generator")
+    """The issue's tiny SD: a 0.99M-parameter UNet with diffusers' fast-test VAE and CLIP text encoder."""
+    resolution = CPU_ARCHITECTURES["tiny"].resolution
+    generator = save_tiny_generator(out_dir / "generator", resolution=resolution)
+    _replace_generator_parts(
+        generator,
+        unet={
+            "sample_size": resolution // 2,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        },
+        vae=_vae_config((32, 64), layers=1, resolution=resolution),
+        text={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4},
+    )
+    return save_tiny_captioner(out_dir / "captioner"), generator
 
 
 def _save_small(out_dir: Path) -> tuple[Path, Path]:
@@ -333,7 +349,7 @@ class TrainerStep:
         optimizer = build_optimizer(trained, names, settings)
         self.scheduler = build_lr_scheduler(optimizer, settings, num_updates=1_000_000)
         self.bridge = build_bridge(config, captioner, generator, self.accelerator.device)
-        self.batch = to_device(fixed_batch(config, phase), self.accelerator.device)
+        self.batch = batch_to_device(fixed_batch(config, phase), self.accelerator.device)
         captioner, generator, self.optimizer = self.accelerator.prepare(captioner, generator, optimizer)
         self.models = {"captioner": captioner, "generator": generator}
         self.generator = self.accelerator.unwrap_model(generator)
@@ -360,7 +376,7 @@ class TrainerStep:
             self.accelerator.backward(loss)
         self.on_stage("update")
         nonfinite = not torch.isfinite(loss.detach()).item()
-        self.logged = {name: term.item() for name, term in output.terms.items()} | output.metrics
+        self.logged = {name: float(value) for name, value in {**output.terms, **output.metrics}.items()}
         optimizer_update(
             self.accelerator,
             self.optimizer,

@@ -29,6 +29,7 @@ from data.mixer import BatchMixer
 from losses.phases import PHASE_LOSSES
 from losses.randomness import DrawKey
 from models.lora import frozen
+from models.transfer import to_device
 from train.builders import (
     build_bridge,
     build_captioner,
@@ -75,8 +76,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     return load_config(args.config, args.overrides), [args.config, *args.overrides]
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        key: to_device(value, device) if torch.is_tensor(value) else value for key, value in batch.items()
+    }
 
 
 @contextmanager
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         nonfinite, ids = 0, []
         for micro in range(accumulation):
             key = DrawKey(config.seed, state.step, micro)
-            batch = to_device(mixer.next(phase, key.uniform("batch_kind")), accelerator.device)
+            batch = batch_to_device(mixer.next(phase, key.uniform("batch_kind")), accelerator.device)
             state.skipped_records += batch.get("skipped", 0)
             ids.extend(batch["ids"])
             with sync_gradients_if(accelerator, trained, micro == accumulation - 1), frozen(partner):
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     metrics, rows = validate(
                         extract_model_from_parallel(captioner),
                         extract_model_from_parallel(generator),
-                        to_device(validation_batch, accelerator.device),
+                        batch_to_device(validation_batch, accelerator.device),
                         config,
                     )
                 accelerator.log(metrics, step=state.step)

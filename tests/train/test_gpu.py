@@ -1,4 +1,4 @@
-"""CUDA paths: bf16 mixed-precision training with both cycle terms, resumed, on a GPU (skipped without one)."""
+"""CUDA paths (skipped without a GPU): bf16 training with both cycle terms and a resume; sync-free steps."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from cycle_runs import run_cycle, tiny_overrides
+
+from train.bench import MODES, Architecture, TrainerStep, bench_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,3 +38,30 @@ def test_bf16_cycle_training_on_cuda_is_finite_and_resumes(tiny_models, tmp_path
     run_cycle([*overrides, "train.max_train_steps=6", "train.resume_from_checkpoint=latest"])
     resumed = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert resumed[:4] == first and len(resumed) == 6
+
+
+@pytest.mark.parametrize("mode_name", ["generator", "generator_cached"])
+def test_supervised_generator_step_never_waits_for_the_gpu(
+    tiny_models, tmp_path: Path, mode_name: str
+) -> None:
+    """Forward and backward of the trainer's generator step make no host sync (the update may: it decides
+    whether to skip). A sync mid-step lets the GPU drain and then idle while the host launches the next
+    kernels one at a time; the bare diffusers-style loop in `make bench` has none."""
+    arch = Architecture("tiny-cuda", resolution=32, batch_size=4, device="cuda", precision="bf16")
+    mode = MODES[mode_name]
+    step = TrainerStep(
+        bench_config(arch, tiny_models.captioner, tiny_models.generator, mode, tmp_path), mode.phase, "cuda"
+    )
+    step.step()  # warm-up: cache misses, scheduler tables moved to the GPU, the pinned-memory pool
+    watched: list[str] = []
+
+    def sync_debug(stage: str) -> None:
+        watched.append(stage)
+        torch.cuda.set_sync_debug_mode("error" if stage in ("forward", "backward") else "default")
+
+    step.on_stage = sync_debug
+    try:
+        step.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert watched == ["forward", "backward", "update", "done"]
