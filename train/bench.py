@@ -188,19 +188,33 @@ def _vae_config(channels: tuple[int, ...], *, layers: int, resolution: int) -> d
     }
 
 
+def _unet_config(
+    channels: tuple[int, ...], *, layers: int, attention: tuple[bool, ...], latent_size: int
+) -> dict:
+    """UNet2DConditionModel arguments; attention[i] says whether level i (high resolution first) cross-attends."""
+    return {
+        "sample_size": latent_size,
+        "layers_per_block": layers,
+        "block_out_channels": channels,
+        "down_block_types": tuple("CrossAttnDownBlock2D" if on else "DownBlock2D" for on in attention),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if on else "UpBlock2D" for on in reversed(attention)),
+    }
+
+
+def _save_generator(folder: Path, resolution: int, *, unet: dict, vae: dict, text: dict) -> Path:
+    """A tiny generator folder (tokenizer, scheduler) whose UNet, VAE and text encoder get the given sizes."""
+    generator = save_tiny_generator(folder, resolution=resolution)
+    _replace_generator_parts(generator, unet=unet, vae=vae, text=text)
+    return generator
+
+
 def _save_tiny(out_dir: Path) -> tuple[Path, Path]:
     """The issue's tiny SD: a 0.99M-parameter UNet with diffusers' fast-test VAE and CLIP text encoder."""
     resolution = CPU_ARCHITECTURES["tiny"].resolution
-    generator = save_tiny_generator(out_dir / "generator", resolution=resolution)
-    _replace_generator_parts(
-        generator,
-        unet={
-            "sample_size": resolution // 2,
-            "layers_per_block": 1,
-            "block_out_channels": (32, 64),
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        },
+    generator = _save_generator(
+        out_dir / "generator",
+        resolution,
+        unet=_unet_config((32, 64), layers=1, attention=(False, True), latent_size=resolution // 2),
         vae=_vae_config((32, 64), layers=1, resolution=resolution),
         text={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4},
     )
@@ -209,17 +223,11 @@ def _save_tiny(out_dir: Path) -> tuple[Path, Path]:
 
 def _save_small(out_dir: Path) -> tuple[Path, Path]:
     resolution = CPU_ARCHITECTURES["small"].resolution
-    generator = save_tiny_generator(out_dir / "generator", resolution=resolution)
-    _replace_generator_parts(
-        generator,
-        unet={
-            "sample_size": resolution // 2,
-            "layers_per_block": 2,
-            "block_out_channels": (64, 128, 256),
-            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            "attention_head_dim": 8,
-        },
+    unet = _unet_config((64, 128, 256), layers=2, attention=(True, True, False), latent_size=resolution // 2)
+    generator = _save_generator(
+        out_dir / "generator",
+        resolution,
+        unet={**unet, "attention_head_dim": 8},
         vae=_vae_config((32, 64), layers=1, resolution=resolution),
         text={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2},
     )
@@ -229,17 +237,13 @@ def _save_small(out_dir: Path) -> tuple[Path, Path]:
 
 def _save_sd15_blip_base(out_dir: Path) -> tuple[Path, Path]:
     resolution = GPU_ARCHITECTURE.resolution
-    generator = save_tiny_generator(out_dir / "generator", resolution=resolution)
-    _replace_generator_parts(
-        generator,
-        unet={
-            "sample_size": resolution // 8,
-            "layers_per_block": 2,
-            "block_out_channels": (320, 640, 1280, 1280),
-            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            "attention_head_dim": 8,
-        },
+    unet = _unet_config(
+        (320, 640, 1280, 1280), layers=2, attention=(True, True, True, False), latent_size=resolution // 8
+    )
+    generator = _save_generator(
+        out_dir / "generator",
+        resolution,
+        unet={**unet, "attention_head_dim": 8},
         vae=_vae_config((128, 256, 512, 512), layers=2, resolution=resolution),
         text={**_BASE_LAYERS, "hidden_act": "quick_gelu", "vocab_size": 49408},
     )
