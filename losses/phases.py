@@ -1,7 +1,8 @@
 """What one update of each phase computes: the named loss terms for the model being trained.
 
 captioner phase: caption cross-entropy on paired batches + the I2T2I cycle term (losses/i2t2i.py);
-generator phase: denoising loss on paired batches + the T2I2T cycle term (losses/t2i2t.py).
+generator phase: denoising loss on paired batches + the T2I2T cycle term (losses/t2i2t.py), which may
+decode the denoising term's own UNet call (cycle.t2i2t.share_denoise_pass).
 Unpaired batches (image-only, text-only) carry only the cycle term; a cycle mode adds only its own term,
 so no supervised term is ever counted twice. Both phase functions share one signature so the recipe can
 look them up by phase; each returns weighted terms (summed for backward) and metrics (logged only).
@@ -15,8 +16,8 @@ import torch
 
 from losses.i2t2i import I2T2I_MODES
 from losses.randomness import DrawKey
-from losses.supervised import caption_terms, denoise_terms
-from losses.t2i2t import T2I2T_MODES
+from losses.supervised import caption_terms, denoise_pass
+from losses.t2i2t import T2I2T_MODES, one_step_on_denoise_pass
 from models.bridge import VocabularyBridge
 from models.captioner import Captioner
 from models.generator import Generator
@@ -63,11 +64,15 @@ def generator_phase(
     key: DrawKey,
     bridge: VocabularyBridge | None,
 ) -> PhaseOutput:
-    terms = denoise_terms(trained, batch, config.generator, key) if batch["kind"] == "paired" else {}
+    denoised = denoise_pass(trained, batch, config.generator, key) if batch["kind"] == "paired" else None
+    terms = denoised.terms if denoised is not None else {}
     settings = config.cycle.t2i2t
     if settings.mode == "none":
         return PhaseOutput(terms, {})
-    cycle = T2I2T_MODES[settings.mode](trained, partner, batch, settings, key)
+    if denoised is not None and settings.share_denoise_pass:
+        cycle = one_step_on_denoise_pass(trained, partner, batch, settings, denoised)
+    else:
+        cycle = T2I2T_MODES[settings.mode](trained, partner, batch, settings, key)
     terms[f"t2i2t_{settings.mode}"] = settings.weight * cycle_ramp(config, key.update) * cycle.loss
     return PhaseOutput(
         terms, {f"t2i2t_{settings.mode}/{name}": value for name, value in cycle.metrics.items()}

@@ -7,13 +7,14 @@ terms, so trackers show every term by name.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from losses.randomness import DrawKey
 from models.captioner import Captioner
-from models.generator import Generator
+from models.generator import DenoiseOutput, Generator
+from models.transfer import to_device
 from train.config import CaptionerSettings, GeneratorSettings
 
 Batch = dict[str, Any]
@@ -34,10 +35,28 @@ def drop_captions(captions: list[str], ids: list[str], probability: float, key: 
     return [caption if kept else "" for caption, kept in zip(captions, keep.tolist(), strict=True)]
 
 
+class DenoisePass(NamedTuple):
+    """The denoising term and the UNet call behind it, which a one-step cycle term may decode instead of
+    making a second call (cycle.t2i2t.share_denoise_pass)."""
+
+    terms: dict[str, torch.Tensor]
+    output: DenoiseOutput
+    timesteps: torch.Tensor
+    # [B] bool: the UNet saw the sample's caption (caption dropout did not blank it).
+    captioned: torch.Tensor
+
+
 def denoise_terms(
     generator: Generator, batch: Batch, settings: GeneratorSettings, key: DrawKey
 ) -> dict[str, torch.Tensor]:
-    """The standard diffusion objective on the pair, with per-sample noise, timesteps and caption dropout.
+    """The standard diffusion objective on the pair, with per-sample noise, timesteps and caption dropout."""
+    return denoise_pass(generator, batch, settings, key).terms
+
+
+def denoise_pass(
+    generator: Generator, batch: Batch, settings: GeneratorSettings, key: DrawKey
+) -> DenoisePass:
+    """`denoise_terms` with its UNet call kept.
 
     The frozen encoders' outputs come from the generator's encoder cache when one is attached
     (models/cache.py); the draws are the same either way.
@@ -51,11 +70,14 @@ def denoise_terms(
         noise = noise + settings.noise_offset * offset
     num_timesteps = generator.noise_scheduler.config.num_train_timesteps
     vae_noise = key.randn(ids, "vae_noise", latent_shape, pixels.device)
-    per_sample = generator.latent_denoise_loss(
+    timesteps = key.randint(ids, "timestep", num_timesteps, pixels.device)
+    output = generator.denoise(
         generator.data_latents(pixels, vae_noise, ids),
         generator.encode_captions(captions),
         noise=noise,
-        timesteps=key.randint(ids, "timestep", num_timesteps, pixels.device),
+        timesteps=timesteps,
         snr_gamma=settings.snr_gamma,
     )
-    return {"denoise": settings.denoise_loss_weight * per_sample.mean()}
+    captioned = to_device(torch.tensor([caption != "" for caption in captions]), pixels.device)
+    terms = {"denoise": settings.denoise_loss_weight * output.loss.mean()}
+    return DenoisePass(terms, output, timesteps, captioned)

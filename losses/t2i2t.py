@@ -8,7 +8,8 @@ draw comes from the DrawKey, per sample id and purpose, so runs are reproducible
 - one_step: the paper's one scheduler step done right. The reference image is noised to a random timestep
   and the UNet's single prediction is turned into its clean-latent estimate (predict_x0), not the clean
   latents themselves as the paper's code did, so the decoded image depends on the UNet. Text-only batches
-  start from pure noise at the last timestep instead (the sampler's first step).
+  start from pure noise at the last timestep instead (the sampler's first step). With share_denoise_pass,
+  a paired batch's cycle term decodes the denoising term's own UNet call instead of making a second one.
 - sample (any batch with captions, text-only included): DDIM from key-drawn noise, backpropagating through
   only the last grad_steps steps (DRaFT-K), with classifier-free guidance when guidance_scale > 1.
 """
@@ -21,6 +22,7 @@ import torch
 
 from losses.cycle_output import CycleOutput
 from losses.randomness import DrawKey
+from losses.supervised import DenoisePass
 from models.captioner import Captioner
 from models.generator import Generator
 from train.config import T2I2TSettings
@@ -40,11 +42,7 @@ def one_step(
     """
     ids, captions = batch["ids"], batch["captions"]
     num_train_timesteps = generator.noise_scheduler.config.num_train_timesteps
-    max_timestep = settings.max_timestep or num_train_timesteps
-    if max_timestep > num_train_timesteps:
-        raise ValueError(
-            f"cycle.t2i2t.max_timestep={max_timestep} exceeds the scheduler's {num_train_timesteps} timesteps"
-        )
+    max_timestep = _max_timestep(generator, settings)
     device, latent_shape = generator.device, generator.latent_shape(1)[1:]
     noise = key.randn(ids, "t2i2t_noise", latent_shape, device)
     if "pixels" in batch:
@@ -62,6 +60,33 @@ def one_step(
     prediction = generator.unet(noisy.to(generator.unet.dtype), timesteps, context).sample
     x0 = generator.predict_x0(noisy, timesteps, prediction)
     return _recaption_loss(generator, captioner, x0, captions)
+
+
+def one_step_on_denoise_pass(
+    generator: Generator, captioner: Captioner, batch: Batch, settings: T2I2TSettings, denoised: DenoisePass
+) -> CycleOutput:
+    """one_step on a paired batch without a second UNet call: decode the denoising term's own prediction.
+
+    The denoising term draws its noise and timesteps the way one_step does (uniform timesteps, standard
+    normal noise), so each sample's cycle term has the same distribution as with its own call, for about
+    half the cost. Samples whose caption the denoising term dropped (their prediction is unconditional),
+    and those at or above max_timestep, are left out of the mean; nothing is sliced, so the host never waits.
+    """
+    counted = denoised.captioned & (denoised.timesteps < _max_timestep(generator, settings))
+    output = denoised.output
+    x0 = generator.predict_x0(output.noisy, denoised.timesteps, output.prediction)
+    return _recaption_loss(generator, captioner, x0, batch["captions"], counted.float())
+
+
+def _max_timestep(generator: Generator, settings: T2I2TSettings) -> int:
+    """one_step's timesteps are drawn below this (settings.max_timestep, or the whole schedule)."""
+    num_train_timesteps = generator.noise_scheduler.config.num_train_timesteps
+    max_timestep = settings.max_timestep or num_train_timesteps
+    if max_timestep > num_train_timesteps:
+        raise ValueError(
+            f"cycle.t2i2t.max_timestep={max_timestep} exceeds the scheduler's {num_train_timesteps} timesteps"
+        )
+    return max_timestep
 
 
 def sample(
@@ -84,11 +109,20 @@ def sample(
 
 
 def _recaption_loss(
-    generator: Generator, captioner: Captioner, latents: torch.Tensor, captions: list[str]
+    generator: Generator,
+    captioner: Captioner,
+    latents: torch.Tensor,
+    captions: list[str],
+    weights: torch.Tensor | None = None,
 ) -> CycleOutput:
-    """Decode with gradient and score by the frozen captioner (it resizes and normalises the pixels itself)."""
+    """Decode with gradient and score by the frozen captioner (it resizes and normalises the pixels itself).
+
+    `weights` [B] (0 or 1) choose which samples the mean counts (all by default).
+    """
     per_sample = captioner.caption_loss(generator.decode_latents(latents), **captioner.tokenize(captions))
-    loss = per_sample.mean()
+    if weights is None:
+        weights = torch.ones_like(per_sample)
+    loss = (per_sample * weights).sum() / weights.sum().clamp(min=1)
     return CycleOutput(loss=loss, metrics={"caption_ce": loss.detach()})
 
 

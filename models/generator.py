@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.computation import RunsInForward
 from models.transfer import to_device
+
+
+class DenoiseOutput(NamedTuple):
+    """One denoising UNet call: per-sample loss [B], the noised latents it saw, and its raw prediction."""
+
+    loss: torch.Tensor
+    noisy: torch.Tensor
+    prediction: torch.Tensor
+
 
 if TYPE_CHECKING:
     from models.cache import FrozenEncoderCache
@@ -259,6 +268,20 @@ class Generator(RunsInForward):
 
         Split from `denoise_loss` so a caller with its own text context (soft tokens) reuses the exact loss.
         """
+        return self.denoise(
+            latents, encoder_hidden_states, noise=noise, timesteps=timesteps, snr_gamma=snr_gamma
+        ).loss
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        snr_gamma: float | None = None,
+    ) -> DenoiseOutput:
+        """`latent_denoise_loss` with the UNet call's input and output kept, for a term that reuses the call."""
         # At least float32 (a bf16 UNet still gets a float32 loss); a float64 model stays float64 (gradcheck).
         latents = latents.to(
             torch.promote_types(torch.promote_types(latents.dtype, self.unet.dtype), torch.float32)
@@ -274,9 +297,9 @@ class Generator(RunsInForward):
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         loss = F.mse_loss(prediction.to(latents.dtype), target, reduction="none").mean(dim=(1, 2, 3))
-        if snr_gamma is None:
-            return loss
-        return loss * self._min_snr_weights(timesteps, snr_gamma)
+        if snr_gamma is not None:
+            loss = loss * self._min_snr_weights(timesteps, snr_gamma)
+        return DenoiseOutput(loss, noisy, prediction)
 
     def _min_snr_weights(self, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
         """Min-SNR-gamma (Hang et al. 2023) in the form of diffusers' trainers.

@@ -290,11 +290,14 @@ MODES: dict[str, Mode] = {
     "i2t2i_gumbel": Mode("captioner", ("cycle.i2t2i.mode=gumbel",)),
     "i2t2i_reward": Mode("captioner", ("cycle.i2t2i.mode=reward",)),
     "t2i2t_one_step": Mode("generator", ("cycle.t2i2t.mode=one_step",)),
+    "t2i2t_one_step_shared": Mode(
+        "generator", ("cycle.t2i2t.mode=one_step", "cycle.t2i2t.share_denoise_pass=true")
+    ),
     "t2i2t_sample": Mode("generator", ("cycle.t2i2t.mode=sample",)),
 }
 BASELINE = "baseline"
 # Cycle modes whose cost must stay within CYCLE_COST_LIMIT x their supervised step, or be explained.
-FLAGGED_MODES = ("i2t2i_soft", "t2i2t_one_step")
+FLAGGED_MODES = ("i2t2i_soft", "t2i2t_one_step", "t2i2t_one_step_shared")
 PROFILED_MODES = ("captioner", "generator", *FLAGGED_MODES)
 
 
@@ -769,7 +772,14 @@ def mean_spearman(first: Sequence[Sequence[float]], second: Sequence[Sequence[fl
 
 # ------------------------------------------------------------------------------------------- orchestration
 
-CYCLE_MODES = ("i2t2i_soft", "i2t2i_gumbel", "i2t2i_reward", "t2i2t_one_step", "t2i2t_sample")
+CYCLE_MODES = (
+    "i2t2i_soft",
+    "i2t2i_gumbel",
+    "i2t2i_reward",
+    "t2i2t_one_step",
+    "t2i2t_one_step_shared",
+    "t2i2t_sample",
+)
 # Interleaved pairs per mode and untimed warm-up steps per worker, sized so `make bench` stays within
 # 10 minutes on 2 CPU cores: 30 pairs where an acceptance check needs them, fewer for the slow modes.
 DEFAULT_PAIRS = {

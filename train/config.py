@@ -107,6 +107,9 @@ class T2I2TSettings(Strict):
     weight: float = Field(1.0, ge=0)
     # one_step: timesteps drawn uniformly from [0, max_timestep) (None: the whole schedule).
     max_timestep: int | None = Field(None, ge=1)
+    # one_step on paired batches: decode the denoising term's own UNet prediction instead of a second UNet
+    # call (about half the phase's cost; same per-sample distribution; see losses/t2i2t.py).
+    share_denoise_pass: bool = False
     # sample: DDIM steps from pure noise, backpropagating through only the last grad_steps (DRaFT-K).
     num_inference_steps: int = Field(10, ge=1)
     grad_steps: int = Field(1, ge=1)
@@ -116,6 +119,8 @@ class T2I2TSettings(Strict):
     def _grad_steps_fit(self) -> T2I2TSettings:
         if self.grad_steps > self.num_inference_steps:
             raise ValueError("cycle.t2i2t.grad_steps cannot exceed cycle.t2i2t.num_inference_steps")
+        if self.share_denoise_pass and self.mode != "one_step":
+            raise ValueError(f"cycle.t2i2t.share_denoise_pass applies to mode 'one_step', not {self.mode!r}")
         return self
 
 

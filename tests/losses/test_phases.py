@@ -10,7 +10,7 @@ from cycle_runs import tiny_config
 
 from losses.phases import captioner_phase, cycle_ramp, generator_phase
 from losses.randomness import DrawKey
-from losses.supervised import caption_terms, denoise_terms
+from losses.supervised import caption_terms, denoise_terms, drop_captions
 from models.lora import frozen, save_merged_captioner, save_merged_generator
 from models.tiny import save_tiny_generator
 from train.builders import build_bridge, build_captioner, build_generator
@@ -120,6 +120,48 @@ def test_only_the_cycle_path_carries_gradient_and_only_to_the_trained_model(
     for name, param in partner.named_parameters():
         assert torch.equal(param, partner_before[name]), f"partner parameter {name} changed"
         assert param.requires_grad == (name in partner_names), "frozen() must restore the partner's flags"
+
+
+def test_shared_one_step_decodes_the_denoising_calls_own_prediction(tiny_models) -> None:
+    """share_denoise_pass: one UNet call; the cycle term is the caption loss of that call's x0 estimate,
+    averaged over the samples that kept their caption and drew a timestep below max_timestep."""
+    shared = ("cycle.t2i2t.mode=one_step", "cycle.t2i2t.share_denoise_pass=true")
+    config = _config(
+        tiny_models, *shared, "cycle.t2i2t.max_timestep=500", "generator.caption_dropout=0.4", "seed=2"
+    )
+    captioner, _, generator, generator_names, _ = models = _models(config)
+    _perturb_lora(generator, generator_names)
+    captions = [
+        f"a {size} {color} circle" for size in ("small", "large") for color in ("red", "blue", "green")
+    ]
+    batch = {
+        "kind": "paired",
+        "ids": [f"s{index}" for index in range(6)],
+        "captions": captions,
+        "pixels": torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(4)),
+    }
+    calls = []
+    hook = generator.unet.register_forward_hook(lambda module, args, out: calls.append((args, out.sample)))
+    output = _phase("generator", models, config, batch)
+    hook.remove()
+    [((noisy, timesteps, _), prediction)] = calls
+    seen = drop_captions(captions, batch["ids"], 0.4, DrawKey(2, 0))
+    counted = torch.tensor([caption != "" for caption in seen]) & (timesteps < 500)
+    assert 0 < counted.sum() < 6, "the draws should leave some samples out and keep others"
+    with torch.no_grad():
+        decoded = generator.decode_latents(generator.predict_x0(noisy, timesteps, prediction))
+        per_sample = captioner.caption_loss(decoded, **captioner.tokenize(captions))
+    expected = per_sample[counted].mean()
+    assert torch.allclose(output.terms["t2i2t_one_step"].detach(), expected, rtol=1e-5)
+    output.terms["t2i2t_one_step"].backward()
+    assert any(param.grad is not None and param.grad.abs().sum() > 0 for param in generator.parameters())
+    # Without sharing, the cycle term makes its own UNet call.
+    separate = _config(tiny_models, "cycle.t2i2t.mode=one_step")
+    hook = generator.unet.register_forward_hook(lambda module, args, out: calls.append(args))
+    calls.clear()
+    _phase("generator", models, separate, batch)
+    hook.remove()
+    assert len(calls) == 2
 
 
 def test_supervised_terms_only_on_paired_batches_and_never_twice(tiny_models) -> None:
