@@ -247,29 +247,12 @@ class Generator(RunsInForward):
         snr_gamma: float | None = None,
     ) -> torch.Tensor:
         """Per-sample denoising loss [B] on ground-truth pairs; callers own all randomness."""
-        return self.latent_denoise_loss(
+        return self.denoise(
             self.data_latents(pixels01, vae_noise),
             self.encode_text(input_ids),
             noise=noise,
             timesteps=timesteps,
             snr_gamma=snr_gamma,
-        )
-
-    def latent_denoise_loss(
-        self,
-        latents: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        *,
-        noise: torch.Tensor,
-        timesteps: torch.Tensor,
-        snr_gamma: float | None = None,
-    ) -> torch.Tensor:
-        """Per-sample float32 MSE over C, H, W against the scheduler's target, optionally Min-SNR weighted.
-
-        Split from `denoise_loss` so a caller with its own text context (soft tokens) reuses the exact loss.
-        """
-        return self.denoise(
-            latents, encoder_hidden_states, noise=noise, timesteps=timesteps, snr_gamma=snr_gamma
         ).loss
 
     def denoise(
@@ -281,7 +264,12 @@ class Generator(RunsInForward):
         timesteps: torch.Tensor,
         snr_gamma: float | None = None,
     ) -> DenoiseOutput:
-        """`latent_denoise_loss` with the UNet call's input and output kept, for a term that reuses the call."""
+        """One denoising UNet call on given latents and text context: the per-sample float32 MSE over C, H, W
+        against the scheduler's target (optionally Min-SNR weighted), with the call's input and output kept.
+
+        Split from `denoise_loss` so a caller with its own text context (soft tokens) reuses the exact loss,
+        and a cycle term can decode the same call's prediction (cycle.t2i2t.share_denoise_pass).
+        """
         # At least float32 (a bf16 UNet still gets a float32 loss); a float64 model stays float64 (gradcheck).
         latents = latents.to(
             torch.promote_types(torch.promote_types(latents.dtype, self.unet.dtype), torch.float32)

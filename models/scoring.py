@@ -89,12 +89,12 @@ def grouped_denoise_loss(
     row_contexts = row_contexts.flatten(0, 2)
     chunk = max_rows or row_latents.shape[0]
     losses = [
-        generator.latent_denoise_loss(
+        generator.denoise(
             row_latents[start : start + chunk],
             row_contexts[start : start + chunk],
             noise=row_noise[start : start + chunk],
             timesteps=row_timesteps[start : start + chunk],
-        )
+        ).loss
         for start in range(0, row_latents.shape[0], chunk)
     ]
     return torch.cat(losses).view(rows).mean(dim=2)

@@ -160,7 +160,7 @@ def test_pixel_space_round_trip(pixel_generator: Generator) -> None:
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_forward_matches_manual_latent_denoise_loss(tiny_models, prediction_type: str) -> None:
+def test_forward_matches_manual_denoise_loss(tiny_models, prediction_type: str) -> None:
     generator = Generator.from_pretrained(str(tiny_models.generator), prediction_type=prediction_type)
     pixels, noise, vae_noise = _pixels(2), _noise(generator, 2, seed=3), _noise(generator, 2, seed=4)
     timesteps = torch.tensor([17, 640])
