@@ -119,8 +119,11 @@ class T2I2TSettings(Strict):
     def _grad_steps_fit(self) -> T2I2TSettings:
         if self.grad_steps > self.num_inference_steps:
             raise ValueError("cycle.t2i2t.grad_steps cannot exceed cycle.t2i2t.num_inference_steps")
-        if self.share_denoise_pass and self.mode != "one_step":
-            raise ValueError(f"cycle.t2i2t.share_denoise_pass applies to mode 'one_step', not {self.mode!r}")
+        # With mode none it is moot (a control arm turns the cycle off and keeps the rest of the config).
+        if self.share_denoise_pass and self.mode == "sample":
+            raise ValueError(
+                "cycle.t2i2t.share_denoise_pass applies to mode 'one_step'; mode 'sample' makes its own images"
+            )
         return self
 
 

@@ -53,7 +53,7 @@ def test_unpaired_sources_need_a_mode_that_uses_them() -> None:
         load_config(CONFIGS / "tiny.yaml", ["data.image_only_ratio=0.5", "cycle.i2t2i.mode=gumbel"])
     with pytest.raises(ConfigError, match="grad_steps cannot exceed"):
         load_config(CONFIGS / "tiny.yaml", ["cycle.t2i2t.grad_steps=5", "cycle.t2i2t.num_inference_steps=3"])
-    with pytest.raises(ConfigError, match="share_denoise_pass applies to mode 'one_step', not 'sample'"):
+    with pytest.raises(ConfigError, match="share_denoise_pass applies to mode 'one_step'; mode 'sample'"):
         load_config(CONFIGS / "tiny.yaml", ["cycle.t2i2t.mode=sample", "cycle.t2i2t.share_denoise_pass=true"])
 
 
