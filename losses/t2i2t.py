@@ -69,8 +69,9 @@ def one_step_on_denoise_pass(
 
     The denoising term draws its noise and timesteps the way one_step does (uniform timesteps, standard
     normal noise), so each sample's cycle term has the same distribution as with its own call, for about
-    half the cost. Samples whose caption the denoising term dropped (their prediction is unconditional),
-    and those at or above max_timestep, are left out of the mean; nothing is sliced, so the host never waits.
+    half the cost (with generator.noise_offset > 0 the shared noise carries that offset too). Samples whose
+    caption the denoising term dropped (their prediction is unconditional), and those at or above
+    max_timestep, are left out of the mean; nothing is sliced, so the host never waits.
     """
     counted = denoised.captioned & (denoised.timesteps < _max_timestep(generator, settings))
     output = denoised.output
