@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -40,13 +41,18 @@ def test_bf16_cycle_training_on_cuda_is_finite_and_resumes(tiny_models, tmp_path
     assert resumed[:4] == first and len(resumed) == 6
 
 
-@pytest.mark.parametrize("mode_name", ["generator", "generator_cached"])
-def test_supervised_generator_step_never_waits_for_the_gpu(
+# Host waits allowed in a step's forward and backward: the cache decides hits and misses on the host, from
+# one small device-to-host copy of the batch's pixel fingerprints.
+ALLOWED_SYNCS = {"generator": 0, "generator_cached": 1}
+
+
+@pytest.mark.parametrize("mode_name", list(ALLOWED_SYNCS))
+def test_supervised_generator_step_does_not_wait_for_the_gpu(
     tiny_models, tmp_path: Path, mode_name: str
 ) -> None:
-    """Forward and backward of the trainer's generator step make no host sync (the update may: it decides
-    whether to skip). A sync mid-step lets the GPU drain and then idle while the host launches the next
-    kernels one at a time; the bare diffusers-style loop in `make bench` has none."""
+    """Forward and backward of the trainer's generator step make no host sync beyond ALLOWED_SYNCS (the
+    update may: it decides whether to skip). A sync mid-step lets the GPU drain and then idle while the host
+    launches the next kernels one at a time; the bare diffusers-style loop in `make bench` has none."""
     arch = Architecture("tiny-cuda", resolution=32, batch_size=4, device="cuda", precision="bf16")
     mode = MODES[mode_name]
     step = TrainerStep(
@@ -57,11 +63,15 @@ def test_supervised_generator_step_never_waits_for_the_gpu(
 
     def sync_debug(stage: str) -> None:
         watched.append(stage)
-        torch.cuda.set_sync_debug_mode("error" if stage in ("forward", "backward") else "default")
+        torch.cuda.set_sync_debug_mode("warn" if stage in ("forward", "backward") else "default")
 
     step.on_stage = sync_debug
-    try:
-        step.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            step.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing CUDA operation" in str(w.message)]
     assert watched == ["forward", "backward", "update", "done"]
+    assert len(syncs) == ALLOWED_SYNCS[mode_name], syncs
