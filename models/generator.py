@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
@@ -414,6 +421,28 @@ class Generator(RunsInForward):
             uncond_hidden_states=self.encode_text(self.tokenize([""] * len(captions))) if guided else None,
         )
         return self.decode_latents(final)
+
+
+def stable_diffusion_pipeline(
+    *,
+    vae: AutoencoderKL | None,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    scheduler: Any,
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline around existing parts (shared, not copied), with no safety checker: the
+    folder layout users load, and the object whose LoRA loaders they call."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _names_component(model_index: dict[str, Any], name: str) -> bool:

@@ -22,6 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from models.generator import stable_diffusion_pipeline
+
 if TYPE_CHECKING:
     from models.captioner import Captioner
     from models.generator import Generator
@@ -280,15 +282,12 @@ def save_merged_generator(generator: Generator, out_dir: Path) -> Path:
     if getattr(unet, "peft_config", None):
         unet.fuse_lora()
         unet.unload_lora()
-    pipeline = StableDiffusionPipeline(
+    pipeline = stable_diffusion_pipeline(
         vae=None if generator.vae is None else _fp32_cpu_copy(generator.vae),
         text_encoder=_fp32_cpu_copy(generator.text_encoder),
         tokenizer=generator.tokenizer,
         unet=unet,
         scheduler=generator.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipeline.save_pretrained(out_dir)
     return Path(out_dir)

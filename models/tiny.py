@@ -256,8 +256,10 @@ def save_tiny_generator(
     schedule instead, which learns usable samples from scratch in far fewer CPU steps. `unet_options`
     override UNet2DConditionModel arguments (levels, channels, where attention sits).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from models.generator import stable_diffusion_pipeline
 
     block_out_channels = (32, 64)
     vae_downscale = 2 ** (len(block_out_channels) - 1)
@@ -323,17 +325,9 @@ def save_tiny_generator(
         steps_offset=1,
         timestep_spacing=timestep_spacing,
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(out_dir)
+    stable_diffusion_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    ).save_pretrained(out_dir)
     return out_dir
 
 

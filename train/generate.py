@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from diffusers import StableDiffusionPipeline
 from peft import PeftModel
 
 from data import sources
 from data.images import ImageInput, load_rgb, to_tensor
 from evaluation.rerank import generate_images, nucleus_captions, save_png
 from models.captioner import Captioner
-from models.generator import Generator
+from models.generator import Generator, stable_diffusion_pipeline
 from models.lora import DIFFUSERS_LORA_FILE
 from train.builders import load_records
 from train.checkpoint import CONFIG_NAME
@@ -163,15 +162,12 @@ def load_generator_lora(generator: Generator, lora: Path) -> None:
     folder, weight_name = (lora.parent, lora.name) if lora.is_file() else (lora, DIFFUSERS_LORA_FILE)
     if not (folder / weight_name).is_file():
         raise ModelLoadError(f"{lora}: no LoRA file {weight_name} there (nor a model_index.json)")
-    pipeline = StableDiffusionPipeline(
+    pipeline = stable_diffusion_pipeline(
         vae=generator.vae,
         text_encoder=generator.text_encoder,
         tokenizer=generator.tokenizer,
         unet=generator.unet,
         scheduler=generator.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipeline.load_lora_weights(str(folder), weight_name=weight_name)
 
