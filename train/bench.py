@@ -209,7 +209,7 @@ def _save_generator(folder: Path, resolution: int, *, unet: dict, vae: dict, tex
 
 
 def _save_tiny(out_dir: Path) -> tuple[Path, Path]:
-    """The issue's tiny SD: a 0.99M-parameter UNet with diffusers' fast-test VAE and CLIP text encoder."""
+    """A 0.99M-parameter SD UNet with diffusers' fast-test VAE and CLIP text encoder (77-token captions)."""
     resolution = CPU_ARCHITECTURES["tiny"].resolution
     generator = _save_generator(
         out_dir / "generator",
@@ -872,7 +872,7 @@ def measured(modes: dict[str, Any]) -> dict[str, Any]:
 
 
 def acceptance(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's checks, from the measured figures of whichever architectures and modes ran."""
+    """The benchmark's acceptance checks, from the measured figures of whichever architectures and modes ran."""
     results = {arch_name: measured(modes) for arch_name, modes in results.items()}
     checks: dict[str, Any] = {}
     small = results.get("small", {})
