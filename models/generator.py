@@ -29,6 +29,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from models.computation import RunsInForward
 from models.transfer import to_device
 
+if TYPE_CHECKING:
+    from models.cache import FrozenEncoderCache
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
 
 class DenoiseOutput(NamedTuple):
     """One denoising UNet call: per-sample loss [B], the noised latents it saw, and its raw prediction."""
@@ -36,13 +42,6 @@ class DenoiseOutput(NamedTuple):
     loss: torch.Tensor
     noisy: torch.Tensor
     prediction: torch.Tensor
-
-
-if TYPE_CHECKING:
-    from models.cache import FrozenEncoderCache
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
 class Generator(RunsInForward):
