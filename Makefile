@@ -54,5 +54,11 @@ base: setup
 bench: setup
 	$(OFFLINE) $(PY) -m train.bench
 
+# SIGKILL a tiny run at 20 seeded random points (10 inside checkpoint saves), resume each, and require
+# bit-exact exports and no damaged checkpoint chosen (train/drill.py; a few minutes on 2 CPU cores).
+.PHONY: drill
+drill: setup
+	$(OFFLINE) $(PY) -m train.drill --seed $${SEED:-0}
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,9 +1,10 @@
 """Sources: turn a dataset on disk (or on the hub) into a validated list of Records with stable ids.
 
 Structural problems (a manifest row that is not JSON, a missing key, a caption that is blank, an image
-file that is not there) are found here, once, before training starts: each is skipped and counted in a
-SkipReport, and a one-line warning is logged, so a long run never dies on row 91,234 of a manifest.
-Problems only visible when decoding (a truncated JPEG) are handled later by streams.RecordDataset.
+file that is not there) are found here, once, before training starts: each is skipped and entered in a
+SkipLedger under the file and row that hold it, and a one-line warning is logged, so a long run never dies
+on row 91,234 of a manifest. Problems only visible when decoding (a truncated JPEG) are handled later by
+streams.RecordDataset.
 
 Stable ids (used for logging, evaluation tables and resuming):
   HF datasets      "<path>:<split>:<row>"
@@ -23,7 +24,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from data import shapes as shapes_world
 from data.images import ImageInput
+from data.skips import SkipLedger
 
 if TYPE_CHECKING:
     import datasets
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-_MAX_EXAMPLES = 5
 # Karpathy's split assigns 30k COCO val2014 images to "restval"; the standard practice (and his own
 # training code) trains on train + restval, so asking for "train" returns both.
 _KARPATHY_SPLIT_ALIASES = {"train": frozenset({"train", "restval"})}
@@ -55,33 +56,9 @@ class Record:
     caption: str | None
 
 
-@dataclass
-class SkipReport:
-    """What a source dropped while being built: counts per reason and the first few examples."""
-
-    source: str
-    counts: Counter[str] = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def add(self, reason: str, where: str, detail: str = "") -> None:
-        """Count one dropped entry (a row, an annotation, a sentence or a caption)."""
-        self.counts[reason] += 1
-        if len(self.examples) < _MAX_EXAMPLES:
-            self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        """One line: counts per reason, then the examples."""
-        counts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.counts.items()))
-        return f"skipped {self.total} ({counts}); e.g. " + "; ".join(self.examples)
-
-
 class SourceResult(NamedTuple):
     records: list[Record]
-    report: SkipReport
+    skips: SkipLedger  # what the source dropped, one entry per manifest row or caption, keyed by where
 
 
 class EmptySourceError(ValueError):
@@ -122,17 +99,17 @@ def hf_dataset(
     base_dir = Path(path) if Path(path).is_dir() else None
     image_rows = _hf_image_rows(dataset, image_column, base_dir)
     captions = dataset.with_format("arrow")[caption_column].to_pylist()
-    report = SkipReport(path)
+    skips = SkipLedger()
     entries: list[tuple[str, Path | ImageLoader, str]] = []
     source_name = path if name is None else f"{path}/{name}"
     for row, (image, caption_value) in enumerate(zip(image_rows, captions, strict=True)):
         where = f"{source_name}:{split}:{row}"
         if isinstance(image, str):
-            report.add(image, where)
+            _skip(skips, image, where)
             continue
-        for caption in _valid_captions(caption_value, caption_column, report, where):
+        for caption in _valid_captions(caption_value, caption_column, skips, where):
             entries.append((where, image, caption))
-    return _finish(entries, report, "hf_dataset", source_name)
+    return _finish(entries, skips, "hf_dataset", source_name)
 
 
 def image_folder(path: str | os.PathLike, caption_column: str = "text") -> SourceResult:
@@ -148,21 +125,21 @@ def image_folder(path: str | os.PathLike, caption_column: str = "text") -> Sourc
             f"{root}: no metadata.jsonl (rows {{'file_name': ..., {caption_column!r}: ...}}); "
             "use image_only_folder for a folder of images without captions"
         )
-    report = SkipReport(str(root))
+    skips = SkipLedger()
     entries: list[tuple[str, Path | ImageLoader, str]] = []
     for manifest in manifests:
-        for where, row in _jsonl_rows(manifest, report, label=manifest.relative_to(root).as_posix()):
-            file_name = _typed_field(row, "file_name", str, report, where)
-            captions = [] if file_name is None else _caption_field(row, caption_column, report, where)
+        for where, row in _jsonl_rows(manifest, skips, label=str(manifest)):
+            file_name = _typed_field(row, "file_name", str, skips, where)
+            captions = [] if file_name is None else _caption_field(row, caption_column, skips, where)
             if not captions:
                 continue
             image = manifest.parent / file_name
             if not image.is_file():
-                report.add("missing_file", where, str(image))
+                _skip(skips, "missing_file", where, str(image))
                 continue
             relative_name = Path(os.path.relpath(image, root)).as_posix()
             entries.extend((relative_name, image, caption) for caption in captions)
-    return _finish(entries, report, "image_folder", str(root))
+    return _finish(entries, skips, "image_folder", str(root))
 
 
 def coco_captions(
@@ -184,17 +161,17 @@ def coco_captions(
         raise ValueError(
             f"{annotations_file}: expected a JSON object with an 'images' list (COCO or Karpathy format)"
         )
-    report = SkipReport(str(annotations_file))
+    skips = SkipLedger()
     if "annotations" in data:
         if split is not None:
             raise ValueError(
                 f"{annotations_file} is a COCO captions file, which holds a single split; pass split=None "
                 f"(got {split!r}) and choose the split by choosing the file"
             )
-        entries = _coco_entries(data, annotations_file.name, images_root, report)
+        entries = _coco_entries(data, str(annotations_file), images_root, skips)
     else:
-        entries = _karpathy_entries(data, annotations_file.name, images_root, split, report)
-    return _finish(entries, report, "coco_captions", str(annotations_file))
+        entries = _karpathy_entries(data, str(annotations_file), images_root, split, skips)
+    return _finish(entries, skips, "coco_captions", str(annotations_file))
 
 
 def image_only_folder(path: str | os.PathLike) -> SourceResult:
@@ -208,27 +185,27 @@ def image_only_folder(path: str | os.PathLike) -> SourceResult:
         and not any(part.startswith(".") for part in file.relative_to(root).parts)
     )
     entries = [(file.relative_to(root).as_posix(), file, None) for file in images]
-    return _finish(entries, SkipReport(str(root)), "image_only_folder", str(root))
+    return _finish(entries, SkipLedger(), "image_only_folder", str(root))
 
 
 def text_only_file(path: str | os.PathLike, text_column: str = "text") -> SourceResult:
     """Text-only records from a .txt file (one caption per line) or a .jsonl file (text_column per row)."""
     file = _existing(path, directory=False)
-    report = SkipReport(str(path))
+    skips = SkipLedger()
     entries: list[tuple[str, Path | ImageLoader | None, str]] = []
     if file.suffix == ".jsonl":
-        for where, row in _jsonl_rows(file, report, label=str(path)):
+        for where, row in _jsonl_rows(file, skips, label=str(path)):
             entries.extend(
-                (where, None, caption) for caption in _caption_field(row, text_column, report, where)
+                (where, None, caption) for caption in _caption_field(row, text_column, skips, where)
             )
     elif file.suffix == ".txt":
-        for where, line in _text_lines(file, report, label=str(path)):
-            entries.extend((where, None, caption) for caption in _valid_captions(line, "line", report, where))
+        for where, line in _text_lines(file, skips, label=str(path)):
+            entries.extend((where, None, caption) for caption in _valid_captions(line, "line", skips, where))
     else:
         raise ValueError(
             f"{path}: text-only sources must be .txt (one caption per line) or .jsonl, got {file.suffix!r}"
         )
-    return _finish(entries, report, "text_only_file", str(path))
+    return _finish(entries, skips, "text_only_file", str(path))
 
 
 def shapes(
@@ -249,7 +226,7 @@ def shapes(
         caption = shapes_world.describe(scene, rng)
         render_seed = int(rng.integers(2**31))
         entries.append((f"shapes:{seed}:{index}", _ShapesImage(scene, resolution, render_seed), caption))
-    return _finish(entries, SkipReport(f"shapes:{seed}"), "shapes", f"shapes:{seed}")
+    return _finish(entries, SkipLedger(), "shapes", f"shapes:{seed}")
 
 
 @dataclass(frozen=True)
@@ -323,13 +300,13 @@ def _resolve_relative(file: Path, base_dir: Path | None) -> Path:
 
 
 def _coco_entries(
-    data: dict[str, Any], label: str, images_root: Path, report: SkipReport
+    data: dict[str, Any], label: str, images_root: Path, skips: SkipLedger
 ) -> list[tuple[str, Path | ImageLoader | None, str]]:
     image_files: dict[int, Path] = {}
     for index, image in enumerate(data["images"]):
         where = f"{label}:images[{index}]"
-        image_id = _typed_field(image, "id", int, report, where)
-        file_name = None if image_id is None else _typed_field(image, "file_name", str, report, where)
+        image_id = _typed_field(image, "id", int, skips, where)
+        file_name = None if image_id is None else _typed_field(image, "file_name", str, skips, where)
         if file_name is not None:
             image_files[image_id] = images_root / file_name
     annotations = data["annotations"] if isinstance(data["annotations"], list) else []
@@ -337,25 +314,25 @@ def _coco_entries(
     entries: list[tuple[str, Path | ImageLoader | None, str]] = []
     for index, annotation in enumerate(annotations):
         where = f"{label}:annotations[{index}]"
-        image_id = _typed_field(annotation, "image_id", int, report, where)
-        annotation_id = None if image_id is None else _typed_field(annotation, "id", int, report, where)
-        caption = None if annotation_id is None else _typed_field(annotation, "caption", str, report, where)
-        captions = [] if caption is None else _valid_captions(caption, "caption", report, where)
+        image_id = _typed_field(annotation, "image_id", int, skips, where)
+        annotation_id = None if image_id is None else _typed_field(annotation, "id", int, skips, where)
+        caption = None if annotation_id is None else _typed_field(annotation, "caption", str, skips, where)
+        captions = [] if caption is None else _valid_captions(caption, "caption", skips, where)
         if not captions:
             continue
         if image_id not in image_files:
-            report.add("unknown_image", where, f"image_id {image_id} is not in 'images'")
+            _skip(skips, "unknown_image", where, f"image_id {image_id} is not in 'images'")
             continue
         file = image_files[image_id]
         if not file_exists.setdefault(file, file.is_file()):
-            report.add("missing_file", where, str(file))
+            _skip(skips, "missing_file", where, str(file))
             continue
         entries.append((f"coco:{image_id}:{annotation_id}", file, captions[0]))
     return entries
 
 
 def _karpathy_entries(
-    data: dict[str, Any], label: str, images_root: Path, split: str | None, report: SkipReport
+    data: dict[str, Any], label: str, images_root: Path, split: str | None, skips: SkipLedger
 ) -> list[tuple[str, Path | ImageLoader | None, str]]:
     images = data["images"]
     wanted = None if split is None else _KARPATHY_SPLIT_ALIASES.get(split, frozenset({split}))
@@ -368,104 +345,112 @@ def _karpathy_entries(
         where = f"{label}:images[{index}]"
         if wanted is not None and isinstance(image, dict) and image.get("split") not in wanted:
             continue
-        file = _karpathy_image_file(image, images_root, report, where)
-        sentences = None if file is None else _typed_field(image, "sentences", list, report, where)
+        file = _karpathy_image_file(image, images_root, skips, where)
+        sentences = None if file is None else _typed_field(image, "sentences", list, skips, where)
         if sentences is None:
             continue
         image_id = image.get("cocoid", image.get("imgid"))
         for position, sentence in enumerate(sentences):
             sentence_where = f"{where}.sentences[{position}]"
-            raw = _typed_field(sentence, "raw", str, report, sentence_where)
-            captions = [] if raw is None else _valid_captions(raw, "raw", report, sentence_where)
+            raw = _typed_field(sentence, "raw", str, skips, sentence_where)
+            captions = [] if raw is None else _valid_captions(raw, "raw", skips, sentence_where)
             sentence_id = sentence.get("sentid", position) if isinstance(sentence, dict) else position
             entries.extend((f"karpathy:{image_id}:{sentence_id}", file, caption) for caption in captions)
     return entries
 
 
-def _karpathy_image_file(image: Any, images_root: Path, report: SkipReport, where: str) -> Path | None:
+def _karpathy_image_file(image: Any, images_root: Path, skips: SkipLedger, where: str) -> Path | None:
     """images_root/<filepath>/<filename> of a Karpathy image entry, or None (counted) when unusable."""
-    file_name = _typed_field(image, "filename", str, report, where)
-    folder = None if file_name is None else _typed_field(image, "filepath", str, report, where, optional=True)
+    file_name = _typed_field(image, "filename", str, skips, where)
+    folder = None if file_name is None else _typed_field(image, "filepath", str, skips, where, optional=True)
     if file_name is None or folder is None:
         return None
     if not isinstance(image.get("cocoid", image.get("imgid")), int):
-        report.add("missing_key", where, "needs an integer 'cocoid' or 'imgid'")
+        _skip(skips, "missing_key", where, "needs an integer 'cocoid' or 'imgid'")
         return None
     file = images_root / folder / file_name
     if not file.is_file():
-        report.add("missing_file", where, str(file))
+        _skip(skips, "missing_file", where, str(file))
         return None
     return file
 
 
-def _jsonl_rows(file: Path, report: SkipReport, label: str | None = None) -> Iterator[tuple[str, Any]]:
+def _jsonl_rows(file: Path, skips: SkipLedger, label: str) -> Iterator[tuple[str, Any]]:
     """(where, row) for every JSON object in a .jsonl file; bad lines are counted, blank lines ignored."""
-    for where, line in _text_lines(file, report, label or file.name):
+    for where, line in _text_lines(file, skips, label):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            report.add("bad_json", where, str(error))
+            _skip(skips, "bad_json", where, str(error))
             continue
         if not isinstance(row, dict):
-            report.add("not_an_object", where, f"got {type(row).__name__}")
+            _skip(skips, "not_an_object", where, f"got {type(row).__name__}")
             continue
         yield where, row
 
 
-def _text_lines(file: Path, report: SkipReport, label: str) -> Iterator[tuple[str, str]]:
+def _text_lines(file: Path, skips: SkipLedger, label: str) -> Iterator[tuple[str, str]]:
     """("<label>:<line number>", text) per line; lines that are not UTF-8 are counted and skipped."""
     for number, raw_line in enumerate(file.read_bytes().splitlines(), start=1):
         where = f"{label}:{number}"
         try:
             yield where, raw_line.decode("utf-8")
         except UnicodeDecodeError as error:
-            report.add("bad_encoding", where, str(error))
+            _skip(skips, "bad_encoding", where, str(error))
 
 
 def _typed_field(
-    row: Any, key: str, expected: type, report: SkipReport, where: str, *, optional: bool = False
+    row: Any, key: str, expected: type, skips: SkipLedger, where: str, *, optional: bool = False
 ) -> Any:
     """row[key] when row is an object holding a value of the expected type; else count why and return None.
 
     optional=True: a missing key reads as "" (for optional path prefixes).
     """
     if not isinstance(row, dict):
-        report.add("not_an_object", where, f"got {type(row).__name__}")
+        _skip(skips, "not_an_object", where, f"got {type(row).__name__}")
         return None
     if key not in row:
         if optional:
             return ""
-        report.add("missing_key", where, f"no {key!r}")
+        _skip(skips, "missing_key", where, f"no {key!r}")
         return None
     value = row[key]
     if not isinstance(value, expected) or isinstance(value, bool):
-        report.add("wrong_type", where, f"{key!r} is {type(value).__name__}, expected {expected.__name__}")
+        _skip(skips, "wrong_type", where, f"{key!r} is {type(value).__name__}, expected {expected.__name__}")
         return None
     return value
 
 
-def _caption_field(row: dict[str, Any], key: str, report: SkipReport, where: str) -> list[str]:
+def _skip(skips: SkipLedger, reason: str, where: str, detail: str = "") -> None:
+    """Enter one dropped row, annotation, sentence or caption; `where` names it uniquely, so it is its id."""
+    skips.add(where, reason, where, detail)
+
+
+def _caption_field(row: dict[str, Any], key: str, skips: SkipLedger, where: str) -> list[str]:
     """The valid captions under row[key]; a missing key is counted like any other malformed row."""
     if key not in row:
-        report.add("missing_key", where, f"no {key!r}")
+        _skip(skips, "missing_key", where, f"no {key!r}")
         return []
-    return _valid_captions(row[key], key, report, where)
+    return _valid_captions(row[key], key, skips, where)
 
 
-def _valid_captions(value: Any, key: str, report: SkipReport, where: str) -> list[str]:
+def _valid_captions(value: Any, key: str, skips: SkipLedger, where: str) -> list[str]:
     """The non-blank captions in a caption field (a string or a list of strings), stripped."""
     if value is None:
-        report.add("empty_caption", where, f"{key!r} is null")
+        _skip(skips, "empty_caption", where, f"{key!r} is null")
         return []
-    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list):  # each caption of a list is its own entry: "<where>.<key>[<k>]"
+        named = [(f"{where}.{key}[{number}]", caption) for number, caption in enumerate(value)]
+    else:
+        named = [(where, value)]
     captions = []
-    for caption in values:
+    for caption_where, caption in named:
         if not isinstance(caption, str):
-            report.add("wrong_type", where, f"{key!r} holds {type(caption).__name__}, expected str")
+            _skip(skips, "wrong_type", caption_where, f"{key!r} holds {type(caption).__name__}, expected str")
         elif not caption.strip():
-            report.add("empty_caption", where, f"{key!r} is blank")
+            _skip(skips, "empty_caption", caption_where, f"{key!r} is blank")
         else:
             captions.append(caption.strip())
     return captions
@@ -480,13 +465,13 @@ def _existing(path: str | os.PathLike, *, directory: bool) -> Path:
 
 def _finish(
     entries: list[tuple[str, Path | ImageLoader | None, str | None]],
-    report: SkipReport,
+    skips: SkipLedger,
     kind: str,
     source: str,
 ) -> SourceResult:
     """Number the captions of a repeated base id (":<k>"), refuse empty sources, log what was skipped."""
     if not entries:
-        details = f": {report.summary()}" if report.total else ""
+        details = f": {skips.summary()}" if skips.total else ""
         raise EmptySourceError(f"{kind} {source}: no valid records{details}")
     repeats = Counter(base_id for base_id, _, _ in entries)
     seen: Counter[str] = Counter()
@@ -495,6 +480,6 @@ def _finish(
         record_id = base_id if repeats[base_id] == 1 else f"{base_id}:{seen[base_id]}"
         seen[base_id] += 1
         records.append(Record(record_id, image, caption))
-    if report.total:
-        logger.warning("%s %s: kept %d records, %s", kind, source, len(records), report.summary())
-    return SourceResult(records, report)
+    if skips.total:
+        logger.warning("%s %s: kept %d records, %s", kind, source, len(records), skips.summary())
+    return SourceResult(records, skips)

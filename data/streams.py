@@ -3,92 +3,154 @@
 The order is a pure function of (seed, global position): epoch e is torch.randperm(n) seeded from
 (seed, e), the epochs are concatenated into one global stream, and every next() consumes
 batch_size * world_size consecutive positions, rank r taking slice [r * batch_size, (r + 1) * batch_size).
-Flip augmentation is also derived from (seed, global position). So a stream resumed from state_dict(),
-or one split over a different number of ranks, sees exactly the same samples with the same pixels.
+Flip augmentation, and the replacement of an undecodable record, are also derived from (seed, global
+position). So a stream resumed from state_dict(), or one split over a different number of ranks, sees
+exactly the same samples with the same pixels. Nothing here draws from torch's global RNG (the loader has
+its own generator), so creating or restarting a stream never shifts the model's random numbers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from data.images import BadImage, load_rgb, to_tensor
+from data.images import BadImage, ImageInput, load_rgb, to_tensor
 from data.sources import Record
 
 logger = logging.getLogger(__name__)
 
-# Distinct words in the seed sequences, so epoch orders and flips never share random streams.
+# Distinct words in the seed sequences, so epoch orders, flips, replacements of undecodable records and
+# the loader's worker seeds never share random streams.
 _ORDER_PURPOSE = 0
 _FLIP_PURPOSE = 1
-# A run of this many undecodable records in a row means the storage is broken, not a few bad files.
-_MAX_CONSECUTIVE_FAILURES = 1000
+_REPLACEMENT_PURPOSE = 2
+_LOADER_PURPOSE = 3
+# This many undecodable records drawn in a row for one position means the storage is broken, not a few
+# bad files (with a fraction f of bad records the chance of reaching it is f ** 1000).
+_MAX_ATTEMPTS = 1000
+
+
+class SampleKey(NamedTuple):
+    """What the batch plan asks the dataset for: a record, whether to mirror it, and its global position."""
+
+    index: int
+    flip: bool
+    position: int
 
 
 class RecordDataset(Dataset):
-    """Decodes, converts and resizes Records; replaces an undecodable record by the next decodable one.
+    """Decodes, converts and resizes Records; replaces an undecodable record by a randomly drawn one.
 
-    Items are keyed by a record index or (record index, flip). Replacement is deterministic (the next
-    index, wrapping around), and each sample says how many records it replaced ("skipped"), so a batch
-    can report them; a warning naming the file is logged once per bad record and process.
+    Replacement attempt a for global position p takes a record drawn uniformly from a generator seeded
+    from (seed, p, a): deterministic, the same on resume and for any rank split, and spread over the whole
+    dataset rather than oversampling a neighbour. Each sample lists the failures met while building it
+    ("bad_records": [record id, reason, where] each) so the trainer can count distinct bad records. A record
+    found bad is not decoded again by this process, and its warning is logged once per process.
     """
 
-    def __init__(self, records: Sequence[Record], *, resolution: int, center_crop: bool = True) -> None:
+    def __init__(
+        self, records: Sequence[Record], *, resolution: int, seed: int, center_crop: bool = True
+    ) -> None:
         if not records:
             raise ValueError("RecordDataset needs at least one record")
         self.records = records
         self.resolution = resolution
+        self.seed = seed
         self.center_crop = center_crop
         self.has_images = _all_or_none(records, "image")
         self.has_captions = _all_or_none(records, "caption")
         if not self.has_images and not self.has_captions:
             raise ValueError("records hold neither images nor captions")
-        self._warned: set[str] = set()
+        self._bad: dict[int, tuple[str, str, str]] = {}  # record index -> (id, reason, where)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
-        index, flip = key if isinstance(key, tuple) else (key, False)
-        attempts = min(len(self.records), _MAX_CONSECUTIVE_FAILURES)
-        for skipped in range(attempts):
-            record = self.records[(index + skipped) % len(self.records)]
-            sample: dict[str, Any] = {"id": record.id, "skipped": skipped}
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        bad_records: list[list[str]] = []
+        for attempt in range(_MAX_ATTEMPTS):
+            index = key.index if attempt == 0 else self._replacement(key.position, attempt)
+            record = self.records[index]
+            sample: dict[str, Any] = {"id": record.id, "bad_records": bad_records}
             if self.has_captions:
                 sample["caption"] = record.caption
             if not self.has_images:
                 return sample
-            try:
-                sample["pixels"] = self._pixels(record, flip)
-            except BadImage as error:
-                self._warn_once(record, error)
-                continue
-            return sample
+            if index not in self._bad:
+                source = record.image() if callable(record.image) else record.image
+                try:
+                    sample["pixels"] = self._pixels(source, key.flip)
+                    return sample
+                except BadImage as error:
+                    self._bad[index] = self._failure(record, source, error)
+            bad_records.append(list(self._bad[index]))
+        named = ", ".join(f"{record_id} ({reason})" for record_id, reason, _ in bad_records[:5])
         raise RuntimeError(
-            f"{attempts} records in a row from index {index} (first id {self.records[index].id}) could not be "
-            "decoded; check that the image storage is readable"
+            f"stream position {key.position}: {_MAX_ATTEMPTS} records drawn in a row could not be decoded "
+            f"({len({entry[0] for entry in bad_records})} distinct, e.g. {named}); "
+            "check that the image storage is readable"
         )
 
-    def _pixels(self, record: Record, flip: bool) -> torch.Tensor:
-        source = record.image() if callable(record.image) else record.image
+    def _replacement(self, position: int, attempt: int) -> int:
+        """The record tried at `attempt` (>= 1) for `position`: uniform, keyed only by (seed, position, attempt)."""
+        rng = np.random.default_rng([self.seed, _REPLACEMENT_PURPOSE, position, attempt])
+        return int(rng.integers(len(self.records)))
+
+    def _pixels(self, source: ImageInput, flip: bool) -> torch.Tensor:
         image = load_rgb(source, min_side=self.resolution)
         return to_tensor(image, self.resolution, center_crop=self.center_crop, flip=flip)
 
-    def _warn_once(self, record: Record, error: BadImage) -> None:
-        if record.id not in self._warned:
-            self._warned.add(record.id)
-            logger.warning("skipping record %s, replaced by the next record: %s", record.id, error)
+    @staticmethod
+    def _failure(record: Record, source: ImageInput, error: BadImage) -> tuple[str, str, str]:
+        """(id, reason, where) of a record that failed to decode; logs the decoder's message."""
+        where = os.fspath(source) if isinstance(source, str | os.PathLike) else record.id
+        reason = _decode_reason(error, source)
+        logger.warning(
+            "skipping record %s (%s), replaced by a randomly drawn record: %s", record.id, reason, error
+        )
+        return record.id, reason, where
+
+
+def _decode_reason(error: BadImage, source: ImageInput) -> str:
+    """A short stable word for why a record did not decode, as specific as the decoder's error allows."""
+    cause = error.__cause__
+    if isinstance(cause, FileNotFoundError):
+        return "missing_file"  # removed after the source was read
+    if _is_empty(source):
+        return "empty_file"
+    if isinstance(cause, UnidentifiedImageError):
+        return "not_an_image"
+    # Pillow reports a file that ends early as an OSError whose message says "truncated".
+    if isinstance(cause, OSError) and "truncated" in str(cause).lower():
+        return "truncated_image"
+    return "undecodable_image"
+
+
+def _is_empty(source: ImageInput) -> bool:
+    """Whether an image source holds no bytes at all (a 0-byte file or an empty blob)."""
+    if isinstance(source, bytes):
+        return not source
+    if isinstance(source, str | os.PathLike):
+        try:
+            return os.path.getsize(source) == 0
+        except OSError:
+            return False
+    return False
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pixels; keep ids and captions as lists; sum the replaced-record counts."""
+    """Stack pixels; keep ids and captions as lists; gather the failures met while building the batch."""
     batch: dict[str, Any] = {
         "ids": [sample["id"] for sample in samples],
-        "skipped": sum(sample["skipped"] for sample in samples),
+        "bad_records": [entry for sample in samples for entry in sample["bad_records"]],
     }
     if "pixels" in samples[0]:
         batch["pixels"] = torch.stack([sample["pixels"] for sample in samples])
@@ -101,7 +163,8 @@ class Stream:
     """An infinite, resumable, rank-sharded iterator of batches (see the module docstring for the order).
 
     Batches: {"ids": list[str], "pixels": Tensor[B, 3, R, R] in [0, 1] (absent for text-only records),
-    "captions": list[str] (absent for image-only records), "skipped": int}.
+    "captions": list[str] (absent for image-only records), "bad_records": list[[record_id, reason, where]]
+    (the undecodable records met while building this batch, repeats included; SkipLedger.add dedups)}.
     random_flip mirrors images left-right: leave it off when captions mention left and right (shapes world).
     """
 
@@ -125,7 +188,7 @@ class Stream:
             raise ValueError(f"stream {name}: rank must be in [0, world_size={world_size}), got {rank}")
         if seed < 0:
             raise ValueError(f"stream {name}: seed must be non-negative, got {seed}")
-        self.dataset = RecordDataset(records, resolution=resolution, center_crop=center_crop)
+        self.dataset = RecordDataset(records, resolution=resolution, seed=seed, center_crop=center_crop)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -188,13 +251,22 @@ class Stream:
             world_size=self.world_size,
             random_flip=self.random_flip,
         )
+        # Every new iterator draws the workers' base seed from `generator`; left None, that draw would come
+        # from torch's global RNG and shift everything seeded after it (LoRA dropout masks) on resume.
+        generator = torch.Generator().manual_seed(
+            _seed_word(self.seed, _LOADER_PURPOSE, zlib.crc32(self.name.encode("utf-8")))
+        )
         return DataLoader(
-            self.dataset, batch_sampler=plan, num_workers=self.num_workers, collate_fn=collate_samples
+            self.dataset,
+            batch_sampler=plan,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            generator=generator,
         )
 
 
 class _BatchPlan:
-    """Yields this rank's (record index, flip) keys batch by batch, starting at a global position."""
+    """Yields this rank's SampleKeys batch by batch, starting at a global position."""
 
     def __init__(
         self,
@@ -216,17 +288,17 @@ class _BatchPlan:
         self.random_flip = random_flip
         self._orders: dict[int, list[int]] = {}
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         position = self.start
         while True:
             first = position + self.rank * self.batch_size
             yield [self._key(global_position) for global_position in range(first, first + self.batch_size)]
             position += self.batch_size * self.world_size
 
-    def _key(self, position: int) -> tuple[int, bool]:
+    def _key(self, position: int) -> SampleKey:
         epoch, offset = divmod(position, self.num_records)
         flip = self.random_flip and bool(_seed_word(self.seed, _FLIP_PURPOSE, position) & 1)
-        return self._order(epoch)[offset], flip
+        return SampleKey(self._order(epoch)[offset], flip, position)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:

@@ -8,7 +8,7 @@ called) live in one small class per family; BLIP is implemented, GIT / BLIP-2 wo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from models.computation import RunsInForward
+from models.modes import gradient_checkpointing_off
 from models.transfer import to_device
 
 IGNORE_INDEX = -100
@@ -47,12 +48,13 @@ class _BlipDecoding:
         # BLIP's generate drops the last input token (it expects the tokenizer's trailing [SEP]), so add one.
         sep_column = torch.full_like(prefix_ids[:, :1], model.config.text_config.sep_token_id)
         input_ids = torch.cat([prefix_ids, sep_column], dim=1)
-        sequences = model.generate(
-            pixel_values=pixel_values,
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            **kwargs,
-        )
+        with gradient_checkpointing_off(model.text_decoder):  # keeps generate's cache (see text_logits)
+            sequences = model.generate(
+                pixel_values=pixel_values,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                **kwargs,
+            )
         return sequences[:, prefix_ids.shape[1] :]
 
     def end_token_id(self, config: PretrainedConfig) -> int:
@@ -81,15 +83,23 @@ class _BlipDecoding:
 
         The same call forward() makes after its vision encoder, so teacher-forced results agree with logits().
         Note BlipTextEmbeddings adds position embeddings to `inputs_embeds` in place: pass a fresh tensor.
+
+        A cached call runs with the decoder's gradient checkpointing off. transformers drops the cache of a
+        checkpointed decoder in train mode (a recompute in backward would append the keys/values again), so
+        each step would see only its own token. The cost: each cached step's activations are kept for
+        backward rather than recomputed, about what one teacher-forced decoder pass over the decoded length
+        keeps without checkpointing (the keys/values themselves are in the cache either way); teacher-forced
+        calls and the vision encoder stay checkpointed.
         """
-        outputs = model.text_decoder(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image_states,
-            cache=cache,
-            use_cache=use_cache,
-        )
+        with gradient_checkpointing_off(model.text_decoder) if use_cache else nullcontext():
+            outputs = model.text_decoder(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                encoder_hidden_states=image_states,
+                cache=cache,
+                use_cache=use_cache,
+            )
         return outputs.logits, outputs.cache
 
 
@@ -380,7 +390,8 @@ class Captioner(RunsInForward):
         back as one-hot @ word embeddings, so a later position's gradient reaches every earlier step's logits.
         Returns probs [B, L, V] (position 0 the start token's one-hot, then the sampled one-hots; float32) and
         attention_mask [B, L] covering each row up to and including its first end token. L is max_length + 1,
-        or less when every row has ended before.
+        or less when every row has ended before. The cached steps run without gradient checkpointing, which
+        would drop the cache (memory cost in _BlipDecoding.text_logits).
         """
         batch = pixels01.shape[0]
         vocab = self.vocab_size

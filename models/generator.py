@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -18,6 +19,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
+    SchedulerMixin,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -55,14 +57,18 @@ class Generator(RunsInForward):
         tokenizer: CLIPTokenizer,
         vae: AutoencoderKL | None,
         noise_scheduler: DDPMScheduler,
+        sampling_scheduler: SchedulerMixin,
         resolution: int,
     ) -> None:
+        """noise_scheduler is the forward process training draws from; sampling_scheduler the checkpoint's
+        own sampler, kept for the pipelines exported from this model (sampling here always runs DDIM)."""
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
         self.noise_scheduler = noise_scheduler
+        self.sampling_scheduler = sampling_scheduler
         prediction_type = noise_scheduler.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
@@ -89,7 +95,7 @@ class Generator(RunsInForward):
         """Load a hub id or local folder in the StableDiffusionPipeline layout; no VAE means pixel space.
 
         `prediction_type` overrides the saved scheduler's, as diffusers' trainers do, e.g. to finetune an
-        epsilon model into a v-prediction one.
+        epsilon model into a v-prediction one; it applies to both the training and the sampling scheduler.
         """
         model_index = DiffusionPipeline.load_config(name_or_path, revision=revision)
         missing = [name for name in REQUIRED_COMPONENTS if not _names_component(model_index, name)]
@@ -112,9 +118,17 @@ class Generator(RunsInForward):
                 )
             vae = load(AutoencoderKL, "vae", torch_dtype=torch_dtype)
         # Whatever sampler the checkpoint ships (PNDM for SD 1.x), training needs the DDPM forward process.
-        noise_scheduler = load(DDPMScheduler, "scheduler")
-        if prediction_type is not None:
-            noise_scheduler.register_to_config(prediction_type=prediction_type)
+        overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
+        noise_scheduler = load(DDPMScheduler, "scheduler", **overrides)
+        sampling_scheduler = load(_scheduler_class(name_or_path, model_index), "scheduler", **overrides)
+        if (
+            prediction_type is not None
+            and sampling_scheduler.config.get("prediction_type") != prediction_type
+        ):
+            raise ValueError(
+                f"{name_or_path!r}: its scheduler {type(sampling_scheduler).__name__} takes no prediction_type, "
+                f"so prediction_type={prediction_type!r} cannot be applied to it"
+            )
         unet = load(UNet2DConditionModel, "unet", torch_dtype=torch_dtype)
         if resolution is None:
             sample_size = unet.config.sample_size
@@ -129,6 +143,7 @@ class Generator(RunsInForward):
             tokenizer=load(CLIPTokenizer, "tokenizer"),
             vae=vae,
             noise_scheduler=noise_scheduler,
+            sampling_scheduler=sampling_scheduler,
             resolution=resolution,
         )
 
@@ -448,6 +463,17 @@ def _names_component(model_index: dict[str, Any], name: str) -> bool:
     """model_index.json lists absent parts as [null, null] (or not at all)."""
     entry = model_index.get(name)
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+
+def _scheduler_class(name_or_path: str, model_index: dict[str, Any]) -> type[SchedulerMixin]:
+    """The diffusers scheduler class model_index.json names for the pipeline's sampling."""
+    class_name = model_index["scheduler"][1]
+    scheduler_class = getattr(diffusers, class_name, None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ValueError(
+            f"{name_or_path!r}: model_index.json scheduler {class_name!r} is not a diffusers scheduler"
+        )
+    return scheduler_class
 
 
 def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter:

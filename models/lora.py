@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from models.generator import stable_diffusion_pipeline
+from models.modes import frozen as frozen  # re-exported: defined with the other mode helpers
 
 if TYPE_CHECKING:
     from models.captioner import Captioner
@@ -168,16 +170,37 @@ def load_trainable_state_dict(
 
 
 @contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """Turn requires_grad off while the partner model only passes gradients through; restore it after."""
-    saved = [(param, param.requires_grad) for param in module.parameters()]
-    for param, _ in saved:
-        param.requires_grad_(False)
+def _sets_sorted(config: LoraConfig) -> Iterator[None]:
+    """The config's set fields (target_modules, exclude_modules) as sorted lists while it is written.
+
+    peft and diffusers write a set in iteration order, which follows string hashes and so differs between
+    processes (PYTHONHASHSEED): sorted, two identical runs write identical files.
+    """
+    sets = {name: value for name, value in vars(config).items() if isinstance(value, set)}
     try:
-        yield module
+        for name, value in sets.items():
+            setattr(config, name, sorted(value))
+        yield
     finally:
-        for param, requires_grad in saved:
-            param.requires_grad_(requires_grad)
+        for name, value in sets.items():
+            setattr(config, name, value)
+
+
+def _canonical_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's header in one fixed order: sorted metadata, then tensors by offset.
+
+    safetensors writes `__metadata__` from a Rust hash map, randomly ordered per process, so files with more
+    than one metadata entry would differ in bytes between identical runs. The tensor data is left as it is.
+    """
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    tensors = json.loads(data[8 : 8 + length])
+    metadata = tensors.pop("__metadata__", None)
+    header = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    header.update(sorted(tensors.items(), key=lambda item: item[1]["data_offsets"]))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
 
 
 def _require_peft_captioner(captioner: Captioner) -> PeftModel:
@@ -191,13 +214,15 @@ def _require_peft_captioner(captioner: Captioner) -> PeftModel:
 def save_captioner_adapter(captioner: Captioner, out_dir: Path) -> Path:
     """PEFT folder (adapter_model.safetensors + adapter_config.json) for PeftModel.from_pretrained(base, dir).
 
-    base_model_name_or_path is filled from the base model's source so the folder says what it adapts.
+    base_model_name_or_path is filled from the base model's source so the folder says what it adapts; the
+    config's sets are written sorted, so identical runs write identical folders.
     """
     model = _require_peft_captioner(captioner)
     config = model.peft_config[ADAPTER_NAME]
     base = model.get_base_model()
     config.base_model_name_or_path = config.base_model_name_or_path or base.config._name_or_path or None
-    model.save_pretrained(out_dir)
+    with _sets_sorted(config):
+        model.save_pretrained(out_dir)
     return Path(out_dir)
 
 
@@ -229,16 +254,20 @@ def save_generator_lora(generator: Generator, out_dir: Path, *, kohya: bool = Fa
     """diffusers `pytorch_lora_weights.safetensors` (and a kohya/A1111 file if asked) for load_lora_weights.
 
     The LoraConfig travels as the file's adapter metadata: without it diffusers infers lora_alpha = rank.
+    Identical runs write byte-identical files (sorted sets, canonical headers).
     """
     config = _require_generator_lora(generator)
     out_dir = Path(out_dir)
     peft_state = get_peft_model_state_dict(generator.unet, adapter_name=ADAPTER_NAME)
+    with _sets_sorted(config):
+        metadata = config.to_dict()
     StableDiffusionPipeline.save_lora_weights(
         out_dir,
         unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
         weight_name=DIFFUSERS_LORA_FILE,
-        unet_lora_adapter_metadata=config.to_dict(),
+        unet_lora_adapter_metadata=metadata,
     )
+    _canonical_safetensors_header(out_dir / DIFFUSERS_LORA_FILE)
     if kohya:
         kohya_metadata = {
             "format": "pt",
@@ -251,6 +280,7 @@ def save_generator_lora(generator: Generator, out_dir: Path, *, kohya: bool = Fa
             out_dir / KOHYA_LORA_FILE,
             metadata=kohya_metadata,
         )
+        _canonical_safetensors_header(out_dir / KOHYA_LORA_FILE)
     return out_dir
 
 
@@ -276,7 +306,8 @@ def save_merged_generator(generator: Generator, out_dir: Path) -> Path:
     """A standalone fp32 StableDiffusionPipeline folder with the LoRA fused into the UNet.
 
     Full fine-tuning has nothing to fuse: the trained UNet and text encoder are saved as they are. The
-    training noise scheduler is saved as the pipeline's scheduler so prediction_type stays consistent.
+    pipeline keeps the base model's sampling scheduler (with any prediction_type override the model was
+    trained to), not the DDPM process training drew noise from, so its default sampling stays the base's.
     """
     unet = _fp32_cpu_copy(generator.unet)
     if getattr(unet, "peft_config", None):
@@ -287,7 +318,7 @@ def save_merged_generator(generator: Generator, out_dir: Path) -> Path:
         text_encoder=_fp32_cpu_copy(generator.text_encoder),
         tokenizer=generator.tokenizer,
         unet=unet,
-        scheduler=generator.noise_scheduler,
+        scheduler=generator.sampling_scheduler,
     )
     pipeline.save_pretrained(out_dir)
     return Path(out_dir)

@@ -63,10 +63,9 @@ from transformers import (
 from data.mixer import BatchMixer
 from data.sources import shapes as shapes_source
 from data.streams import Stream
-from losses.phases import PHASE_LOSSES
 from losses.randomness import DrawKey
 from models.generator import Generator
-from models.lora import GENERATOR_LORA_TARGETS, frozen
+from models.lora import GENERATOR_LORA_TARGETS
 from models.scoring import caption_scores
 from models.tiny import save_tiny_captioner, save_tiny_generator
 from train.builders import (
@@ -80,8 +79,7 @@ from train.builders import (
     build_streams,
 )
 from train.config import Config, load_config
-from train.cycle import batch_to_device
-from train.update import optimizer_update
+from train.step import batch_to_device, phase_step
 
 REPO = Path(__file__).resolve().parents[1]
 # bf16 dense throughput measured on this workplace's H100 (the MFU denominator).
@@ -332,7 +330,7 @@ def bench_config(
 
 def fixed_batch(config: Config, phase: str) -> dict[str, Any]:
     """The first paired batch of the config's data, through the trainer's streams and mixer."""
-    streams = build_streams(config, rank=0, world_size=1)
+    streams, _ = build_streams(config, rank=0, world_size=1)
     return BatchMixer(streams, image_only_ratio=0.0, text_only_ratio=0.0).next(phase, 0.0)
 
 
@@ -364,34 +362,19 @@ class TrainerStep:
         self.on_stage: Callable[[str], None] = lambda stage: None
 
     def step(self) -> None:
-        trained = self.models[self.phase]
-        partner = self.captioner if self.phase == "generator" else self.generator
-        key = DrawKey(self.config.seed, self.update)
-        self.on_stage("forward")
-        with frozen(partner):
-            phase_loss = partial(
-                PHASE_LOSSES[self.phase],
-                partner=partner,
-                batch=self.batch,
-                config=self.config,
-                key=key,
-                bridge=self.bridge,
-            )
-            output = trained(phase_loss)
-            loss = sum(output.terms.values())
-            self.on_stage("backward")
-            self.accelerator.backward(loss)
-        self.on_stage("update")
-        nonfinite = not torch.isfinite(loss.detach()).item()
-        self.logged = {name: float(value) for name, value in {**output.terms, **output.metrics}.items()}
-        optimizer_update(
+        result = phase_step(
             self.accelerator,
-            self.optimizer,
-            self.scheduler,
-            self.config.phase_settings(self.phase).optimizer.max_grad_norm,
-            nonfinite_loss=nonfinite,
+            self.phase,
+            models=self.models,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            next_batch=lambda key: self.batch,
+            config=self.config,
+            update=self.update,
+            bridge=self.bridge,
+            on_stage=self.on_stage,
         )
-        self.on_stage("done")
+        self.logged = {name: float(value) for name, value in result.terms.items()}
         self.update += 1
 
     def extra(self) -> dict[str, Any]:

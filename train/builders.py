@@ -13,6 +13,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from data import sources
+from data.skips import SkipLedger
 from data.streams import Stream
 from models.bridge import VocabularyBridge
 from models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
@@ -43,6 +44,9 @@ def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") ->
         add_captioner_lora(captioner, **_lora_kwargs(settings))
     if settings.gradient_checkpointing:
         captioner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Loaded in eval mode; trained in train mode from update 1 (dropout and checkpointing act), while
+    # models.modes.frozen puts it in eval mode whenever it serves as the partner.
+    captioner.train()
     return captioner, prepare_trainable(
         captioner, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
     )
@@ -64,6 +68,7 @@ def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") ->
             generator.text_encoder.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+    generator.train()  # as the captioner: train mode when trained, eval mode as the partner
     return generator, prepare_trainable(
         generator, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
     )
@@ -137,21 +142,28 @@ def build_lr_scheduler(
     )
 
 
-def load_records(source_list: list[SourceSettings], role: str, resolution: int) -> list[sources.Record]:
-    """Records of every source in a data role; unpaired roles keep only the side they use."""
+def load_records(
+    source_list: list[SourceSettings], role: str, resolution: int
+) -> tuple[list[sources.Record], SkipLedger]:
+    """Records of every source in a data role, and the manifest rows the sources dropped reading them.
+
+    Unpaired roles keep only the side they use; each source also logs a summary of what it dropped.
+    """
     records: list[sources.Record] = []
+    skips = SkipLedger()
     for settings in source_list:
         options = settings.model_dump(exclude={"type"})
         if settings.type == "shapes":
             options["resolution"] = resolution
-        loaded, _ = SOURCE_LOADERS[settings.type](**options)  # the source logs its own skip report
+        loaded, source_skips = SOURCE_LOADERS[settings.type](**options)
         logger.info("data.%s: %d records from a %s source", role, len(loaded), settings.type)
         records.extend(loaded)
+        skips.merge(source_skips)
     if role == "image_only":
         records = [dataclasses.replace(record, caption=None) for record in records]
     elif role == "text_only":
         records = [dataclasses.replace(record, image=None) for record in records]
-    return records
+    return records, skips
 
 
 SOURCE_LOADERS = {
@@ -180,14 +192,19 @@ def _stream(records: list[sources.Record], config: Config, role: str, rank: int,
     )
 
 
-def build_streams(config: Config, rank: int, world_size: int) -> dict[str, Stream]:
-    """One resumable, rank-sharded stream per data role that has sources."""
+def build_streams(config: Config, rank: int, world_size: int) -> tuple[dict[str, Stream], SkipLedger]:
+    """One resumable, rank-sharded stream per data role that has sources, and what the sources dropped.
+
+    The trainer's ledger starts from these build-time skips; batches then report records that fail to decode.
+    """
     streams = {}
+    skips = SkipLedger()
     for role in ("paired", "image_only", "text_only"):
-        records = load_records(getattr(config.data, role), role, config.data.resolution)
+        records, role_skips = load_records(getattr(config.data, role), role, config.data.resolution)
+        skips.merge(role_skips)
         if records:
             streams[role] = _stream(records, config, role, rank, world_size)
-    return streams
+    return streams, skips
 
 
 def build_bridge(
@@ -208,11 +225,15 @@ def build_bridge(
 
 
 def build_validation_batch(config: Config) -> dict:
-    """A fixed batch for validation: the validation sources, or else the first paired records."""
+    """A fixed batch for validation: the validation sources, or else the first paired records.
+
+    Its "bad_records" also lists the rows the sources dropped, so everything skipped can reach the ledger.
+    """
     role = "validation" if config.data.validation else "paired"
-    records = load_records(getattr(config.data, role), role, config.data.resolution)
+    records, skips = load_records(getattr(config.data, role), role, config.data.resolution)
     count = min(config.train.num_validation_samples, len(records))
     batch_config = config.model_copy(deep=True)
     batch_config.data.train_batch_size = count
     batch_config.data.random_flip = False
-    return _stream(records[:count], batch_config, role, rank=0, world_size=1).next()
+    batch = _stream(records[:count], batch_config, role, rank=0, world_size=1).next()
+    return {**batch, "bad_records": skips.entries() + batch["bad_records"]}

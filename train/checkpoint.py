@@ -1,135 +1,265 @@
-"""Checkpoints that survive preemption: atomic folders, `latest`, pruning, trainable-only weights, SIGTERM.
+"""Checkpoints that survive preemption and never run code: safetensors + JSON, a manifest, atomic folders.
 
-Layout: {output_dir}/checkpoint-{N}/ holds what `accelerator.save_state` writes (optimizers, schedulers,
-RNG states per rank, custom objects such as the trainer state) plus `{model}_trainable.safetensors` with
-only the trainable weights (LoRA adapters, or the full model in full mode) and the resolved config.
-A folder is written as `.tmp-checkpoint-{N}` and renamed when complete, so a crash mid-write never leaves a
-folder that `latest` would pick.
+Layout of {output_dir}/checkpoint-{N}/:
+  config.yaml                        the resolved run config
+  trainer_state.json                 update counters, data positions, skipped records, tracker run id
+  {model}_trainable.safetensors      only the trainable weights (LoRA adapters, or all in full mode)
+  optimizer_{model}.safetensors      AdamW moments (param groups in the file's JSON metadata)
+  lr_scheduler_{model}.json          the learning-rate schedule's position
+  rng_state_{rank}.safetensors       every global random generator of each process
+  grad_scaler.json                   fp16 loss scale (fp16 runs only)
+  manifest.json                      every file above with its size and SHA-256, written last
+Nothing is pickled, so a file planted in a shared run folder cannot execute on resume. A folder is written
+as `.tmp-checkpoint-{N}` and renamed once its manifest is on disk; `latest` takes the newest folder whose
+manifest verifies and names every newer one it passes over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any, Protocol, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, save_file
 
 from models.lora import load_trainable_state_dict, trainable_state_dict
+from train.config import Config, ConfigError, load_config, save_config
+from train.manifest import MANIFEST_NAME, fsync_directory, manifest_problem, write_manifest
+from train.optimizer_state import load_optimizer_state, save_optimizer_state
+from train.rng import restore_rng_state, rng_state_tensors
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-COMPLETE_MARKER = "trainer_state.json"
 CONFIG_NAME = "config.yaml"
+TRAINER_STATE_NAME = "trainer_state.json"
+GRAD_SCALER_NAME = "grad_scaler.json"
+
+T = TypeVar("T")
+
+
+def trainable_weights_name(model: str) -> str:
+    return f"{model}_trainable.safetensors"
+
+
+def optimizer_state_name(model: str) -> str:
+    return f"optimizer_{model}.safetensors"
+
+
+def lr_scheduler_name(model: str) -> str:
+    return f"lr_scheduler_{model}.json"
+
+
+def rng_state_name(rank: int) -> str:
+    return f"rng_state_{rank}.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the file at fault and (where known) the newest good one."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainingParts:
+    """What a checkpoint saves and restores: models (unwrapped, with trainable names) and their optimizers,
+    learning-rate schedulers and the trainer's own state, all keyed by model name."""
+
+    models: dict[str, tuple[torch.nn.Module, list[str]]]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Stateful]
+    trainer_state: Stateful
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first. Temporary or half-written folders are ignored."""
+    """checkpoint-N folders, oldest first (verified only by resolve_resume / verify_checkpoint)."""
     if not output_dir.is_dir():
         return []
     found = []
     for child in output_dir.iterdir():
         match = CHECKPOINT_PATTERN.match(child.name)
-        if match and (child / COMPLETE_MARKER).is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
 
+def is_checkpoint_folder(folder: Path) -> bool:
+    """A training checkpoint (intact or not), as opposed to an export folder: it has a manifest or weights."""
+    return (folder / MANIFEST_NAME).is_file() or any(folder.glob(trainable_weights_name("*")))
+
+
+def newest_intact_checkpoint(output_dir: Path, *, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose manifest verifies; each newer damaged one is named in a warning."""
+    for _, folder in reversed(list_checkpoints(output_dir)):
+        problem = manifest_problem(folder)
+        if problem is None:
+            return folder
+        if warn:
+            logger.warning("passing over %s: %s", folder, problem)
+    return None
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError naming the bad file and the newest intact checkpoint beside it."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder")
+    problem = manifest_problem(folder)
+    if problem is not None:
+        good = newest_intact_checkpoint(folder.parent, warn=False)
+        hint = (
+            f"the newest intact checkpoint there is {good}"
+            if good
+            else "there is no intact checkpoint beside it"
+        )
+        raise CheckpointError(f"checkpoint {folder} failed verification: {problem}; {hint}")
+
+
 def resolve_resume(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
-    """'latest' -> newest complete checkpoint (None if there is none yet); a path must be a complete one."""
+    """'latest' -> newest intact checkpoint (None if there is none yet); a path must verify."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
+        found = newest_intact_checkpoint(output_dir)
+        if found is None:
             logger.info(
-                "train.resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", output_dir
+                "train.resume_from_checkpoint=latest: no intact checkpoint in %s, starting fresh", output_dir
             )
-            return None
-        return checkpoints[-1][1]
-    path = Path(resume_from_checkpoint)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(
-            f"train.resume_from_checkpoint: {path} is not a complete checkpoint folder (no {COMPLETE_MARKER})"
-        )
-    return path
+        return found
+    folder = Path(resume_from_checkpoint)
+    verify_checkpoint(folder)
+    return folder
 
 
-class TrainableWeights:
-    """Accelerate save/load hooks that store only the trainable weights of each prepared model.
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Whatever a damaged or planted file makes a parser raise becomes one error naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:  # parsers raise their own types (SafetensorError, JSONDecodeError, ...)
+        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from None
 
-    Without them `save_state` would write every frozen base weight (gigabytes for Stable Diffusion) into
-    every checkpoint.
-    """
 
-    def __init__(
-        self, accelerator: Accelerator, modules: dict[str, tuple[torch.nn.Module, list[str]]]
-    ) -> None:
-        self.accelerator = accelerator
-        self.modules = modules
-        accelerator.register_save_state_pre_hook(self._save)
-        accelerator.register_load_state_pre_hook(self._load)
+def _read(path: Path, reader: Callable[[Path], T]) -> T:
+    with _reading(path):
+        return reader(path)
 
-    def _name_of(self, model: torch.nn.Module) -> str:
-        unwrapped = extract_model_from_parallel(model)
-        for name, (module, _) in self.modules.items():
-            if module is unwrapped:
-                return name
-        raise KeyError(f"model {type(unwrapped).__name__} was not registered for checkpointing")
 
-    def _save(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
-        for model in models:
-            name = self._name_of(model)
-            module, names = self.modules[name]
-            if self.accelerator.is_main_process:
-                state = {
-                    key: value.contiguous() for key, value in trainable_state_dict(module, names).items()
-                }
-                save_file(state, str(Path(output_dir) / f"{name}_trainable.safetensors"))
-        weights.clear()
+def read_json(path: Path) -> Any:
+    return _read(path, lambda file: json.loads(file.read_text()))
 
-    def _load(self, models: list[torch.nn.Module], input_dir: str) -> None:
-        for model in models:
-            name = self._name_of(model)
-            module, names = self.modules[name]
-            load_trainable_state_dict(
-                module, load_file(str(Path(input_dir) / f"{name}_trainable.safetensors")), names
-            )
-        models.clear()
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return _read(path, lambda file: load_file(str(file)))
+
+
+def read_config(folder: Path) -> Config:
+    path = folder / CONFIG_NAME
+    try:
+        return _read(path, load_config)
+    except ConfigError as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+
+
+def _write_json(value: Any, path: Path) -> None:
+    path.write_text(json.dumps(value, indent=1))
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, config_text: str, state_json: str
+    accelerator: Accelerator, output_dir: Path, step: int, parts: TrainingParts, config: Config
 ) -> Path:
-    """Every rank calls this (DeepSpeed and multi-node saves hang otherwise); the rename makes it atomic."""
+    """Every rank calls this (each writes its RNG state; DeepSpeed and multi-node saves hang otherwise).
+
+    The main process writes the rest, then the manifest, flushes everything and renames the folder.
+    """
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    save_file(rng_state_tensors(), str(staging / rng_state_name(accelerator.process_index)))
+    if accelerator.is_main_process:
+        save_config(config, staging / CONFIG_NAME)
+        _write_json(parts.trainer_state.state_dict(), staging / TRAINER_STATE_NAME)
+        for name, (module, names) in parts.models.items():
+            weights = {key: value.contiguous() for key, value in trainable_state_dict(module, names).items()}
+            save_file(weights, str(staging / trainable_weights_name(name)))
+            save_optimizer_state(parts.optimizers[name], staging / optimizer_state_name(name))
+            _write_json(parts.schedulers[name].state_dict(), staging / lr_scheduler_name(name))
+        if accelerator.scaler is not None:
+            _write_json(accelerator.scaler.state_dict(), staging / GRAD_SCALER_NAME)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staging / CONFIG_NAME).write_text(config_text)
-        (staging / COMPLETE_MARKER).write_text(state_json)
+        write_manifest(staging, _required_files(parts, accelerator.num_processes))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
+        fsync_directory(output_dir)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
+def _required_files(parts: TrainingParts, num_processes: int) -> list[str]:
+    names = [CONFIG_NAME, TRAINER_STATE_NAME, *(rng_state_name(rank) for rank in range(num_processes))]
+    for model in parts.models:
+        names += [trainable_weights_name(model), optimizer_state_name(model), lr_scheduler_name(model)]
+    return names
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, parts: TrainingParts) -> None:
+    """Restore everything save_checkpoint wrote into `parts` (every rank calls it), after verification."""
+    verify_checkpoint(folder)
+    for name, (module, names) in parts.models.items():
+        weights_path = folder / trainable_weights_name(name)
+        weights = read_tensors(weights_path)
+        with _reading(weights_path):
+            load_trainable_state_dict(module, weights, names)
+        optimizer_path = folder / optimizer_state_name(name)
+        with _reading(optimizer_path):
+            load_optimizer_state(parts.optimizers[name], optimizer_path)
+        scheduler_path = folder / lr_scheduler_name(name)
+        scheduler_state = read_json(scheduler_path)
+        with _reading(scheduler_path):
+            parts.schedulers[name].load_state_dict(scheduler_state)
+    trainer_path = folder / TRAINER_STATE_NAME
+    trainer_state = read_json(trainer_path)
+    with _reading(trainer_path):
+        parts.trainer_state.load_state_dict(trainer_state)
+    if accelerator.scaler is not None and (folder / GRAD_SCALER_NAME).is_file():
+        accelerator.scaler.load_state_dict(read_json(folder / GRAD_SCALER_NAME))
+    rng_path = folder / rng_state_name(accelerator.process_index)
+    if rng_path.is_file():
+        rng_state = read_tensors(rng_path)
+        with _reading(rng_path):
+            restore_rng_state(rng_state)
+    else:
+        logger.warning(
+            "%s has no %s (saved with fewer processes): random generators not restored, dropout masks will "
+            "differ from an uninterrupted run",
+            folder,
+            rng_path.name,
+        )
+
+
 def prune_checkpoints(output_dir: Path, total_limit: int | None) -> list[Path]:
-    """Keep the newest `total_limit` complete checkpoints; call on the main process after a save."""
+    """Keep the newest `total_limit` checkpoint folders; call on the main process after a save."""
     if total_limit is None:
         return []
     checkpoints = list_checkpoints(output_dir)

@@ -9,27 +9,22 @@ component (models, losses, data, checkpoints, tracking) lives in its own package
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from data.mixer import BatchMixer
-from losses.phases import PHASE_LOSSES
 from losses.randomness import DrawKey
-from models.lora import frozen
-from models.transfer import to_device
+from models.bridge import VocabularyBridge
 from train.builders import (
     build_bridge,
     build_captioner,
@@ -43,13 +38,17 @@ from train.builders import (
 )
 from train.checkpoint import (
     CONFIG_NAME,
+    CheckpointError,
     PreemptionSignal,
-    TrainableWeights,
+    TrainingParts,
+    load_checkpoint,
     prune_checkpoints,
+    read_config,
     resolve_resume,
     save_checkpoint,
 )
 from train.config import (
+    PHASES,
     Config,
     ConfigError,
     fingerprint_differences,
@@ -59,11 +58,25 @@ from train.config import (
 )
 from train.export import export_run
 from train.state import TrainerState
+from train.step import PhaseStepResult, batch_to_device, phase_step
 from train.tracking import StepLog, log_validation_table, start_tracking, trackers_for, wandb_run_dir
-from train.update import optimizer_update
 from train.validation import check_validation_metrics, validate
 
 logger = logging.getLogger("cycletune")
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once (and restored from a checkpoint on resume)."""
+
+    config: Config
+    accelerator: Accelerator
+    models: dict[str, torch.nn.Module]  # prepared (DDP-wrapped where distributed)
+    parts: TrainingParts  # unwrapped models, optimizers, schedulers, trainer state: what checkpoints hold
+    mixer: BatchMixer
+    bridge: VocabularyBridge | None
+    state: TrainerState
+    logs: tuple[StepLog, StepLog] | None  # samples.jsonl, metrics.jsonl (main process only)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
@@ -76,19 +89,154 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     return load_config(args.config, args.overrides), [args.config, *args.overrides]
 
 
-def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        key: to_device(value, device) if torch.is_tensor(value) else value for key, value in batch.items()
-    }
+def resume_target(config: Config) -> Path | None:
+    """The checkpoint to resume from, refused if it is damaged or holds weights of a different shape."""
+    resume_dir = resolve_resume(Path(config.output_dir), config.train.resume_from_checkpoint)
+    if resume_dir is not None:
+        differences = fingerprint_differences(
+            model_fingerprint(read_config(resume_dir)), model_fingerprint(config)
+        )
+        if differences:
+            raise CheckpointError(f"cannot resume from {resume_dir}:\n  " + "\n  ".join(differences))
+    return resume_dir
 
 
-@contextmanager
-def sync_gradients_if(
-    accelerator: Accelerator, model: torch.nn.Module, last_micro_batch: bool
-) -> Iterator[None]:
-    """All-reduce only on the last micro-batch of an update (per model, not Accelerate's global counter)."""
-    with nullcontext() if last_micro_batch else accelerator.no_sync(model):
-        yield
+def build_run(config: Config, accelerator: Accelerator) -> Run:
+    """Models (trained one in train mode), optimizers, per-model LR schedules, data streams, bridge."""
+    captioner, captioner_names = build_captioner(config.captioner, config.mixed_precision)
+    generator, generator_names = build_generator(config.generator, config.mixed_precision)
+    generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
+    modules = {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
+    updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)
+    optimizers, schedulers = {}, {}
+    for phase, (module, names) in modules.items():
+        settings = config.phase_settings(phase).optimizer
+        optimizers[phase] = build_optimizer(module, names, settings)
+        schedulers[phase] = build_lr_scheduler(optimizers[phase], settings, updates_per_phase[phase])
+    streams, skipped_records = build_streams(config, accelerator.process_index, accelerator.num_processes)
+    mixer = BatchMixer(
+        streams, image_only_ratio=config.data.image_only_ratio, text_only_ratio=config.data.text_only_ratio
+    )
+    bridge = build_bridge(config, captioner, generator, accelerator.device)
+    prepared = accelerator.prepare(captioner, generator, optimizers["captioner"], optimizers["generator"])
+    models = dict(zip(PHASES, prepared[:2], strict=True))
+    optimizers = dict(zip(PHASES, prepared[2:], strict=True))
+    state = TrainerState(streams=streams, skipped_records=skipped_records)
+    parts = TrainingParts(modules, optimizers, schedulers, state)
+    return Run(config, accelerator, models, parts, mixer, bridge, state, logs=None)
+
+
+def record_update(run: Run, phase: str, result: PhaseStepResult, started: float) -> None:
+    """Count the update and its bad records (the same on every rank), log samples and, at intervals, metrics."""
+    state, config = run.state, run.config
+    if result.skipped:
+        state.skipped_nonfinite += 1
+        logger.warning("update %d (%s): non-finite loss or gradient, step skipped", state.step, phase)
+    state.step += 1
+    state.updates[phase] += 1
+    per_rank = gather_object([{"ids": result.ids, "bad_records": result.bad_records}])
+    for entry in (bad for rank in per_rank for bad in rank["bad_records"]):
+        state.skipped_records.add(*entry)
+    ids = [sample_id for rank in per_rank for sample_id in rank["ids"]]
+    if run.logs is not None:
+        run.logs[0].append(state.step, phase=phase, ids=ids)
+    # Per model: a global counter would never land on one phase's updates (2 phases, even interval).
+    if state.updates[phase] % config.train.logging_steps == 0:
+        logs: dict[str, Any] = {f"{phase}/{name}": float(value) for name, value in result.terms.items()}
+        logs |= {
+            f"{phase}/lr": run.parts.schedulers[phase].get_last_lr()[0],
+            f"{phase}/grad_norm": result.grad_norm,
+            "samples_per_second": len(ids) / (time.perf_counter() - started),
+            "skipped_nonfinite_updates": state.skipped_nonfinite,
+            "skipped_records": state.skipped_records.total,
+            **{f"skipped_records/{reason}": n for reason, n in state.skipped_records.counts().items()},
+        }
+        run.accelerator.log(logs, step=state.step)
+        if run.logs is not None:
+            run.logs[1].append(state.step, **logs)
+
+
+def maybe_validate(run: Run, validation_batch: dict[str, Any] | None) -> None:
+    """Validation on the main process at train.validation_steps; every submodule's mode is restored."""
+    if validation_batch is None or run.state.step % run.config.train.validation_steps:
+        return
+    if run.accelerator.is_main_process:
+        captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
+        device_batch = batch_to_device(validation_batch, run.accelerator.device)
+        with run.accelerator.autocast():
+            metrics, rows = validate(captioner, generator, device_batch, run.config)
+        run.accelerator.log(metrics, step=run.state.step)
+        run.logs[1].append(run.state.step, **metrics)
+        log_validation_table(run.accelerator, rows, run.state.step)
+    run.accelerator.wait_for_everyone()
+
+
+def train(run: Run) -> bool:
+    """The loop: one optimizer update of one model per step. Returns True if a signal stopped it."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    validates = accelerator.is_main_process and config.train.validation_steps is not None
+    validation_batch = build_validation_batch(config) if validates else None
+    preemption = PreemptionSignal()
+    progress = tqdm(
+        total=config.train.max_train_steps,
+        initial=state.step,
+        desc="updates",
+        disable=not accelerator.is_local_main_process,
+    )
+    while state.step < config.train.max_train_steps:
+        started = time.perf_counter()
+        phase = config.train.schedule[state.step % len(config.train.schedule)]
+
+        def next_batch(key: DrawKey, phase: str = phase) -> dict[str, Any]:
+            return run.mixer.next(phase, key.uniform("batch_kind"))
+
+        result = phase_step(
+            accelerator,
+            phase,
+            models=run.models,
+            optimizer=run.parts.optimizers[phase],
+            scheduler=run.parts.schedulers[phase],
+            next_batch=next_batch,
+            config=config,
+            update=state.step,
+            bridge=run.bridge,
+            stop_requested=preemption.received,
+        )
+        record_update(run, phase, result, started)
+        progress.update(1)
+        maybe_validate(run, validation_batch)
+        if state.step % config.train.checkpointing_steps == 0 or result.stop:
+            save_checkpoint(accelerator, Path(config.output_dir), state.step, run.parts, config)
+            if accelerator.is_main_process:
+                prune_checkpoints(Path(config.output_dir), config.train.checkpoints_total_limit)
+        if result.stop:
+            logger.warning(
+                "stopped by signal at update %d; resume with train.resume_from_checkpoint=latest", state.step
+            )
+            return True
+    progress.close()
+    return False
+
+
+def finish(run: Run, command: list[str]) -> None:
+    """Export adapters in the formats other tools load and say where everything is."""
+    accelerator, state, output_dir = run.accelerator, run.state, Path(run.config.output_dir)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
+    export_dir = export_run(
+        captioner, generator, run.config, output_dir / "export", step=state.step, command=command
+    )
+    run_dir = wandb_run_dir(accelerator)
+    print(f"{'run folder:':<19}{output_dir.resolve()}")
+    print(f"{'exported adapters:':<19}{export_dir.resolve()}")
+    if run_dir is not None:
+        print(f"{'W&B run:':<19}{run_dir.resolve()}")
+    if state.skipped_records.total:
+        print(f"skipped records: {state.skipped_records.summary()}")
+    if state.skipped_nonfinite:
+        print(f"skipped updates: {state.skipped_nonfinite} with a non-finite loss or gradient")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,183 +256,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(config.seed)
-
-    # --- resume target, refused if it holds weights of a different shape -----------------------------
-    resume_dir = resolve_resume(output_dir, config.train.resume_from_checkpoint)
-    if resume_dir is not None:
-        saved = load_config(resume_dir / CONFIG_NAME)
-        differences = fingerprint_differences(model_fingerprint(saved), model_fingerprint(config))
-        if differences:
-            print(f"error: cannot resume from {resume_dir}:\n  " + "\n  ".join(differences), file=sys.stderr)
-            return 2
+    try:
+        resume_dir = resume_target(config)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / CONFIG_NAME)
 
-    # --- models, optimizers, schedulers, data -------------------------------------------------------
-    captioner, captioner_names = build_captioner(config.captioner, config.mixed_precision)
-    generator, generator_names = build_generator(config.generator, config.mixed_precision)
-    generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
-    updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)
-    optimizers, schedulers = {}, {}
-    for phase, module, names in (
-        ("captioner", captioner, captioner_names),
-        ("generator", generator, generator_names),
-    ):
-        settings = config.phase_settings(phase).optimizer
-        optimizers[phase] = build_optimizer(module, names, settings)
-        schedulers[phase] = build_lr_scheduler(optimizers[phase], settings, updates_per_phase[phase])
-    streams = build_streams(config, accelerator.process_index, accelerator.num_processes)
-    mixer = BatchMixer(
-        streams, image_only_ratio=config.data.image_only_ratio, text_only_ratio=config.data.text_only_ratio
-    )
-    bridge = build_bridge(config, captioner, generator, accelerator.device)
-    TrainableWeights(
-        accelerator, {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
-    )
-    captioner, generator, optimizers["captioner"], optimizers["generator"] = accelerator.prepare(
-        captioner, generator, optimizers["captioner"], optimizers["generator"]
-    )
-    models = {"captioner": captioner, "generator": generator}
-    state = TrainerState(streams=streams)
-    accelerator.register_for_checkpointing(state, schedulers["captioner"], schedulers["generator"])
+    run = build_run(config, accelerator)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        logger.info("resumed from %s at update %d", resume_dir, state.step)
-    state.tracker_run_id = start_tracking(accelerator, config, state.tracker_run_id)
-    sample_log, metrics_log = (
-        (StepLog(output_dir / "samples.jsonl", state.step), StepLog(output_dir / "metrics.jsonl", state.step))
-        if accelerator.is_main_process
-        else (None, None)
-    )
-    validates = accelerator.is_main_process and config.train.validation_steps is not None
-    validation_batch = build_validation_batch(config) if validates else None
-    preemption = PreemptionSignal()
-
-    # --- the loop: one optimizer update of one model per step --------------------------------------------
-    progress = tqdm(
-        total=config.train.max_train_steps,
-        initial=state.step,
-        desc="updates",
-        disable=not accelerator.is_local_main_process,
-    )
-    accumulation = config.train.gradient_accumulation_steps
-    while state.step < config.train.max_train_steps:
-        started = time.perf_counter()
-        phase = config.train.schedule[state.step % len(config.train.schedule)]
-        partner_phase = "generator" if phase == "captioner" else "captioner"
-        trained, partner = models[phase], extract_model_from_parallel(models[partner_phase])
-
-        logged: dict[str, list[float]] = defaultdict(list)
-        nonfinite, ids = 0, []
-        for micro in range(accumulation):
-            key = DrawKey(config.seed, state.step, micro)
-            batch = batch_to_device(mixer.next(phase, key.uniform("batch_kind")), accelerator.device)
-            state.skipped_records += batch.get("skipped", 0)
-            ids.extend(batch["ids"])
-            with sync_gradients_if(accelerator, trained, micro == accumulation - 1), frozen(partner):
-                # The whole phase computation runs as the trained model's forward, so DDP all-reduces it.
-                phase_loss = partial(
-                    PHASE_LOSSES[phase], partner=partner, batch=batch, config=config, key=key, bridge=bridge
-                )
-                output = trained(phase_loss)
-                loss = sum(output.terms.values())
-                accelerator.backward(loss / accumulation)
-            nonfinite += int(not torch.isfinite(loss.detach()).item())
-            for name, value in {**output.terms, **output.metrics}.items():
-                logged[name].append(float(value))
-
-        # Ranks agree on skipping (any non-finite loss) and on stopping (any rank got SIGTERM).
-        flags = accelerator.reduce(
-            torch.tensor([nonfinite, int(preemption.received)], device=accelerator.device), "sum"
-        )
-        result = optimizer_update(
-            accelerator,
-            optimizers[phase],
-            schedulers[phase],
-            config.phase_settings(phase).optimizer.max_grad_norm,
-            nonfinite_loss=flags[0].item() > 0,
-        )
-        if result.skipped:
-            state.skipped_nonfinite += 1
-            logger.warning("update %d (%s): non-finite loss or gradient, step skipped", state.step, phase)
-        state.step += 1
-        state.updates[phase] += 1
-
-        all_ids = gather_object(ids)
-        if sample_log is not None:
-            sample_log.append(state.step, phase=phase, ids=all_ids)
-        # Per model: a global counter would never land on one phase's updates (2 phases, even interval).
-        if state.updates[phase] % config.train.logging_steps == 0:
-            logs = {f"{phase}/{name}": sum(values) / len(values) for name, values in logged.items()}
-            logs |= {
-                f"{phase}/lr": schedulers[phase].get_last_lr()[0],
-                f"{phase}/grad_norm": result.grad_norm,
-                "samples_per_second": len(all_ids) / (time.perf_counter() - started),
-                "skipped_nonfinite_updates": state.skipped_nonfinite,
-                "skipped_records": state.skipped_records,
-            }
-            accelerator.log(logs, step=state.step)
-            if metrics_log is not None:
-                metrics_log.append(state.step, **logs)
-            progress.set_postfix(
-                {key.split("/")[-1]: f"{value:.4g}" for key, value in logs.items() if "/" in key}
-            )
-        progress.update(1)
-
-        if config.train.validation_steps and state.step % config.train.validation_steps == 0:
-            if accelerator.is_main_process:
-                with accelerator.autocast():
-                    metrics, rows = validate(
-                        extract_model_from_parallel(captioner),
-                        extract_model_from_parallel(generator),
-                        batch_to_device(validation_batch, accelerator.device),
-                        config,
-                    )
-                accelerator.log(metrics, step=state.step)
-                metrics_log.append(state.step, **metrics)
-                log_validation_table(accelerator, rows, state.step)
-            accelerator.wait_for_everyone()
-        stopping = flags[1].item() > 0
-        if state.step % config.train.checkpointing_steps == 0 or stopping:
-            save_checkpoint(
-                accelerator,
-                output_dir,
-                state.step,
-                yaml.safe_dump(config.model_dump(mode="json")),
-                state.summary_json(),
-            )
-            if accelerator.is_main_process:
-                prune_checkpoints(output_dir, config.train.checkpoints_total_limit)
-        if stopping:
-            logger.warning(
-                "stopped by signal at update %d; resume with train.resume_from_checkpoint=latest", state.step
-            )
-            accelerator.end_training()
-            return 0
-    progress.close()
-
-    # --- export adapters in the formats other tools load -------------------------------------------------
-    accelerator.wait_for_everyone()
+        found_while_building = copy.deepcopy(run.state.skipped_records)
+        try:
+            load_checkpoint(accelerator, resume_dir, run.parts)
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        run.state.skipped_records.merge(found_while_building)
+        logger.info("resumed from %s at update %d", resume_dir, run.state.step)
     if accelerator.is_main_process:
-        export_dir = export_run(
-            extract_model_from_parallel(captioner),
-            extract_model_from_parallel(generator),
-            config,
-            output_dir / "export",
-            step=state.step,
-            command=command,
+        run.logs = tuple(
+            StepLog(output_dir / name, run.state.step) for name in ("samples.jsonl", "metrics.jsonl")
         )
-        run_dir = wandb_run_dir(accelerator)
-        print(f"{'run folder:':<19}{output_dir.resolve()}")
-        print(f"{'exported adapters:':<19}{export_dir.resolve()}")
-        if run_dir is not None:
-            print(f"{'W&B run:':<19}{run_dir.resolve()}")
-        if state.skipped_records or state.skipped_nonfinite:
-            print(
-                f"skipped: {state.skipped_records} unreadable records, "
-                f"{state.skipped_nonfinite} non-finite updates"
-            )
+    run.state.tracker_run_id = start_tracking(accelerator, config, run.state.tracker_run_id)
+    stopped = train(run)
+    if not stopped:
+        finish(run, command)
     accelerator.end_training()
     return 0
 

@@ -17,8 +17,6 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from models.captioner import Captioner
 from models.generator import Generator
 from models.lora import (
@@ -30,8 +28,14 @@ from models.lora import (
     trainable_state_dict,
 )
 from train.builders import build_captioner, build_generator
-from train.checkpoint import CONFIG_NAME
-from train.config import Config, load_config
+from train.checkpoint import (
+    CheckpointError,
+    read_config,
+    read_tensors,
+    trainable_weights_name,
+    verify_checkpoint,
+)
+from train.config import Config
 
 
 def model_card(
@@ -142,15 +146,21 @@ def full_precision_copies(
 
 
 def load_checkpoint_models(checkpoint: Path) -> tuple[Captioner, Generator, Config]:
-    """Rebuild both models exactly as trained and load a checkpoint's trainable weights into them."""
-    config = load_config(checkpoint / CONFIG_NAME)
+    """Rebuild both models exactly as trained and load a verified checkpoint's trainable weights into them."""
+    verify_checkpoint(checkpoint)
+    config = read_config(checkpoint)
     captioner, captioner_names = build_captioner(config.captioner)
     generator, generator_names = build_generator(config.generator)
     for name, module, names in (
         ("captioner", captioner, captioner_names),
         ("generator", generator, generator_names),
     ):
-        load_trainable_state_dict(module, load_file(str(checkpoint / f"{name}_trainable.safetensors")), names)
+        path = checkpoint / trainable_weights_name(name)
+        weights = read_tensors(path)
+        try:
+            load_trainable_state_dict(module, weights, names)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
     return captioner, generator, config
 
 
@@ -163,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kohya", action="store_true", help="also write the UNet LoRA in kohya format")
     parser.add_argument("--merge", action="store_true", help="also write standalone models with LoRA merged")
     args = parser.parse_args(argv)
-    if not (args.checkpoint / CONFIG_NAME).is_file():
-        print(f"error: {args.checkpoint} is not a checkpoint folder (no {CONFIG_NAME})", file=sys.stderr)
+    try:
+        captioner, generator, config = load_checkpoint_models(args.checkpoint)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    captioner, generator, config = load_checkpoint_models(args.checkpoint)
     step = int(args.checkpoint.name.rsplit("-", 1)[-1]) if "-" in args.checkpoint.name else 0
     out = export_run(
         captioner,

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -31,7 +32,7 @@ from models.captioner import Captioner
 from models.generator import Generator, stable_diffusion_pipeline
 from models.lora import DIFFUSERS_LORA_FILE
 from train.builders import load_records
-from train.checkpoint import CONFIG_NAME
+from train.checkpoint import CONFIG_NAME, is_checkpoint_folder
 from train.config import Config, ConfigError, load_config
 from train.export import load_checkpoint_models
 
@@ -56,7 +57,7 @@ class ModelSources:
 
     @property
     def is_checkpoint_folder(self) -> bool:
-        return self.checkpoint is not None and (self.checkpoint / "captioner_trainable.safetensors").is_file()
+        return self.checkpoint is not None and is_checkpoint_folder(self.checkpoint)
 
     def load(
         self, *, captioner: bool = True, generator: bool = True, device: str | torch.device = "cpu"
@@ -123,7 +124,8 @@ class ModelSources:
         settings = None if self.config is None else self.config.captioner
         max_length = {} if settings is None else {"max_length": settings.max_length}
         if adapter is not None and (adapter / "config.json").is_file():  # a full model (train_mode full)
-            return Captioner.from_pretrained(str(adapter), **max_length)
+            with _loading(adapter):
+                return Captioner.from_pretrained(str(adapter), **max_length)
         base = self._base("captioner", self.captioner)
         revision = None if settings is None or self.captioner else settings.revision
         captioner = Captioner.from_pretrained(base, revision=revision, **max_length)
@@ -132,7 +134,19 @@ class ModelSources:
                 raise ModelLoadError(
                     f"{adapter}: neither a PEFT adapter (adapter_config.json) nor a model folder"
                 )
-            captioner.model = PeftModel.from_pretrained(captioner.model, str(adapter))
+            with _loading(adapter / "adapter_config.json"):
+                json.loads((adapter / "adapter_config.json").read_text())
+            # peft reads the .safetensors file, or else the .bin one (with weights_only=True).
+            weights = next(
+                (
+                    adapter / name
+                    for name in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (adapter / name).is_file()
+                ),
+                adapter,
+            )
+            with _loading(weights):
+                captioner.model = PeftModel.from_pretrained(captioner.model, str(adapter))
         return captioner
 
     def _generator(self) -> Generator:
@@ -144,13 +158,26 @@ class ModelSources:
             else {"resolution": settings.resolution, "prediction_type": settings.prediction_type}
         )
         if lora is not None and (lora / "model_index.json").is_file():  # a full pipeline (train_mode full)
-            return Generator.from_pretrained(str(lora), **shape)
+            with _loading(lora):
+                return Generator.from_pretrained(str(lora), **shape)
         base = self._base("generator", self.generator)
         revision = None if settings is None or self.generator else settings.revision
         generator = Generator.from_pretrained(base, revision=revision, **shape)
         if lora is not None:
             load_generator_lora(generator, lora)
         return generator
+
+
+@contextmanager
+def _loading(path: Path) -> Iterator[None]:
+    """A library's error on a damaged or foreign file (bad JSON, not safetensors, a pickle that
+    weights_only=True refuses) becomes one error naming the file; nothing is ever unpickled with code."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"{path}: cannot load ({type(error).__name__}: {error})") from None
 
 
 def load_generator_lora(generator: Generator, lora: Path) -> None:
@@ -169,7 +196,8 @@ def load_generator_lora(generator: Generator, lora: Path) -> None:
         unet=generator.unet,
         scheduler=generator.noise_scheduler,
     )
-    pipeline.load_lora_weights(str(folder), weight_name=weight_name)
+    with _loading(folder / weight_name):
+        pipeline.load_lora_weights(str(folder), weight_name=weight_name)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,7 +284,7 @@ def prompt_records(file: Path) -> list[sources.Record]:
 def config_records(config: Config) -> list[sources.Record]:
     """The config's data.validation records (data.paired when it has none), as validation uses them."""
     role = "validation" if config.data.validation else "paired"
-    return load_records(getattr(config.data, role), role, config.data.resolution)
+    return load_records(getattr(config.data, role), role, config.data.resolution)[0]  # sources log skips
 
 
 def image_queries(records: Sequence[sources.Record], limit: int | None = None) -> list[ImageQuery]:

@@ -1,13 +1,14 @@
 """What a resumed run needs besides weights and optimizers: step, data positions, counters, run id.
 
-Registered with `accelerator.register_for_checkpointing`, so it travels inside every checkpoint.
+Saved as JSON in every checkpoint (train/checkpoint.py), so nothing read back on resume is unpickled.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from data.skips import SkipLedger
 
 
 class Resumable(Protocol):
@@ -22,7 +23,8 @@ class TrainerState:
     step: int = 0
     updates: dict[str, int] = field(default_factory=lambda: {"captioner": 0, "generator": 0})
     skipped_nonfinite: int = 0
-    skipped_records: int = 0
+    # Distinct bad records (manifest rows and undecodable files), each counted once however often it is met.
+    skipped_records: SkipLedger = field(default_factory=SkipLedger)
     tracker_run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -30,7 +32,7 @@ class TrainerState:
             "step": self.step,
             "updates": dict(self.updates),
             "skipped_nonfinite": self.skipped_nonfinite,
-            "skipped_records": self.skipped_records,
+            "skipped_records": self.skipped_records.state_dict(),
             "tracker_run_id": self.tracker_run_id,
             "streams": {name: stream.state_dict() for name, stream in self.streams.items()},
         }
@@ -39,13 +41,8 @@ class TrainerState:
         self.step = state["step"]
         self.updates = dict(state["updates"])
         self.skipped_nonfinite = state["skipped_nonfinite"]
-        self.skipped_records = state["skipped_records"]
+        self.skipped_records.load_state_dict(state["skipped_records"])
         self.tracker_run_id = state["tracker_run_id"]
         for name, stream_state in state["streams"].items():
             if name in self.streams:
                 self.streams[name].load_state_dict(stream_state)
-
-    def summary_json(self) -> str:
-        """Human-readable copy written beside the checkpoint (its presence marks the folder complete)."""
-        summary = {key: value for key, value in self.state_dict().items() if key != "streams"}
-        return json.dumps(summary, indent=2)

@@ -7,6 +7,7 @@ W&B run instead of starting a new one. WANDB_MODE=offline writes a local run fol
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 from accelerate import Accelerator
 
 from train.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 def trackers_for(report_to: str) -> list[str]:
@@ -109,7 +112,15 @@ class StepLog:
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = []
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    logger.warning(
+                        "%s:%d: dropping an unreadable line (a run killed mid-write)", path, number
+                    )
             path.write_text("".join(f"{line}\n" for line in kept))
 
     def append(self, step: int, **fields: Any) -> None:

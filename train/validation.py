@@ -28,6 +28,7 @@ from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_terms
 from models.captioner import Captioner
 from models.generator import Generator
+from models.modes import eval_mode
 from train.config import Config, ConfigError, EvaluationSettings
 from train.tracking import ValidationRow
 
@@ -292,10 +293,8 @@ def validate(
     """Losses on a fixed batch (unweighted, no caption dropout), the configured metrics, and one caption and
     one image per sample."""
     names = check_validation_metrics(config)
-    was_training = captioner.training, generator.training
-    captioner.eval()
-    generator.eval()
-    try:
+    # Eval mode inside; every submodule's own mode back after, so this rank trains on exactly like the others.
+    with eval_mode(captioner, generator):
         key = DrawKey(config.seed, VALIDATION_UPDATE)
         caption_settings = config.captioner.model_copy(update={"caption_loss_weight": 1.0})
         generator_settings = config.generator.model_copy(
@@ -325,9 +324,6 @@ def validate(
             metrics |= {f"validation/{name}": value for name, value in values.items()}
             for message in skipped:
                 logger.warning("validation: %s", message)
-    finally:
-        captioner.train(was_training[0])
-        generator.train(was_training[1])
     rows = [
         ValidationRow(sample_id, pixels, reference, caption, image)
         for sample_id, pixels, reference, caption, image in zip(

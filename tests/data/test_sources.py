@@ -68,7 +68,7 @@ def test_image_folder_keeps_good_rows_and_counts_bad_ones(
     captioned_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="data.sources"):
-        records, report = image_folder(captioned_folder)
+        records, skips = image_folder(captioned_folder)
     assert [(record.id, record.caption) for record in records] == [
         ("a.png:0", "a red square"),
         ("b.jpg:0", "first of b"),
@@ -78,7 +78,7 @@ def test_image_folder_keeps_good_rows_and_counts_bad_ones(
     ]
     assert records[0].image == captioned_folder / "a.png"
     assert records[-1].image == captioned_folder / "nested" / "d.png"
-    assert report.counts == {
+    assert skips.counts() == {
         "bad_json": 1,
         "empty_caption": 2,
         "missing_file": 1,
@@ -86,8 +86,13 @@ def test_image_folder_keeps_good_rows_and_counts_bad_ones(
         "wrong_type": 1,
         "not_an_object": 1,
     }
-    assert report.examples[0].startswith("metadata.jsonl:2: bad_json")
-    assert len(report.examples) == 5
+    manifest = captioned_folder / "metadata.jsonl"
+    assert skips.examples()[0].startswith(f"{manifest}:2: bad_json")
+    assert skips.examples()[1:3] == [  # a blank caption in a list is named by its place in the list
+        f"{manifest}:3.text[1]: empty_caption ('text' is blank)",
+        f"{manifest}:4: empty_caption ('text' is blank)",
+    ]
+    assert len(skips.examples()) == 5
     [warning] = [record.getMessage() for record in caplog.records]
     assert "kept 5 records" in warning and "missing_file=1" in warning and "\n" not in warning
 
@@ -121,14 +126,14 @@ def test_hf_saved_dataset_with_path_column(tmp_path: Path) -> None:
         }
     ).save_to_disk(saved)
     (saved / "images").symlink_to(tmp_path / "images")  # relative paths resolve inside the dataset folder
-    records, report = hf_dataset(str(saved), image_column="picture", caption_column="caption")
+    records, skips = hf_dataset(str(saved), image_column="picture", caption_column="caption")
     assert [(record.id, record.caption) for record in records] == [
         (f"{saved}:train:0", "zero"),
         (f"{saved}:train:1:0", "one"),
         (f"{saved}:train:1:1", "uno"),
     ]
     assert records[0].image == saved / "images" / "0.png"
-    assert report.counts == {"missing_file": 1, "empty_caption": 1}
+    assert skips.counts() == {"missing_file": 1, "empty_caption": 1}
 
 
 def test_hf_saved_dataset_with_embedded_image_bytes(tmp_path: Path) -> None:
@@ -138,16 +143,16 @@ def test_hf_saved_dataset_with_embedded_image_bytes(tmp_path: Path) -> None:
     DatasetDict({"train": dataset, "validation": dataset.select([2])}).save_to_disk(tmp_path / "saved")
     for file in files:
         Path(file).unlink()  # save_to_disk embedded the bytes: the records must not need the files
-    records, report = hf_dataset(str(tmp_path / "saved"), split="validation")
+    records, skips = hf_dataset(str(tmp_path / "saved"), split="validation")
     assert [(record.id, record.caption) for record in records] == [
         (f"{tmp_path / 'saved'}:validation:0", "two")
     ]
     assert load_rgb(records[0].image()).getpixel((0, 0)) == (200, 0, 0)
     restored = pickle.loads(pickle.dumps(records))  # DataLoader workers receive pickled records
     assert restored[0].image() == records[0].image()
-    assert report.total == 0
-    train, train_report = hf_dataset(str(tmp_path / "saved"))
-    assert len(train) == 3 and train_report.counts == {"missing_image": 1}
+    assert skips.total == 0
+    train, train_skips = hf_dataset(str(tmp_path / "saved"))
+    assert len(train) == 3 and train_skips.counts() == {"missing_image": 1}
     with pytest.raises(ValueError, match=r"unknown split 'test'.*\['train', 'validation'\]"):
         hf_dataset(str(tmp_path / "saved"), split="test")
     with pytest.raises(ValueError, match="no column 'caption'"):
@@ -203,20 +208,20 @@ def coco_file(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_coco_captions_one_record_per_annotation(tmp_path: Path) -> None:
     annotations, images = coco_file(tmp_path)
-    records, report = coco_captions(annotations, images)
+    records, skips = coco_captions(annotations, images)
     assert [(record.id, record.caption, record.image) for record in records] == [
         ("coco:1:10", "A dog.", images / "000001.jpg"),
         ("coco:1:11", "a brown dog", images / "000001.jpg"),
         ("coco:2:15", "a cat", images / "000002.jpg"),
     ]
-    assert report.counts == {
+    assert skips.counts() == {
         "wrong_type": 1,
         "empty_caption": 1,
         "missing_file": 1,
         "unknown_image": 1,
         "missing_key": 1,
     }
-    assert any(example.startswith("captions_val2014.json:annotations[4]") for example in report.examples)
+    assert any(example.startswith(f"{annotations}:annotations[4]") for example in skips.examples())
     with pytest.raises(ValueError, match="single split"):
         coco_captions(annotations, images, split="train")
 
@@ -242,7 +247,7 @@ def karpathy_file(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_karpathy_splits_and_train_includes_restval(tmp_path: Path) -> None:
     annotations, root = karpathy_file(tmp_path)
-    train, report = coco_captions(annotations, root, split="train")
+    train, skips = coco_captions(annotations, root, split="train")
     assert [record.id for record in train] == [
         "karpathy:100:1000",
         "karpathy:100:1001",
@@ -250,10 +255,10 @@ def test_karpathy_splits_and_train_includes_restval(tmp_path: Path) -> None:
         "karpathy:101:1011",
     ]
     assert train[2].caption == "restval caption 0" and train[2].image == root / "val2014" / "COCO_101.jpg"
-    assert report.counts == {"empty_caption": 1}
-    val, val_report = coco_captions(annotations, root, split="val")
+    assert skips.counts() == {"empty_caption": 1}
+    val, val_skips = coco_captions(annotations, root, split="val")
     assert [record.caption for record in val] == ["val caption 0", "val caption 1"]
-    assert val_report.counts == {"missing_file": 1}
+    assert val_skips.counts() == {"missing_file": 1}
     everything, _ = coco_captions(annotations, root)
     assert len(everything) == 8
     with pytest.raises(ValueError, match=r"unknown split 'dev'.*'restval'"):
@@ -265,9 +270,9 @@ def test_image_only_folder_lists_images_recursively(tmp_path: Path) -> None:
     write_image(tmp_path / "imgs" / "sub" / "a.JPG")
     (tmp_path / "imgs" / "._b.png").write_bytes(b"AppleDouble junk")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
-    records, report = image_only_folder(tmp_path / "imgs")
+    records, skips = image_only_folder(tmp_path / "imgs")
     assert [(record.id, record.caption) for record in records] == [("b.png", None), ("sub/a.JPG", None)]
-    assert records[1].image == tmp_path / "imgs" / "sub" / "a.JPG" and report.total == 0
+    assert records[1].image == tmp_path / "imgs" / "sub" / "a.JPG" and skips.total == 0
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmptySourceError, match="empty"):
         image_only_folder(tmp_path / "empty")
@@ -276,13 +281,13 @@ def test_image_only_folder_lists_images_recursively(tmp_path: Path) -> None:
 def test_text_only_txt_and_jsonl(tmp_path: Path) -> None:
     txt = tmp_path / "captions.txt"
     txt.write_bytes(b"a red circle\n\n  a blue square  \n\xff\xfe broken\nlast line")
-    records, report = text_only_file(txt)
+    records, skips = text_only_file(txt)
     assert [(record.id, record.caption, record.image) for record in records] == [
         (f"{txt}:1", "a red circle", None),
         (f"{txt}:3", "a blue square", None),
         (f"{txt}:5", "last line", None),
     ]
-    assert report.counts == {"empty_caption": 1, "bad_encoding": 1}
+    assert skips.counts() == {"empty_caption": 1, "bad_encoding": 1}
     jsonl = write_lines(
         tmp_path / "captions.jsonl",
         [
@@ -292,17 +297,17 @@ def test_text_only_txt_and_jsonl(tmp_path: Path) -> None:
             json.dumps({"caption": 3}),
         ],
     )
-    records, report = text_only_file(jsonl, text_column="caption")
+    records, skips = text_only_file(jsonl, text_column="caption")
     assert [(record.id, record.caption) for record in records] == [(f"{jsonl}:1", "first")]
-    assert report.counts == {"bad_json": 1, "missing_key": 1, "wrong_type": 1}
+    assert skips.counts() == {"bad_json": 1, "missing_key": 1, "wrong_type": 1}
     with pytest.raises(ValueError, match=r"\.csv"):
         text_only_file(write_lines(tmp_path / "captions.csv", ["text", "x"]))
 
 
 def test_shapes_records_are_stable_and_render_their_caption() -> None:
-    records, report = shapes(12, seed=7, resolution=32)
+    records, skips = shapes(12, seed=7, resolution=32)
     assert [record.id for record in records] == [f"shapes:7:{index}" for index in range(12)]
-    assert report.total == 0
+    assert skips.total == 0
     first_five, _ = shapes(5, seed=7, resolution=32)
     assert [(record.id, record.caption) for record in first_five] == [(r.id, r.caption) for r in records[:5]]
     assert len({record.caption for record in records}) > 6  # varied scenes and templates

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, IPNDMScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from models.generator import Generator
 
@@ -89,6 +89,24 @@ def test_load_overrides_and_bad_input(tiny_models, tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="vae class 'AutoencoderTiny'"):
         Generator.from_pretrained(str(tmp_path))
+
+
+def test_sampling_scheduler_is_the_checkpoints_own_with_the_prediction_type_override(
+    tiny_models, tmp_path: Path
+) -> None:
+    folder = _copy_model(tiny_models.generator, tmp_path)
+    v_model = Generator.from_pretrained(str(folder), prediction_type="v_prediction")
+    assert type(v_model.sampling_scheduler) is DDPMScheduler
+    assert v_model.sampling_scheduler.config.prediction_type == "v_prediction"
+    _edit_json(folder / "model_index.json", scheduler=["diffusers", "IPNDMScheduler"])
+    generator = Generator.from_pretrained(str(folder))
+    assert isinstance(generator.sampling_scheduler, IPNDMScheduler)
+    assert isinstance(generator.noise_scheduler, DDPMScheduler)
+    with pytest.raises(ValueError, match="IPNDMScheduler takes no prediction_type"):
+        Generator.from_pretrained(str(folder), prediction_type="v_prediction")
+    _edit_json(folder / "model_index.json", scheduler=["diffusers", "AutoencoderKL"])
+    with pytest.raises(ValueError, match="scheduler 'AutoencoderKL' is not a diffusers scheduler"):
+        Generator.from_pretrained(str(folder))
 
 
 def test_non_square_unet_needs_explicit_resolution(tiny_models, tmp_path: Path) -> None:

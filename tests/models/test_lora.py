@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from cycle_runs import environment
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -259,3 +262,59 @@ def test_full_mode_exports_save_the_trained_models(tiny_models, tmp_path: Path) 
         save_captioner_adapter(captioner, tmp_path / "adapter")
     reloaded = Captioner.from_pretrained(str(save_merged_captioner(captioner, tmp_path / "captioner"))).eval()
     torch.testing.assert_close(_caption_logits(reloaded), _caption_logits(captioner), atol=ATOL, rtol=0)
+
+
+# Chosen (and checked against the unsorted exports) so that the two processes order the exported target sets
+# differently; safetensors' own header map is ordered at random per process whatever the seed.
+HASH_SEEDS = ("1", "2")
+
+
+def test_exports_are_byte_identical_across_processes(tiny_models, tmp_path: Path) -> None:
+    script = Path(__file__).with_name("export_lora_run.py")
+    outs = [tmp_path / f"hash-seed-{seed}" for seed in HASH_SEEDS]
+    runs = [  # concurrently: each process spends most of its time importing torch and diffusers
+        subprocess.Popen(
+            [sys.executable, str(script), str(tiny_models.captioner), str(tiny_models.generator), str(out)],
+            env=environment(PYTHONHASHSEED=seed),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed, out in zip(HASH_SEEDS, outs, strict=True)
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-4000:]
+    first, second = (
+        {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+        for out in outs
+    )
+    assert first.keys() == second.keys()
+    assert {"adapter_config.json", DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE} <= {path.name for path in first}
+    assert sorted(str(path) for path in first if first[path] != second[path]) == []
+
+
+@pytest.mark.parametrize("prediction_type", [None, "v_prediction"])
+def test_merged_generator_keeps_the_base_sampling_scheduler(
+    tiny_models, tmp_path: Path, prediction_type: str | None
+) -> None:
+    """The base ships a sampler other than the DDPM process training uses; the merged model must keep it,
+    with only a prediction_type override (the trained objective) applied."""
+    base_dir = tmp_path / "base"
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_models.generator)
+    pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+    pipeline.save_pretrained(base_dir)
+    generator = Generator.from_pretrained(str(base_dir), prediction_type=prediction_type)
+    add_generator_lora(generator, rank=RANK, alpha=ALPHA)
+    merged_dir = save_merged_generator(generator, tmp_path / "merged")
+
+    def scheduler_files(folder: Path) -> tuple[list[str], dict]:
+        model_index = json.loads((folder / "model_index.json").read_text())
+        return model_index["scheduler"], json.loads(
+            (folder / "scheduler" / "scheduler_config.json").read_text()
+        )
+
+    base_class, base_config = scheduler_files(base_dir)
+    assert base_class == ["diffusers", "EulerDiscreteScheduler"]
+    expected = base_config | ({"prediction_type": prediction_type} if prediction_type else {})
+    assert scheduler_files(merged_dir) == (base_class, expected)

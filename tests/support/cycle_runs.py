@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 from train.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+EXPORTED = ("captioner/adapter_model.safetensors", "generator/pytorch_lora_weights.safetensors")
 
 
 def tiny_overrides(tiny_models: Any, output_dir: Path) -> list[str]:
@@ -75,3 +79,22 @@ def run_cycle(
 
 def sample_log(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's exported adapters, keyed by file and tensor name."""
+    weights = {}
+    for relative in EXPORTED:
+        for key, value in load_file(str(output_dir / "export" / relative)).items():
+            weights[f"{relative}:{key}"] = value
+    return weights
+
+
+def differing_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors are not bit-for-bit equal (or present on one side only)."""
+    names = sorted(expected.keys() | actual.keys())
+    return [
+        name
+        for name in names
+        if name not in expected or name not in actual or not torch.equal(expected[name], actual[name])
+    ]

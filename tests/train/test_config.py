@@ -12,6 +12,7 @@ from train.config import (
     fingerprint_differences,
     load_config,
     model_fingerprint,
+    save_config,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -20,10 +21,23 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 @pytest.mark.parametrize(
     "name", ["tiny.yaml", "shapes.yaml", "paper_blip_sd14_coco.yaml", "blip_sd15_coco.yaml"]
 )
-def test_shipped_configs_validate(name: str) -> None:
+def test_shipped_configs_validate_and_survive_the_checkpoint_round_trip(name: str, tmp_path: Path) -> None:
+    """A checkpoint stores the resolved config and resume reads it back: nothing may be lost or retyped."""
     config = load_config(CONFIGS / name)
-    assert config.train.max_train_steps >= 1
-    assert config.data.paired
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_cross_field_rules_name_the_keys_involved() -> None:
+    with pytest.raises(ConfigError, match=r"data\.image_only has sources but data\.image_only_ratio is 0"):
+        load_config(
+            CONFIGS / "tiny.yaml",
+            ["data.image_only=[{type: images, path: x}]", "cycle.i2t2i.mode=gumbel"],
+        )
+    with pytest.raises(ConfigError, match=r"train\.schedule must name at least one phase"):
+        load_config(CONFIGS / "tiny.yaml", ["train.schedule=[]"])
+    with pytest.raises(ConfigError, match=r"data\.paired: at least one paired"):
+        load_config(CONFIGS / "tiny.yaml", ["data.paired=[]"])
 
 
 def test_paper_config_trains_only_cross_attention_queries() -> None:

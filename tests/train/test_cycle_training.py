@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,31 @@ pytestmark = pytest.mark.slow
 MODELS = ("captioner", "generator")
 
 
+def trainable_weights(checkpoint: Path, model: str) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / f"{model}_trainable.safetensors"))
+
+
 def lora_b_norms(output_dir: Path) -> dict[str, float]:
     """LoRA B matrices start at zero: a model whose B are still all zero was never updated."""
     checkpoint = list_checkpoints(output_dir)[-1][1]
     norms = {}
     for model in MODELS:
-        weights = load_file(str(checkpoint / f"{model}_trainable.safetensors"))
+        weights = trainable_weights(checkpoint, model)
         assert any("lora_B" in key for key in weights), f"no LoRA B weights in the {model} checkpoint"
         norms[model] = sum(float(value.abs().sum()) for key, value in weights.items() if "lora_B" in key)
     return norms
+
+
+@pytest.fixture(scope="module")
+def warmed_up(tiny_models, tmp_path_factory) -> Path:
+    """Both models after one paired update each, so every LoRA tensor (B included) is non-zero: a partner
+    moved by any update, even by weight decay alone, no longer matches its checkpoint."""
+    output_dir = tmp_path_factory.mktemp("warmed_up") / "run"
+    run_cycle(
+        [*tiny_overrides(tiny_models, output_dir), "train.max_train_steps=2", "train.checkpointing_steps=2"],
+        processes=2,
+    )
+    return output_dir
 
 
 @pytest.mark.parametrize(
@@ -38,15 +55,17 @@ def lora_b_norms(output_dir: Path) -> dict[str, float]:
     ],
 )
 def test_two_process_cycle_updates_reach_only_the_trained_model(
-    tiny_models, tmp_path: Path, trained: str, frozen: str, mode: str
+    warmed_up: Path, tiny_models, tmp_path: Path, trained: str, frozen: str, mode: str
 ) -> None:
     output_dir = tmp_path / mode.rsplit("=", 1)[1]
+    shutil.copytree(warmed_up, output_dir)
     run_cycle(
         [
             *tiny_overrides(tiny_models, output_dir),
             mode,
+            "train.resume_from_checkpoint=latest",
             f"train.schedule=[{trained}]",
-            "train.max_train_steps=2",
+            "train.max_train_steps=4",
             "captioner.caption_loss_weight=0",
             "generator.denoise_loss_weight=0",
             "cycle.i2t2i.num_candidates=2",
@@ -54,10 +73,16 @@ def test_two_process_cycle_updates_reach_only_the_trained_model(
         ],
         processes=2,
     )
-    norms = lora_b_norms(output_dir)
-    assert norms[trained] > 0, "the cycle term alone must update the trained model"
-    assert norms[frozen] == 0, "the frozen partner must never be updated"
-    entries = sample_log(output_dir)
+    before, after = output_dir / "checkpoint-2", output_dir / "checkpoint-4"
+    partner_before, partner_after = trainable_weights(before, frozen), trainable_weights(after, frozen)
+    assert any(value.abs().max() > 0 for key, value in partner_before.items() if "lora_B" in key)
+    moved = [key for key in partner_before if not torch.equal(partner_before[key], partner_after[key])]
+    assert not moved, f"the frozen {frozen} was updated: {moved[:3]}"
+    trained_before, trained_after = trainable_weights(before, trained), trainable_weights(after, trained)
+    assert any(not torch.equal(trained_before[key], trained_after[key]) for key in trained_before), (
+        "the cycle term alone must update the trained model"
+    )
+    entries = sample_log(output_dir)[2:]
     assert [entry["phase"] for entry in entries] == [trained, trained]
     assert all(len(entry["ids"]) == 4 and len(set(entry["ids"])) == 4 for entry in entries)
 

@@ -1,0 +1,56 @@
+"""Optimizer state dicts as safetensors: tensors in the file, param groups and scalars in its JSON metadata.
+
+Why not torch.save: loading a pickle can run code, and a checkpoint folder may be writable by others.
+`torch.load(weights_only=True)` would refuse code but still parses a pickle; safetensors parses only a
+JSON header and raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_METADATA_KEY = "optimizer"
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Write optimizer.state_dict(): tensors as `state.<param index>.<name>`, everything else as JSON."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    metadata = {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(metadata)})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Restore what save_optimizer_state wrote; groups' tuples (betas) come back as tuples."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()[_METADATA_KEY])
+        state: dict[int, dict[str, Any]] = {}
+        for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = handle.get_tensor(key)
+    for key, value in metadata["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = metadata["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"{path}: {len(groups)} parameter groups saved, the optimizer has {len(optimizer.param_groups)}"
+        )
+    for saved, live in zip(groups, optimizer.param_groups, strict=True):
+        for name, value in saved.items():
+            if isinstance(live.get(name), tuple):
+                saved[name] = tuple(value)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
