@@ -158,9 +158,10 @@ def record_update(run: Run, phase: str, result: PhaseStepResult, started: float)
 
 def maybe_validate(run: Run, validation_batch: dict[str, Any] | None) -> None:
     """Validation on the main process at train.validation_steps; every submodule's mode is restored."""
-    if validation_batch is None or run.state.step % run.config.train.validation_steps:
+    every = run.config.train.validation_steps
+    if every is None or run.state.step % every:
         return
-    if run.accelerator.is_main_process:
+    if validation_batch is not None:  # the main process's; the others wait for it
         captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
         device_batch = batch_to_device(validation_batch, run.accelerator.device)
         with run.accelerator.autocast():

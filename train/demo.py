@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from evaluation.demo_report import ContactSheet, format_table, write_demo_report
@@ -127,18 +129,36 @@ def evaluate_once(
         "seed": seed,
         "base": base,
     }
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=False)
-        if saved["settings"] == settings:
-            return saved["results"]
+    saved = _read_scores(cache)
+    if saved is not None and saved[0] == settings:
+        return saved[1]
     captioner, generator = sources.load(device="cuda" if torch.cuda.is_available() else "cpu")
     sampling = SamplingSettings(
         seed=seed, num_beams=1, num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale
     )
     results = evaluate_pair(captioner, generator, split, sampling)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"settings": settings, "results": results}, cache)
+    metadata = {"settings": settings, "metrics": results.metrics, "captions": results.captions}
+    save_file(
+        {part: images.contiguous().cpu() for part, images in results.images.items()},
+        str(cache),
+        metadata={"scores": json.dumps(metadata)},
+    )
     return results
+
+
+def _read_scores(cache: Path) -> tuple[dict[str, Any], PairResults] | None:
+    """(settings, results) of an earlier scoring, or None if there is none or it is unreadable (rescored)."""
+    if not cache.is_file():
+        return None
+    try:
+        with safe_open(str(cache), framework="pt") as handle:
+            saved = json.loads(handle.metadata()["scores"])
+            images = {part: handle.get_tensor(part) for part in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # a damaged cache costs a rescoring, nothing more
+        print(f"rescoring: {cache} is unreadable ({type(error).__name__}: {error})", flush=True)
+        return None
+    return saved["settings"], PairResults(saved["metrics"], saved["captions"], images)
 
 
 def paired_differences(results: dict[int, dict[str, PairResults]], metric: str) -> dict[str, float]:
@@ -189,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if arm == "base"
                 else ModelSources(checkpoint=run_dir / "export", config=load_config(run_dir / CONFIG_NAME))
             )
-            runs[arm] = evaluate_once(sources, split, args, seed, run_dir / "test_results.pt", base_id)
+            runs[arm] = evaluate_once(
+                sources, split, args, seed, run_dir / "test_results.safetensors", base_id
+            )
         results[seed] = runs
     return _report(args, split, results, wall)
 

@@ -5,7 +5,8 @@
 Half the trials kill anywhere in the run (start-up included), half inside a checkpoint save: the drill
 watches the run folder for a `.tmp-checkpoint-N` staging folder, kills after a short random delay, and
 afterwards checks that the staging folder was left behind (else the kill missed the save and the trial
-retries at another point). Each killed run is resumed with train.resume_from_checkpoint=latest in the same
+retries at another point). The save trials also truncate a file of the newest finished checkpoint (a
+storage fault), which `latest` must pass over. Each killed run is resumed with train.resume_from_checkpoint=latest in the same
 folder, as a user would, and must export exactly the tensors of an uninterrupted run, from a checkpoint that
 verified before the resume. The last line is `N/T resumed equal, M damaged checkpoints chosen`; the exit
 status is 0 only when every trial resumed equal and no damaged checkpoint was chosen.
@@ -188,6 +189,22 @@ def kill_inside_save(trial: Trial, rng: random.Random, models: Path, run: Path, 
     return staging.exists() or (final.exists() and checkpoint_problem(final) is not None)
 
 
+def tear_newest_checkpoint(run: Path, rng: random.Random) -> None:
+    """Truncate one file of the newest finished checkpoint, as a full disk or a cut copy would leave it:
+    a SIGKILL alone never damages a finished folder (saves are renamed into place), so `latest` is tested
+    against this storage fault in the same trials."""
+    finished = sorted(
+        (int(match.group(1)), child)
+        for child in (run.iterdir() if run.is_dir() else [])
+        if (match := CHECKPOINT_FOLDER.match(child.name))
+    )
+    if not finished:
+        return
+    files = sorted(path for path in finished[-1][1].iterdir() if path.name != "manifest.json")
+    victim = rng.choice(files)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+
 def run_trial(
     trial: Trial, seed: int, work: Path, models: Path, reference: dict[str, torch.Tensor], timing: Timing
 ) -> Trial:
@@ -205,6 +222,8 @@ def run_trial(
         trial.kill_note = f"no kill landed {'inside a save' if trial.kind == 'save' else 'in the run'}"
         return trial
     run = folder / "run"
+    if trial.kind == "save":
+        tear_newest_checkpoint(run, rng)
     trial.left = checkpoint_states(run)
     log = folder / "resumed.log"
     if start_run(models, run, log, "train.resume_from_checkpoint=latest").wait() != 0:

@@ -50,8 +50,9 @@ ALLOWED_SYNCS = {"generator": 0, "generator_cached": 1}
 def test_supervised_generator_step_does_not_wait_for_the_gpu(
     tiny_models, tmp_path: Path, mode_name: str
 ) -> None:
-    """Forward and backward of the trainer's generator step make no host sync beyond ALLOWED_SYNCS (the
-    update may: it decides whether to skip). A sync mid-step lets the GPU drain and then idle while the host
+    """Forward and backward of the trainer's generator step (train.step.phase_step, the function the recipe
+    calls, here on bench's fixed batch) make no host sync beyond ALLOWED_SYNCS (the update may: it decides
+    whether to skip). A sync mid-step lets the GPU drain and then idle while the host
     launches the next kernels one at a time; the bare diffusers-style loop in `make bench` has none."""
     arch = Architecture("tiny-cuda", resolution=32, batch_size=4, device="cuda", precision="bf16")
     mode = MODES[mode_name]
