@@ -106,7 +106,8 @@ def exported(output_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def differing(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
+def differing_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors are not bit-for-bit equal (or present on one side only)."""
     names = sorted(expected.keys() | actual.keys())
     return [
         name
@@ -236,7 +237,7 @@ def run_trial(
         trial.chose_damaged = trial.left.get(chosen, "not in the folder before the resume") is not None
     if trial.resumed_from != newest_intact(trial.left):
         trial.note = f" (the newest intact checkpoint was {newest_intact(trial.left)})"
-    different = differing(reference, exported(run))
+    different = differing_tensors(reference, exported(run))
     trial.equal = not different
     if different:
         trial.note += f"; {len(different)} tensors differ, e.g. {different[0]}"

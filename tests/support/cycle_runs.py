@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from train.config import Config, load_config
+from train.drill import differing_tensors as differing_tensors  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -88,13 +89,3 @@ def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
         for key, value in load_file(str(output_dir / "export" / relative)).items():
             weights[f"{relative}:{key}"] = value
     return weights
-
-
-def differing_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
-    """Names whose tensors are not bit-for-bit equal (or present on one side only)."""
-    names = sorted(expected.keys() | actual.keys())
-    return [
-        name
-        for name in names
-        if name not in expected or name not in actual or not torch.equal(expected[name], actual[name])
-    ]
