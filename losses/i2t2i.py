@@ -192,6 +192,17 @@ def candidate_rewards(
     )
 
 
+def group_advantages(rewards: torch.Tensor, std_floor: float) -> torch.Tensor:
+    """Advantages [B, K] of each image's K candidates: (r - mean_K r) / max(std_K r, std_floor).
+
+    Dividing by the bare group std would blow reward gaps that are pure noise (candidates the generator
+    judges alike) up to unit-scale advantages; the floor keeps gaps well below it small, while groups whose
+    rewards really differ (std above the floor) are standardised as usual.
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / rewards.std(dim=1, correction=0, keepdim=True).clamp_min(std_floor)
+
+
 def reward(
     captioner: Captioner,
     generator: Generator,
@@ -202,9 +213,9 @@ def reward(
 ) -> CycleOutput:
     """Group-baseline policy gradient on K sampled captions per image, rewarded by -denoising loss.
 
-    advantage = (r - mean_K r) / (std_K r + 1e-6) per image; loss = -mean(advantage * log p(caption)),
-    log p summed over tokens or averaged (settings.logprob_reduction). The KL penalty to the base
-    captioner (adapters off) enters as its score-function gradient, (d - mean_K d) * log p with
+    advantage = (r - mean_K r) / max(std_K r, settings.advantage_std_floor) per image (group_advantages);
+    loss = -mean(advantage * log p(caption)), log p summed over tokens or averaged
+    (settings.logprob_reduction). The KL penalty to the base captioner (adapters off) enters as its score-function gradient, (d - mean_K d) * log p with
     d = log p - log p_base summed over tokens: the plain `kl_weight * d` has zero expected gradient on
     samples from p (E_p[grad log p] = 0), so it would not regularise at all. The bridge is not used.
     """
@@ -216,15 +227,14 @@ def reward(
         )
     sampled = sample_candidates(captioner, pixels, ids, settings, key)
     rewards = candidate_rewards(generator, pixels, ids, sampled.captions, settings, key)
-    group_std = rewards.std(dim=1, correction=0, keepdim=True)
-    advantages = ((rewards - rewards.mean(dim=1, keepdim=True)) / (group_std + 1e-6)).flatten()
+    advantages = group_advantages(rewards, settings.advantage_std_floor).flatten()
     logprobs = captioner.sequence_logprobs(pixels, **sampled.tokens)
     policy_logprobs = logprobs
     if settings.logprob_reduction == "mean":
         token_counts = (sampled.tokens["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         policy_logprobs = logprobs / token_counts
     loss = -(advantages.to(logprobs) * policy_logprobs).mean()
-    metrics = {"reward_mean": rewards.detach().mean(), "reward_std": group_std.detach().mean()}
+    metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(dim=1, correction=0).mean()}
     if settings.kl_weight > 0:
         with torch.no_grad(), captioner.adapters_disabled():
             base_logprobs = captioner.sequence_logprobs(pixels, **sampled.tokens)

@@ -28,6 +28,7 @@ from train.config import (
     OptimizerSettings,
     Phase,
     SourceSettings,
+    check_model_source,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ BASE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat1
 
 def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") -> tuple[Captioner, list[str]]:
     """Load the captioner, attach LoRA (or unfreeze everything) and return it with its trainable names."""
+    check_model_source(settings, "captioner")
     captioner = Captioner.from_pretrained(
         settings.pretrained_model_name_or_path, revision=settings.revision, max_length=settings.max_length
     )
@@ -54,6 +56,7 @@ def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") ->
 
 def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") -> tuple[Generator, list[str]]:
     """Load the generator parts, attach UNet LoRA (or unfreeze UNet + text encoder) and list trainables."""
+    check_model_source(settings, "generator")
     generator = Generator.from_pretrained(
         settings.pretrained_model_name_or_path,
         revision=settings.revision,

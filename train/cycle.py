@@ -51,6 +51,7 @@ from train.config import (
     PHASES,
     Config,
     ConfigError,
+    check_model_sources,
     fingerprint_differences,
     load_config,
     model_fingerprint,
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, command = parse_args(argv)
         check_validation_metrics(config)
+        check_model_sources(
+            config
+        )  # a missing folder or an uncached hub id offline: one line, nothing loaded
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import torch
 from losses.i2t2i import (
     I2T2I_MODES,
     candidate_rewards,
+    group_advantages,
     reconstruction_loss,
     sample_candidates,
     soft,
@@ -18,7 +19,7 @@ from losses.randomness import DrawKey
 from models.bridge import VocabularyBridge
 from models.captioner import IGNORE_INDEX, Captioner
 from models.generator import Generator
-from models.lora import add_captioner_lora, prepare_trainable
+from models.lora import add_captioner_lora, frozen, prepare_trainable
 from train.config import I2T2ISettings
 
 KEY = DrawKey(seed=11, update=5, micro_batch=1)
@@ -125,11 +126,13 @@ def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models
     [("soft", {}), ("gumbel", {"temperature": 0.7}), ("reward", {}), ("reward", {"kl_weight": 0.1})],
 )
 def test_gradient_reaches_the_captioner_lora_and_no_generator_parameter(
-    captioner, frozen_generator, bridge, mode, overrides
+    captioner, generator, bridge, mode, overrides
 ) -> None:
-    output = I2T2I_MODES[mode](
-        captioner, frozen_generator, _batch(2), _settings(mode, **overrides), KEY, bridge
-    )
+    """The partner takes gradients (as the trainer's models do before the phase freezes one); only frozen()
+    keeps them out, while soft and gumbel still backpropagate through it into the captioner."""
+    assert all(param.requires_grad for param in generator.parameters())
+    with frozen(generator):
+        output = I2T2I_MODES[mode](captioner, generator, _batch(2), _settings(mode, **overrides), KEY, bridge)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     # Metrics stay on the device (no host sync mid-step) and carry no graph.
     assert all(value.ndim == 0 and not value.requires_grad for value in output.metrics.values())
@@ -138,7 +141,9 @@ def test_gradient_reaches_the_captioner_lora_and_no_generator_parameter(
     assert grads and all(grad is not None and torch.isfinite(grad).all() for grad in grads.values())
     assert sum(float(grad.abs().sum()) for grad in grads.values()) > 0
     assert all(param.grad is None for name, param in captioner.named_parameters() if "lora_" not in name)
-    assert all(param.grad is None for param in frozen_generator.parameters())
+    leaked = [name for name, param in generator.named_parameters() if param.grad is not None]
+    assert not leaked, f"generator parameters got a gradient: {leaked[:3]}"
+    assert all(param.requires_grad for param in generator.parameters()), "frozen() must restore the flags"
 
 
 @pytest.mark.parametrize("mode", ["soft", "gumbel", "reward"])
@@ -160,8 +165,8 @@ def test_each_sample_draws_its_own_randomness(captioner, frozen_generator, bridg
         assert torch.allclose(together.loss, alone.mean(), rtol=1e-4)
     else:
         # Checked per piece instead: the loss is a function of each image's own candidates, rewards and
-        # log-probs, but its advantages divide by the group's reward std (~1e-3 on this random generator),
-        # which magnifies the 1-ulp differences of a batched UNet call beyond any useful tolerance.
+        # log-probs, but its advantages divide by a small scale (advantage_std_floor, 5e-3), which magnifies
+        # the 1-ulp differences of a batched UNet call beyond a tolerance worth stating on the loss.
         sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
         rewards = candidate_rewards(
             frozen_generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY
@@ -194,14 +199,64 @@ def test_reward_loss_is_the_group_baseline_policy_gradient(
     rewards = candidate_rewards(
         frozen_generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY
     )
-    advantages = (rewards - rewards.mean(dim=1, keepdim=True)) / (
-        rewards.std(dim=1, correction=0, keepdim=True) + 1e-6
-    )
+    advantages = group_advantages(rewards, settings.advantage_std_floor)
     logprobs = captioner.sequence_logprobs(batch["pixels"], **sampled.tokens)
     if reduction == "mean":
         logprobs = logprobs / (sampled.tokens["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
     assert torch.allclose(output.loss, -(advantages.flatten() * logprobs).mean(), atol=1e-6)
     assert output.metrics["reward_mean"] == pytest.approx(rewards.mean().item())
+
+
+def test_advantages_ignore_reward_gaps_within_the_rewards_noise(captioner, frozen_generator) -> None:
+    """The random tiny generator ignores captions: its rewards for 4 captions differ only by the noise of the
+    reward_timesteps draws (std ~1e-3). Those gaps get small advantages; gaps of a real preference get the
+    usual unit-scale (standardised) ones."""
+    batch, settings = _batch(3), _settings("reward", num_candidates=4)
+    sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
+    noise_only = candidate_rewards(
+        frozen_generator, batch["pixels"], batch["ids"], sampled.captions, settings, KEY
+    )
+    assert (noise_only.std(dim=1) > 0).all(), "distinct captions should still score differently"
+    # Without the floor every group's advantages have std 1; here std_K r / floor, about 0.3.
+    noise_scale = group_advantages(noise_only, settings.advantage_std_floor).std(dim=1, correction=0)
+    assert noise_scale.max() < 0.5, noise_scale
+    preferred = noise_only + torch.tensor([0.0, 0.05, 0.1, 0.2])  # gaps far above the floor
+    advantages = group_advantages(preferred, settings.advantage_std_floor)
+    torch.testing.assert_close(advantages.std(dim=1, correction=0), torch.ones(3))
+    assert (advantages.argsort(dim=1) == torch.arange(4)).all()
+    identical = group_advantages(torch.full((1, 4), -0.3), settings.advantage_std_floor)
+    assert torch.equal(identical, torch.zeros(1, 4))
+
+
+def test_kl_gradient_is_the_score_function_gradient_of_the_kl(captioner, frozen_generator, bridge) -> None:
+    """kl_weight adds exactly kl_weight * mean_i (d_i - mean_K d) * grad log p_i, d = log p - log p_base (the
+    summed log-likelihoods of the sampled candidates): it pulls the adapted captioner back to the base."""
+    # A large weight, so the KL part is not lost in the reward part's gradient (the adapters moved little).
+    batch, kl_weight = _batch(2), 50.0
+    settings = _settings("reward", num_candidates=4)
+    params = [param for name, param in captioner.named_parameters() if "lora_" in name]
+
+    def lora_gradient(loss: torch.Tensor) -> torch.Tensor:
+        return torch.cat([grad.flatten() for grad in torch.autograd.grad(loss, params)])
+
+    def reward_loss(weight: float) -> torch.Tensor:
+        return I2T2I_MODES["reward"](
+            captioner, frozen_generator, batch, settings.model_copy(update={"kl_weight": weight}), KEY, bridge
+        ).loss
+
+    with_kl = lora_gradient(reward_loss(kl_weight))
+    added = with_kl - lora_gradient(reward_loss(0.0))
+    sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
+    logprobs = captioner.sequence_logprobs(batch["pixels"], **sampled.tokens)
+    with torch.no_grad(), captioner.adapters_disabled():
+        base = captioner.sequence_logprobs(batch["pixels"], **sampled.tokens)
+    log_ratio = (logprobs.detach() - base).view(2, 4)
+    weights = (log_ratio - log_ratio.mean(dim=1, keepdim=True)).flatten()
+    expected = kl_weight * lora_gradient((weights * logprobs).mean())
+    assert expected.abs().max() > 0.1 * with_kl.abs().max(), "the KL part should be a sizeable share"
+    # `added` is a difference of two float32 gradients, each a sum of a few hundred terms accurate to about
+    # 1e-7 relative; 1e-5 of the larger gradient bounds that rounding.
+    torch.testing.assert_close(added, expected, rtol=0, atol=1e-5 * float(with_kl.abs().max()))
 
 
 def test_kl_term_is_zero_at_the_base_model_and_grows_with_the_adapters(

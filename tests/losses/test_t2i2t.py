@@ -11,7 +11,7 @@ from losses.randomness import DrawKey
 from losses.t2i2t import T2I2T_MODES, one_step, sample
 from models.captioner import Captioner
 from models.generator import Generator
-from models.lora import add_generator_lora, prepare_trainable
+from models.lora import add_generator_lora, frozen, prepare_trainable
 from train.config import T2I2TSettings
 
 CAPTIONS = ["a red circle at the top", "a small blue square", "a large green triangle in the corner"]
@@ -63,9 +63,13 @@ class _UnetCalls:
     ids=["one_step", "sample", "sample_guided"],
 )
 def test_gradient_reaches_unet_lora_and_no_captioner_parameter(
-    generator: Generator, frozen_captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
+    generator: Generator, captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
 ) -> None:
-    output = T2I2T_MODES[settings.mode](generator, frozen_captioner, batch, settings, KEY)
+    """The partner takes gradients (as the trainer's models do before the phase freezes one); only frozen()
+    keeps them out, while the gradient still passes through it into the UNet."""
+    assert all(param.requires_grad for param in captioner.parameters())
+    with frozen(captioner):
+        output = T2I2T_MODES[settings.mode](generator, captioner, batch, settings, KEY)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     assert output.metrics == {"caption_ce": pytest.approx(output.loss.item())}
     output.loss.backward()
@@ -75,7 +79,9 @@ def test_gradient_reaches_unet_lora_and_no_captioner_parameter(
     )
     # LoRA B starts at zero (so A's first gradient is zero too); every B must get a gradient.
     assert all(param.grad.abs().sum() > 0 for name, param in lora.items() if "lora_B" in name)
-    assert all(param.grad is None for param in frozen_captioner.parameters())
+    leaked = [name for name, param in captioner.named_parameters() if param.grad is not None]
+    assert not leaked, f"captioner parameters got a gradient: {leaked[:3]}"
+    assert all(param.requires_grad for param in captioner.parameters()), "frozen() must restore the flags"
     frozen_parts = [*generator.vae.parameters(), *generator.text_encoder.parameters()]
     assert all(param.grad is None for param in frozen_parts)
 
