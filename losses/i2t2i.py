@@ -215,9 +215,10 @@ def reward(
 
     advantage = (r - mean_K r) / max(std_K r, settings.advantage_std_floor) per image (group_advantages);
     loss = -mean(advantage * log p(caption)), log p summed over tokens or averaged
-    (settings.logprob_reduction). The KL penalty to the base captioner (adapters off) enters as its score-function gradient, (d - mean_K d) * log p with
-    d = log p - log p_base summed over tokens: the plain `kl_weight * d` has zero expected gradient on
-    samples from p (E_p[grad log p] = 0), so it would not regularise at all. The bridge is not used.
+    (settings.logprob_reduction). The KL penalty to the base captioner (adapters off) enters as its
+    score-function gradient, (d - mean_K d) * log p with d = log p - log p_base summed over tokens: the plain
+    `kl_weight * d` has zero expected gradient on samples from p (E_p[grad log p] = 0), so it would not
+    regularise at all. The bridge is not used.
     """
     pixels, ids = batch["pixels"], batch["ids"]
     if settings.kl_weight > 0 and not captioner.has_adapters:

@@ -43,8 +43,8 @@ def environment(**extra: str) -> dict[str, str]:
     return env
 
 
-def cycle_command(overrides: list[str], processes: int = 1) -> list[str]:
-    script = ["train/cycle.py", "--config", str(TINY_CONFIG), *overrides]
+def launch_command(script: list[str], processes: int = 1) -> list[str]:
+    """`python SCRIPT ...`, or `accelerate launch` of it on `processes` CPU processes (gloo)."""
     if processes == 1:
         return [sys.executable, *script]
     launch = [
@@ -58,22 +58,31 @@ def cycle_command(overrides: list[str], processes: int = 1) -> list[str]:
     return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
 
 
+def cycle_command(overrides: list[str], processes: int = 1) -> list[str]:
+    return launch_command(["train/cycle.py", "--config", str(TINY_CONFIG), *overrides], processes)
+
+
 def run_cycle(
     overrides: list[str], processes: int = 1, check: bool = True, **env: str
 ) -> subprocess.CompletedProcess:
-    """Run to completion; on failure show the run's output in the assertion."""
+    """Run the trainer to completion; on failure show the run's output in the assertion."""
     extra = {"ACCELERATE_USE_CPU": "1"} if processes > 1 else {}
+    return run_launched(cycle_command(overrides, processes), check, **extra, **env)
+
+
+def run_launched(command: list[str], check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a launch_command in the repository; on failure show its output in the assertion."""
     result = subprocess.run(
-        cycle_command(overrides, processes),
+        command,
         cwd=REPO,
-        env=environment(**extra, **env),
+        env=environment(**env),
         capture_output=True,
         text=True,
         timeout=600,
     )
     if check:
         assert result.returncode == 0, (
-            f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}"
+            f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}"
         )
     return result
 

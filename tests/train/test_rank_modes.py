@@ -4,59 +4,29 @@ submodule (a rank in another mode would run other dropout masks and checkpointin
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from accelerate import Accelerator, debug_launcher
-from accelerate.utils import extract_model_from_parallel, gather_object
-from cycle_runs import tiny_config
+from cycle_runs import TINY_CONFIG, launch_command, run_launched, tiny_overrides
 
-from models.modes import module_modes
-from train.builders import build_validation_batch
 from train.config import PHASES
-from train.cycle import build_run, maybe_validate
-from train.tracking import StepLog
 
 pytestmark = pytest.mark.slow
 
 
-def _modes_on_each_rank() -> None:
-    """Build the run as the recipe does, validate as it does at a validation step, gather every rank's modes."""
-    out = Path(os.environ["MODES_OUT"])
-    tiny_models = SimpleNamespace(**json.loads(os.environ["TINY_MODELS"]))
-    config = tiny_config(tiny_models, *json.loads(os.environ["OVERRIDES"]))
-    accelerator = Accelerator(cpu=True)
-    run = build_run(config, accelerator)
-    run.logs = (StepLog(out.parent / "samples.jsonl", 0), StepLog(out.parent / "metrics.jsonl", 0))
-
-    def modes() -> dict[str, dict[str, bool]]:
-        return {phase: module_modes(extract_model_from_parallel(run.models[phase])) for phase in PHASES}
-
-    before = modes()
-    run.state.step = config.train.validation_steps
-    maybe_validate(run, build_validation_batch(config) if accelerator.is_main_process else None)
-    gathered = gather_object([{"before": before, "after": modes()}])
-    if accelerator.is_main_process:
-        out.write_text(json.dumps(gathered))
-
-
-def test_modes_are_equal_on_both_ranks_after_a_validation(tiny_models, tmp_path: Path, monkeypatch) -> None:
+def test_modes_are_equal_on_both_ranks_after_a_validation(tiny_models, tmp_path: Path) -> None:
+    out = tmp_path / "modes.json"
     overrides = [
-        f"output_dir={tmp_path}",
+        *tiny_overrides(tiny_models, tmp_path),
         "captioner.gradient_checkpointing=true",
         "captioner.lora.dropout=0.1",
         "train.validation_steps=1",
         "evaluation.validation_metrics=[]",
     ]
-    models = {"captioner": str(tiny_models.captioner), "generator": str(tiny_models.generator)}
-    monkeypatch.setenv("MODES_OUT", str(tmp_path / "modes.json"))
-    monkeypatch.setenv("TINY_MODELS", json.dumps(models))
-    monkeypatch.setenv("OVERRIDES", json.dumps(overrides))
-    debug_launcher(_modes_on_each_rank, num_processes=2)
-    ranks = json.loads((tmp_path / "modes.json").read_text())
-    assert len(ranks) == 2
+    probe = ["tests/support/rank_modes_probe.py", str(out), str(TINY_CONFIG), *overrides]
+    run_launched(launch_command(probe, processes=2), ACCELERATE_USE_CPU="1")
+    ranks = json.loads(out.read_text())
+    assert sorted(rank["rank"] for rank in ranks) == [0, 1]
     assert ranks[0]["after"] == ranks[1]["after"], "rank 0 validated and came back in other modes"
     assert ranks[0]["after"] == ranks[0]["before"]
     for phase in PHASES:  # built in train mode: the trained model's dropout and checkpointing act

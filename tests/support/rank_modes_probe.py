@@ -1,0 +1,41 @@
+"""Launched on 2 processes by tests/train/test_rank_modes.py: builds the run as the recipe does, validates as
+it does at a validation step (main process only), and writes every rank's submodule modes before and after.
+
+    accelerate launch ... tests/support/rank_modes_probe.py OUT.json CONFIG.yaml [overrides]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel, gather_object
+
+from models.modes import module_modes
+from train.builders import build_validation_batch
+from train.config import PHASES, load_config
+from train.cycle import build_run, maybe_validate
+from train.tracking import StepLog
+
+
+def main(out: Path, config_file: str, overrides: list[str]) -> None:
+    config = load_config(config_file, overrides)
+    accelerator = Accelerator()
+    run = build_run(config, accelerator)
+    run.logs = (StepLog(out.parent / "samples.jsonl", 0), StepLog(out.parent / "metrics.jsonl", 0))
+
+    def modes() -> dict[str, dict[str, bool]]:
+        return {phase: module_modes(extract_model_from_parallel(run.models[phase])) for phase in PHASES}
+
+    before = modes()
+    run.state.step = config.train.validation_steps
+    maybe_validate(run, build_validation_batch(config) if accelerator.is_main_process else None)
+    gathered = gather_object([{"rank": accelerator.process_index, "before": before, "after": modes()}])
+    if accelerator.is_main_process:
+        out.write_text(json.dumps(gathered))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
