@@ -52,9 +52,9 @@ from evaluation.text import (
     recaption_cider,
     text_similarity,
 )
-from losses.randomness import DrawKey
 from models.captioner import Captioner
 from models.generator import Generator
+from models.randomness import DrawKey
 from models.scoring import caption_scores
 
 logger = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from losses.cycle_output import CycleOutput
-from losses.randomness import DrawKey
 from models.bridge import VocabularyBridge, encode_token_embeddings
 from models.captioner import IGNORE_INDEX, Captioner, SampledCaptions
 from models.generator import Generator
+from models.randomness import DrawKey
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
 from models.transfer import to_device
 from train.config import I2T2ISettings

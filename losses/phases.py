@@ -15,12 +15,12 @@ from typing import Any, NamedTuple
 import torch
 
 from losses.i2t2i import I2T2I_MODES
-from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_pass
 from losses.t2i2t import T2I2T_MODES, one_step_on_denoise_pass
 from models.bridge import VocabularyBridge
 from models.captioner import Captioner
 from models.generator import Generator
+from models.randomness import DrawKey
 from train.config import Config
 
 

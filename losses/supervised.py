@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from losses.randomness import DrawKey
 from models.captioner import Captioner
 from models.generator import DenoiseOutput, Generator
+from models.randomness import DrawKey
 from models.transfer import to_device
 from train.config import CaptionerSettings, GeneratorSettings
 

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from losses.cycle_output import CycleOutput
-from losses.randomness import DrawKey
 from losses.supervised import DenoisePass
 from models.captioner import Captioner
 from models.generator import Generator
+from models.randomness import DrawKey
 from train.config import T2I2TSettings
 
 Batch = dict[str, Any]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from losses.randomness import DrawKey
 from models.generator import Generator
+from models.randomness import DrawKey
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,9 @@ from transformers import (
 from data.mixer import BatchMixer
 from data.sources import shapes as shapes_source
 from data.streams import Stream
-from losses.randomness import DrawKey
 from models.generator import Generator
 from models.lora import GENERATOR_LORA_TARGETS
+from models.randomness import DrawKey
 from models.scoring import caption_scores
 from models.tiny import save_tiny_captioner, save_tiny_generator
 from train.builders import (

@@ -23,8 +23,8 @@ from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, 
 from tqdm.auto import tqdm
 
 from data.mixer import BatchMixer
-from losses.randomness import DrawKey
 from models.bridge import VocabularyBridge
+from models.randomness import DrawKey
 from train.builders import (
     build_bridge,
     build_captioner,

@@ -1,6 +1,6 @@
 """Every global random generator's state as plain tensors, so a checkpoint can carry it in safetensors.
 
-Why: most of training draws from per-sample keys (losses/randomness.py), but dropout (LoRA dropout
+Why: most of training draws from per-sample keys (models/randomness.py), but dropout (LoRA dropout
 included) draws from torch's global generator. A resumed run must continue that generator exactly, and
 pickled RNG states (what `accelerator.save_state` writes) would let a planted file run code on load.
 Each rank saves its own state; python's and numpy's generators travel too, for any library that uses them.

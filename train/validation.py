@@ -24,11 +24,11 @@ from evaluation.availability import MetricResult, check_metric_names, split_resu
 from evaluation.captions import CAPTION_METRICS, caption_metrics
 from evaluation.images import IMAGE_METRICS, ImageMetricOptions, image_metrics
 from evaluation.text import TextMetricOptions, text_metrics
-from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_terms
 from models.captioner import Captioner
 from models.generator import Generator
 from models.modes import eval_mode
+from models.randomness import DrawKey
 from train.config import Config, ConfigError, EvaluationSettings
 from train.tracking import ValidationRow
 

@@ -15,11 +15,11 @@ from losses.i2t2i import (
     soft,
     soft_token_probs,
 )
-from losses.randomness import DrawKey
 from models.bridge import VocabularyBridge
 from models.captioner import IGNORE_INDEX, Captioner
 from models.generator import Generator
 from models.lora import add_captioner_lora, frozen, prepare_trainable
+from models.randomness import DrawKey
 from train.config import I2T2ISettings
 
 KEY = DrawKey(seed=11, update=5, micro_batch=1)

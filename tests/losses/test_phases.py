@@ -10,9 +10,9 @@ from cycle_runs import tiny_config
 
 from losses.i2t2i import candidate_rewards
 from losses.phases import captioner_phase, cycle_ramp, generator_phase
-from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_terms, drop_captions
 from models.lora import frozen, save_merged_captioner, save_merged_generator
+from models.randomness import DrawKey
 from models.tiny import save_tiny_generator
 from train.builders import build_bridge, build_captioner, build_generator
 from train.config import Config

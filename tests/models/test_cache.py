@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from losses.randomness import DrawKey
 from losses.supervised import denoise_terms
 from models.cache import FrozenEncoderCache
 from models.generator import Generator
+from models.randomness import DrawKey
 from train.builders import build_encoder_cache, build_generator
 from train.config import Config, GeneratorSettings, load_config
 

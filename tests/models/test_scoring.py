@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from losses.randomness import DrawKey
 from models.generator import Generator
+from models.randomness import DrawKey
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
 from models.tiny import save_tiny_generator
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from cycle_runs import tiny_config
 
-from losses.randomness import DrawKey
 from losses.supervised import caption_terms, denoise_terms
+from models.randomness import DrawKey
 from train.builders import build_captioner, build_generator, phase_update_counts
 from train.config import Config, load_config
 

@@ -8,8 +8,8 @@ import torch
 from cycle_runs import tiny_config
 
 from losses.phases import captioner_phase, generator_phase
-from losses.randomness import DrawKey
 from models.lora import frozen
+from models.randomness import DrawKey
 from train.builders import build_bridge, build_captioner, build_generator
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center"]
