@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
 from pathlib import Path
 
 from models.captioner import Captioner
@@ -41,7 +40,9 @@ from train.config import Config
 def model_card(
     config: Config, part: str, library: str, step: int, command: list[str], how_to_load: str
 ) -> str:
-    """A short README: what was trained on what, for how long, by which command, and how to load it."""
+    """A short README: what was trained on what, for how long, by which command, and how to load it.
+
+    No export date: an identical run must export identical bytes (the file's own time says when)."""
     is_captioner = part.startswith("captioner")
     settings = config.captioner if is_captioner else config.generator
     lora = settings.lora
@@ -59,7 +60,6 @@ tags: [cycletune, {"image-to-text" if is_captioner else "text-to-image"}]
 - Base model: `{settings.pretrained_model_name_or_path}`
 - Weights: {weights}, after {step} updates (phases alternating as {config.train.schedule})
 - Paired data: {data}
-- Exported: {date.today().isoformat()}
 - Command: `{" ".join(command)}`
 
 ## Load
