@@ -48,7 +48,7 @@ experiment: setup
 base: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.base
 
-# Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/bench.py); ~4 min on
+# Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/bench/); ~4 min on
 # 2 CPU cores, plus a bf16 SD 1.5 / BLIP-base part where CUDA works. Results: runs/bench/latest.{md,json}.
 .PHONY: bench
 bench: setup

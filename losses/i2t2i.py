@@ -20,21 +20,51 @@ depend on how a batch is split over processes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from losses.cycle_output import CycleOutput
+from losses.settings import Strict
 from models.bridge import VocabularyBridge, encode_token_embeddings
 from models.captioner import IGNORE_INDEX, Captioner, SampledCaptions
 from models.generator import Generator
 from models.randomness import DrawKey
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
 from models.transfer import to_device
-from train.config import I2T2ISettings
 
 Batch = dict[str, Any]
+
+
+class I2T2ISettings(Strict):
+    """image -> caption -> image: trains the captioner through the frozen generator."""
+
+    mode: Literal["none", "soft", "gumbel", "reward"] = "none"
+    weight: float = Field(1.0, ge=0)
+    # soft: temperature of the captioner's softmax; gumbel: the Gumbel-softmax temperature.
+    temperature: float = Field(1.0, gt=0)
+    # gumbel: free-running decode length (None: captioner.max_length).
+    max_length: int | None = Field(None, ge=2)
+    # soft / gumbel: noise draws averaged in the frozen generator's denoising loss.
+    num_timesteps: int = Field(1, ge=1)
+    # reward: K sampled captions per image, scored by the generator's denoising loss.
+    num_candidates: int = Field(4, ge=2)
+    # 1.0 keeps the policy gradient on-policy; a nucleus (< 1) samples off-policy and trained worse here.
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompt: str | None = None
+    reward_timesteps: int = Field(4, ge=1)
+    # reward: advantages are (r - mean_K r) / max(std_K r, floor), the floor in reward units (the generator's
+    # denoising loss), so candidates whose rewards differ only by the noise of the reward_timesteps draws get
+    # small advantages instead of unit-scale ones. Measured (std over 16 noise draws of each candidate's reward
+    # minus its group mean, K = 4): tiny random models 1.0e-3 to 1.5e-3; shapes-base 1e-4 to 1.8e-3 on images
+    # whose candidates differ by less than that noise, while images with really different candidates have a
+    # group std of 1e-2 to 2e-2. 5e-3, about 3x the largest pure-noise std, keeps those at unit scale and shrinks
+    # pure-noise groups to advantages of 0.3 or less. Other generators have other loss scales: measure theirs.
+    advantage_std_floor: float = Field(5e-3, gt=0)
+    logprob_reduction: Literal["sum", "mean"] = "mean"
+    kl_weight: float = Field(0.0, ge=0)
 
 
 def soft_token_probs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:

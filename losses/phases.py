@@ -10,18 +10,39 @@ look them up by phase; each returns weighted terms (summed for backward) and met
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
+from pydantic import Field
 
-from losses.i2t2i import I2T2I_MODES
-from losses.supervised import caption_terms, denoise_pass
-from losses.t2i2t import T2I2T_MODES, one_step_on_denoise_pass
+from losses.i2t2i import I2T2I_MODES, I2T2ISettings
+from losses.settings import Strict
+from losses.supervised import CaptionLossSettings, DenoiseLossSettings, caption_terms, denoise_pass
+from losses.t2i2t import T2I2T_MODES, T2I2TSettings, one_step_on_denoise_pass
 from models.bridge import VocabularyBridge
 from models.captioner import Captioner
 from models.generator import Generator
 from models.randomness import DrawKey
-from train.config import Config
+
+
+class CycleSettings(Strict):
+    # Cycle weights ramp linearly from 0 to their value over this many updates (summed over both models).
+    warmup_steps: int = Field(0, ge=0)
+    i2t2i: I2T2ISettings = I2T2ISettings()
+    t2i2t: T2I2TSettings = T2I2TSettings()
+
+
+class PhaseSettings(Protocol):
+    """The sections of the run's settings that the phase losses read (the run's Config has them)."""
+
+    @property
+    def captioner(self) -> CaptionLossSettings: ...
+
+    @property
+    def generator(self) -> DenoiseLossSettings: ...
+
+    @property
+    def cycle(self) -> CycleSettings: ...
 
 
 class PhaseOutput(NamedTuple):
@@ -29,7 +50,7 @@ class PhaseOutput(NamedTuple):
     metrics: dict[str, torch.Tensor | float]
 
 
-def cycle_ramp(config: Config, update: int) -> float:
+def cycle_ramp(config: PhaseSettings, update: int) -> float:
     """Linear warm-up of every cycle weight over cycle.warmup_steps updates."""
     warmup = config.cycle.warmup_steps
     return 1.0 if warmup == 0 else min(1.0, update / warmup)
@@ -40,7 +61,7 @@ def captioner_phase(
     *,
     partner: Generator,
     batch: dict[str, Any],
-    config: Config,
+    config: PhaseSettings,
     key: DrawKey,
     bridge: VocabularyBridge | None,
 ) -> PhaseOutput:
@@ -60,7 +81,7 @@ def generator_phase(
     *,
     partner: Captioner,
     batch: dict[str, Any],
-    config: Config,
+    config: PhaseSettings,
     key: DrawKey,
     bridge: VocabularyBridge | None,
 ) -> PhaseOutput:

@@ -10,17 +10,37 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+from pydantic import Field
 
+from losses.settings import Strict
 from models.captioner import Captioner
 from models.generator import DenoiseOutput, Generator
 from models.randomness import DrawKey
 from models.transfer import to_device
-from train.config import CaptionerSettings, GeneratorSettings
 
 Batch = dict[str, Any]
 
 
-def caption_terms(captioner: Captioner, batch: Batch, settings: CaptionerSettings) -> dict[str, torch.Tensor]:
+class CaptionLossSettings(Strict):
+    """What the caption cross-entropy reads (the run's captioner section carries these keys)."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    caption_loss_weight: float = Field(1.0, ge=0)
+
+
+class DenoiseLossSettings(Strict):
+    """What the denoising loss reads (the run's generator section carries these keys)."""
+
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    # Share of captions replaced by "" so the generator learns the unconditional branch of CFG.
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    denoise_loss_weight: float = Field(1.0, ge=0)
+
+
+def caption_terms(
+    captioner: Captioner, batch: Batch, settings: CaptionLossSettings
+) -> dict[str, torch.Tensor]:
     """Teacher-forced caption cross-entropy, mean over samples of each sample's mean token loss."""
     tokens = captioner.tokenize(batch["captions"])
     per_sample = captioner.caption_loss(batch["pixels"], **tokens, label_smoothing=settings.label_smoothing)
@@ -47,14 +67,14 @@ class DenoisePass(NamedTuple):
 
 
 def denoise_terms(
-    generator: Generator, batch: Batch, settings: GeneratorSettings, key: DrawKey
+    generator: Generator, batch: Batch, settings: DenoiseLossSettings, key: DrawKey
 ) -> dict[str, torch.Tensor]:
     """The standard diffusion objective on the pair, with per-sample noise, timesteps and caption dropout."""
     return denoise_pass(generator, batch, settings, key).terms
 
 
 def denoise_pass(
-    generator: Generator, batch: Batch, settings: GeneratorSettings, key: DrawKey
+    generator: Generator, batch: Batch, settings: DenoiseLossSettings, key: DrawKey
 ) -> DenoisePass:
     """`denoise_terms` with its UNet call kept.
 

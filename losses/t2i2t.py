@@ -16,18 +16,46 @@ draw comes from the DrawKey, per sample id and purpose, so runs are reproducible
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from losses.cycle_output import CycleOutput
+from losses.settings import Strict
 from losses.supervised import DenoisePass
 from models.captioner import Captioner
 from models.generator import Generator
 from models.randomness import DrawKey
-from train.config import T2I2TSettings
 
 Batch = dict[str, Any]
+
+
+class T2I2TSettings(Strict):
+    """text -> image -> caption: trains the generator through the frozen captioner."""
+
+    mode: Literal["none", "one_step", "sample"] = "none"
+    weight: float = Field(1.0, ge=0)
+    # one_step: timesteps drawn uniformly from [0, max_timestep) (None: the whole schedule).
+    max_timestep: int | None = Field(None, ge=1)
+    # one_step on paired batches: decode the denoising term's own UNet prediction instead of a second UNet
+    # call (about half the phase's cost; same per-sample distribution; see one_step_on_denoise_pass).
+    share_denoise_pass: bool = False
+    # sample: DDIM steps from pure noise, backpropagating through only the last grad_steps (DRaFT-K).
+    num_inference_steps: int = Field(10, ge=1)
+    grad_steps: int = Field(1, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _grad_steps_fit(self) -> T2I2TSettings:
+        if self.grad_steps > self.num_inference_steps:
+            raise ValueError("cycle.t2i2t.grad_steps cannot exceed cycle.t2i2t.num_inference_steps")
+        # With mode none it is moot (a control arm turns the cycle off and keeps the rest of the config).
+        if self.share_denoise_pass and self.mode == "sample":
+            raise ValueError(
+                "cycle.t2i2t.share_denoise_pass applies to mode 'one_step'; mode 'sample' makes its own images"
+            )
+        return self
 
 
 def one_step(

@@ -27,14 +27,11 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from models.transfer import to_device
-
-if TYPE_CHECKING:
-    from models.generator import Generator
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +54,30 @@ class _ImageEntry:
 def _nbytes(entry: torch.Tensor | _ImageEntry) -> int:
     tensors = (entry.mean, entry.std, entry.fingerprint) if isinstance(entry, _ImageEntry) else (entry,)
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+class EncodingModel(Protocol):
+    """What the cache calls on the model it serves (models/generator.py's Generator, which holds the cache
+    as `encoder_cache`): named here so that this module does not import the generator's."""
+
+    @property
+    def text_encoder(self) -> torch.nn.Module: ...
+
+    @property
+    def vae(self) -> torch.nn.Module | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor: ...
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def latent_distribution(self, pixels01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def latents_from_distribution(
+        self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -94,7 +115,7 @@ class FrozenEncoderCache:
     def image_entries(self) -> int:
         return len(self._image_entries)
 
-    def text_states(self, generator: Generator, captions: Sequence[str]) -> torch.Tensor:
+    def text_states(self, generator: EncodingModel, captions: Sequence[str]) -> torch.Tensor:
         """encode_text(tokenize(captions)) [B, T, D], each caption's states computed once and then reused."""
         if any(param.requires_grad for param in generator.text_encoder.parameters()):
             raise ValueError(
@@ -115,7 +136,11 @@ class FrozenEncoderCache:
         return torch.stack(rows)
 
     def image_latents(
-        self, generator: Generator, pixels01: torch.Tensor, ids: Sequence[str], vae_noise: torch.Tensor | None
+        self,
+        generator: EncodingModel,
+        pixels01: torch.Tensor,
+        ids: Sequence[str],
+        vae_noise: torch.Tensor | None,
     ) -> torch.Tensor:
         """encode_images(pixels01, vae_noise) without a graph, the VAE posterior of each id computed once."""
         if generator.vae is None:

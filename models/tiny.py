@@ -29,6 +29,9 @@ SHAPES_WORDS: tuple[str, ...] = (
     "small", "large", "big", "little", "tiny", "huge",
     "top", "bottom", "left", "right", "center", "centre", "middle", "corner", "side", "upper", "lower",
     "background", "white", "black", "gray", "grey", "colored", "coloured",
+    # The rest of the shapes grammar's words (data/shapes.py WORDS), which tests/models/test_tiny.py checks
+    # this tuple covers: listed here so that models/ does not import data/.
+    "a", "an", "and", "at", "image", "in", "is", "of", "picture", "the", "there",
 )  # fmt: skip
 
 COMMON_CAPTION_WORDS: tuple[str, ...] = (
@@ -68,15 +71,8 @@ _CLIP_PRETOKEN = re.compile(r"[^\W\d_]+|\d|[^\s\w]+")
 
 
 def default_vocabulary() -> tuple[str, ...]:
-    """Shapes-world words (plus data.shapes.WORDS when that module exists) and common caption words.
-
-    data.shapes is imported lazily so this module still works while, or where, the shapes world is absent.
-    """
-    try:
-        from data.shapes import WORDS as shapes_grammar_words
-    except ImportError:
-        shapes_grammar_words = ()
-    return tuple(dict.fromkeys((*SHAPES_WORDS, *shapes_grammar_words, *COMMON_CAPTION_WORDS)))
+    """Shapes-world words (the shapes grammar's included) and common caption words."""
+    return tuple(dict.fromkeys((*SHAPES_WORDS, *COMMON_CAPTION_WORDS)))
 
 
 def _clean_words(vocab_words: Sequence[str] | None) -> list[str]:
@@ -96,6 +92,14 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _check_vocab_size(vocab_size: int, tokens: int, model: str) -> None:
+    """An embedding smaller than the tokenizer would index past its end on the first rare token."""
+    if vocab_size < tokens:
+        raise ValueError(
+            f"{model} text_options vocab_size={vocab_size} is below the tokenizer's {tokens} tokens"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- captioner
@@ -120,8 +124,14 @@ def save_tiny_captioner(
     hidden_size: int = 32,
     num_layers: int = 2,
     vocab_words: Sequence[str] | None = None,
+    vision_options: dict[str, Any] | None = None,
+    text_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Random-init BlipForConditionalGeneration + BlipProcessor saved into out_dir; returns out_dir."""
+    """Random-init BlipForConditionalGeneration + BlipProcessor saved into out_dir; returns out_dir.
+
+    `vision_options` and `text_options` override BlipVisionConfig and BlipTextConfig arguments (widths,
+    heads, patch size, a text vocabulary larger than the tokenizer's), for stand-ins of real sizes.
+    """
     from transformers import (
         BertTokenizer,
         BlipConfig,
@@ -137,6 +147,19 @@ def save_tiny_captioner(
     tokenizer = BertTokenizer(vocab=vocab, model_max_length=64)
     tokenizer.add_special_tokens({"bos_token": BLIP_DECODER_START})
 
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    } | (text_options or {})
+    _check_vocab_size(text_config["vocab_size"], len(tokenizer), "captioner")
     config = BlipConfig(
         vision_config={
             "image_size": image_size,
@@ -148,19 +171,9 @@ def save_tiny_captioner(
             # BlipVisionConfig defaults to 1e-10 (weights expected from a checkpoint): random init would be
             # near-constant and the captioner could not tell images apart.
             "initializer_range": 0.02,
-        },
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 64,
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "sep_token_id": tokenizer.sep_token_id,
-            "eos_token_id": tokenizer.sep_token_id,
-        },
+        }
+        | (vision_options or {}),
+        text_config=text_config,
         projection_dim=hidden_size,
         image_text_hidden_size=hidden_size,
     )
@@ -247,22 +260,38 @@ def save_tiny_generator(
     beta_schedule: str = "scaled_linear",
     timestep_spacing: str = "leading",
     unet_options: dict[str, Any] | None = None,
+    vae_options: dict[str, Any] | None = None,
+    text_options: dict[str, Any] | None = None,
 ) -> Path:
     """Random-init Stable Diffusion parts saved in the StableDiffusionPipeline folder layout; returns out_dir.
 
     with_vae=False leaves the VAE out (model_index.json has vae null) and the UNet denoises RGB pixels at
     `resolution`; otherwise a 2-level AutoencoderKL gives 4-channel latents at resolution / 2. The defaults
     are SD 1.5's noise schedule and objective; the shapes demo's base model uses v-prediction on a cosine
-    schedule instead, which learns usable samples from scratch in far fewer CPU steps. `unet_options`
-    override UNet2DConditionModel arguments (levels, channels, where attention sits).
+    schedule instead, which learns usable samples from scratch in far fewer CPU steps. `unet_options`,
+    `vae_options` and `text_options` override UNet2DConditionModel, AutoencoderKL and CLIPTextConfig arguments
+    (levels, channels, where attention sits, layers, a vocabulary larger than the tokenizer's); the latent
+    size follows the VAE's levels.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from models.generator import stable_diffusion_pipeline
 
-    block_out_channels = (32, 64)
-    vae_downscale = 2 ** (len(block_out_channels) - 1)
+    if vae_options and not with_vae:
+        raise ValueError("vae_options given with with_vae=False: a pixel-space generator has no VAE")
+    vae_arguments = {"block_out_channels": (32, 64), "layers_per_block": 1} | (vae_options or {})
+    vae_levels = len(vae_arguments["block_out_channels"])
+    vae_arguments = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * vae_levels,
+        "up_block_types": ("UpDecoderBlock2D",) * vae_levels,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": resolution,
+    } | vae_arguments
+    vae_downscale = 2 ** (vae_levels - 1)
     if resolution % (vae_downscale * 2) != 0:
         raise ValueError(f"resolution={resolution} must be a multiple of {vae_downscale * 2}")
     out_dir = Path(out_dir)
@@ -270,24 +299,26 @@ def save_tiny_generator(
     vocab, merges = _write_clip_bpe(_clean_words(vocab_words), tokenizer_dir)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_CLIP_MAX_LENGTH)
 
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden_size,
-        intermediate_size=2 * text_hidden_size,
-        projection_dim=text_hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=_CLIP_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_arguments = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": text_hidden_size,
+        "intermediate_size": 2 * text_hidden_size,
+        "projection_dim": text_hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": _CLIP_MAX_LENGTH,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    } | (text_options or {})
+    _check_vocab_size(text_arguments["vocab_size"], len(tokenizer), "generator")
+    text_config = CLIPTextConfig(**text_arguments)
     image_channels = 4 if with_vae else 3
     with _seeded(seed):
         text_encoder = CLIPTextModel(text_config)
         unet_arguments = {
             "layers_per_block": 1,
-            "block_out_channels": block_out_channels,
+            "block_out_channels": (32, 64),
             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
             "attention_head_dim": 2,
@@ -300,21 +331,7 @@ def save_tiny_generator(
             cross_attention_dim=text_config.hidden_size,
             **unet_arguments,
         )
-        vae = (
-            AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-                up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
-                block_out_channels=block_out_channels,
-                layers_per_block=1,
-                latent_channels=4,
-                norm_num_groups=32,
-                sample_size=resolution,
-            )
-            if with_vae
-            else None
-        )
+        vae = AutoencoderKL(**vae_arguments) if with_vae else None
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -331,9 +348,29 @@ def save_tiny_generator(
     return out_dir
 
 
+def _unet_levels(channels: tuple[int, ...], *, layers: int, attention: tuple[bool, ...]) -> dict[str, Any]:
+    """unet_options of an SD-style UNet with 8-channel attention heads (diffusers' default); attention[i] says
+    whether level i (high resolution first) cross-attends."""
+    return {
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "attention_head_dim": 8,
+        "down_block_types": tuple("CrossAttnDownBlock2D" if on else "DownBlock2D" for on in attention),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if on else "UpBlock2D" for on in reversed(attention)),
+    }
+
+
+# CLIP's vocabulary size: the bench's text encoders have its embedding rows (those past the tokenizer's unused).
+_CLIP_VOCAB_SIZE = 49408
+# Transformer layers of CLIP ViT-L/14's text tower and of BLIP-base's vision and text towers (768 wide).
+_BASE_LAYERS = {"intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+
 # Architectures by purpose: "test" is the fastest that exercises every code path (latent space, VAE);
 # "shapes-base" is the one the demo's base models are trained from (make base): wide enough to learn the
-# shapes world, pixel space (no VAE to train), v-prediction on a cosine schedule.
+# shapes world, pixel space (no VAE to train), v-prediction on a cosine schedule. The "bench-" ones are the
+# model sizes `make bench` times: "bench-tiny" (a 0.99M-parameter UNet with diffusers' fast-test CLIP text
+# encoder, 32 px), "bench-small" (17.8M UNet, 64 px) and "bench-sd15-blip-base" (SD 1.5's UNet, VAE and CLIP-L
+# text tower at 512 px and BLIP-base at 384 px, random weights: a GPU-sized stand-in).
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "test": ({}, {}),
     "shapes-base": (
@@ -355,7 +392,58 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             },
         },
     ),
+    "bench-tiny": (
+        {},
+        {
+            "unet_options": _unet_levels((32, 64), layers=1, attention=(False, True)),
+            "text_options": {
+                "intermediate_size": 37,
+                "num_hidden_layers": 5,
+                "num_attention_heads": 4,
+                "vocab_size": _CLIP_VOCAB_SIZE,
+            },
+        },
+    ),
+    "bench-small": (
+        {"image_size": 64, "hidden_size": 128},
+        {
+            "resolution": 64,
+            "unet_options": _unet_levels((64, 128, 256), layers=2, attention=(True, True, False)),
+            "text_hidden_size": 128,
+            "text_options": {"intermediate_size": 512, "vocab_size": _CLIP_VOCAB_SIZE},
+        },
+    ),
+    "bench-sd15-blip-base": (
+        {
+            "image_size": 384,
+            "hidden_size": 768,
+            "num_layers": 12,
+            "vision_options": {**_BASE_LAYERS, "patch_size": 16},
+            "text_options": {**_BASE_LAYERS, "vocab_size": 30524, "max_position_embeddings": 512},
+        },
+        {
+            "resolution": 512,
+            "unet_options": _unet_levels(
+                (320, 640, 1280, 1280), layers=2, attention=(True, True, True, False)
+            ),
+            "vae_options": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2},
+            "text_hidden_size": 768,
+            "text_options": {**_BASE_LAYERS, "hidden_act": "quick_gelu", "vocab_size": _CLIP_VOCAB_SIZE},
+        },
+    ),
 }
+
+
+def save_preset(out_dir: Path, preset: str, *, seed: int = 0) -> tuple[Path, Path]:
+    """out_dir/captioner and out_dir/generator of one PRESETS architecture; returns their folders."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny-model preset {preset!r}; choose from {sorted(PRESETS)}")
+    captioner_options, generator_options = PRESETS[preset]
+    out_dir = Path(out_dir)
+    return (
+        save_tiny_captioner(out_dir / "captioner", seed=seed, **captioner_options),
+        save_tiny_generator(out_dir / "generator", seed=seed, **generator_options),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -368,9 +456,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--preset", choices=sorted(PRESETS), default="test", help="architecture (see PRESETS)"
     )
     args = parser.parse_args(argv)
-    captioner_options, generator_options = PRESETS[args.preset]
-    print(save_tiny_captioner(args.out / "captioner", seed=args.seed, **captioner_options))
-    print(save_tiny_generator(args.out / "generator", seed=args.seed, **generator_options))
+    for folder in save_preset(args.out, args.preset, seed=args.seed):
+        print(folder)
 
 
 if __name__ == "__main__":

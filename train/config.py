@@ -4,6 +4,10 @@ Field names follow diffusers' example trainers (learning_rate, lr_scheduler, gra
 checkpointing_steps, resume_from_checkpoint, report_to, ...) so users feel at home.
 """
 
+# Every section is a pydantic model (Strict), whose mutable defaults are copied per instance; ruff cannot see
+# that through an imported base class.
+# ruff: noqa: RUF012
+
 from __future__ import annotations
 
 import difflib
@@ -12,8 +16,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from losses.phases import CycleSettings
+from losses.settings import Strict
+from losses.supervised import CaptionLossSettings, DenoiseLossSettings
 from models.locate import ModelSourceError, locate_model
 
 Phase = Literal["captioner", "generator"]
@@ -22,12 +29,6 @@ PHASES: tuple[Phase, ...] = ("captioner", "generator")
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the YAML."""
-
-
-class Strict(BaseModel):
-    """Base for every section: unknown keys are errors, not silently ignored settings."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LoraSettings(Strict):
@@ -61,87 +62,31 @@ class ModelSettings(Strict):
     gradient_checkpointing: bool = False
 
 
-class CaptionerSettings(ModelSettings):
+class CaptionerModelSettings(ModelSettings):
     max_length: int = Field(40, ge=4)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    caption_loss_weight: float = Field(1.0, ge=0)
 
 
-class GeneratorSettings(ModelSettings):
+class CaptionerSettings(CaptionLossSettings, CaptionerModelSettings):
+    """The captioner section: its model's settings, then its caption loss's (losses/supervised.py).
+
+    The loss base comes first so that pydantic, which orders fields from the last base up, keeps the
+    model keys first in saved configs.
+    """
+
+
+class GeneratorModelSettings(ModelSettings):
     resolution: int | None = Field(None, ge=8)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    snr_gamma: float | None = Field(None, gt=0)
-    noise_offset: float = Field(0.0, ge=0)
-    # Share of captions replaced by "" so the generator learns the unconditional branch of CFG.
-    caption_dropout: float = Field(0.1, ge=0, le=1)
-    denoise_loss_weight: float = Field(1.0, ge=0)
+
+
+class GeneratorSettings(DenoiseLossSettings, GeneratorModelSettings):
+    """The generator section: its model's settings, its denoising loss's (losses/supervised.py), and the
+    encoder cache switch; bases ordered as in CaptionerSettings."""
+
     # Reuse the frozen text encoder's outputs and the frozen VAE's latent mean/std across epochs (latents
     # are still sampled afresh every step); skipped automatically where the encoder trains or images are
     # randomly augmented.
     cache_frozen_encoders: bool = True
-
-
-class I2T2ISettings(Strict):
-    """image -> caption -> image: trains the captioner through the frozen generator."""
-
-    mode: Literal["none", "soft", "gumbel", "reward"] = "none"
-    weight: float = Field(1.0, ge=0)
-    # soft: temperature of the captioner's softmax; gumbel: the Gumbel-softmax temperature.
-    temperature: float = Field(1.0, gt=0)
-    # gumbel: free-running decode length (None: captioner.max_length).
-    max_length: int | None = Field(None, ge=2)
-    # soft / gumbel: noise draws averaged in the frozen generator's denoising loss.
-    num_timesteps: int = Field(1, ge=1)
-    # reward: K sampled captions per image, scored by the generator's denoising loss.
-    num_candidates: int = Field(4, ge=2)
-    # 1.0 keeps the policy gradient on-policy; a nucleus (< 1) samples off-policy and trained worse here.
-    top_p: float = Field(1.0, gt=0, le=1)
-    prompt: str | None = None
-    reward_timesteps: int = Field(4, ge=1)
-    # reward: advantages are (r - mean_K r) / max(std_K r, floor), the floor in reward units (the generator's
-    # denoising loss), so candidates whose rewards differ only by the noise of the reward_timesteps draws get
-    # small advantages instead of unit-scale ones. Measured (std over 16 noise draws of each candidate's reward
-    # minus its group mean, K = 4): tiny random models 1.0e-3 to 1.5e-3; shapes-base 1e-4 to 1.8e-3 on images
-    # whose candidates differ by less than that noise, while images with really different candidates have a
-    # group std of 1e-2 to 2e-2. 5e-3, about 3x the largest pure-noise std, keeps those at unit scale and shrinks
-    # pure-noise groups to advantages of 0.3 or less. Other generators have other loss scales: measure theirs.
-    advantage_std_floor: float = Field(5e-3, gt=0)
-    logprob_reduction: Literal["sum", "mean"] = "mean"
-    kl_weight: float = Field(0.0, ge=0)
-
-
-class T2I2TSettings(Strict):
-    """text -> image -> caption: trains the generator through the frozen captioner."""
-
-    mode: Literal["none", "one_step", "sample"] = "none"
-    weight: float = Field(1.0, ge=0)
-    # one_step: timesteps drawn uniformly from [0, max_timestep) (None: the whole schedule).
-    max_timestep: int | None = Field(None, ge=1)
-    # one_step on paired batches: decode the denoising term's own UNet prediction instead of a second UNet
-    # call (about half the phase's cost; same per-sample distribution; see losses/t2i2t.py).
-    share_denoise_pass: bool = False
-    # sample: DDIM steps from pure noise, backpropagating through only the last grad_steps (DRaFT-K).
-    num_inference_steps: int = Field(10, ge=1)
-    grad_steps: int = Field(1, ge=1)
-    guidance_scale: float = Field(1.0, ge=0)
-
-    @model_validator(mode="after")
-    def _grad_steps_fit(self) -> T2I2TSettings:
-        if self.grad_steps > self.num_inference_steps:
-            raise ValueError("cycle.t2i2t.grad_steps cannot exceed cycle.t2i2t.num_inference_steps")
-        # With mode none it is moot (a control arm turns the cycle off and keeps the rest of the config).
-        if self.share_denoise_pass and self.mode == "sample":
-            raise ValueError(
-                "cycle.t2i2t.share_denoise_pass applies to mode 'one_step'; mode 'sample' makes its own images"
-            )
-        return self
-
-
-class CycleSettings(Strict):
-    # Cycle weights ramp linearly from 0 to their value over this many updates (summed over both models).
-    warmup_steps: int = Field(0, ge=0)
-    i2t2i: I2T2ISettings = I2T2ISettings()
-    t2i2t: T2I2TSettings = T2I2TSettings()
 
 
 class HFDatasetSource(Strict):

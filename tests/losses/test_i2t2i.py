@@ -8,6 +8,7 @@ import torch
 
 from losses.i2t2i import (
     I2T2I_MODES,
+    I2T2ISettings,
     candidate_rewards,
     group_advantages,
     reconstruction_loss,
@@ -20,7 +21,6 @@ from models.captioner import IGNORE_INDEX, Captioner
 from models.generator import Generator
 from models.lora import add_captioner_lora, frozen, prepare_trainable
 from models.randomness import DrawKey
-from train.config import I2T2ISettings
 
 KEY = DrawKey(seed=11, update=5, micro_batch=1)
 CAPTIONS = ["a small red circle at the top", "a big blue square", "a green triangle on the left"]

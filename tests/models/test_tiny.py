@@ -10,9 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data import shapes
 from models.captioner import Captioner
 from models.generator import Generator
-from models.tiny import SHAPES_WORDS, default_vocabulary, main, save_tiny_captioner
+from models.tiny import (
+    SHAPES_WORDS,
+    default_vocabulary,
+    main,
+    save_preset,
+    save_tiny_captioner,
+    save_tiny_generator,
+)
 
 SHAPES_CAPTIONS = [
     "a small red circle at the top left",
@@ -163,8 +171,7 @@ def test_default_vocabulary_includes_the_shapes_grammar() -> None:
     words = default_vocabulary()
     assert set(SHAPES_WORDS) <= set(words)
     assert len(words) == len(set(words)) > 200
-    shapes = pytest.importorskip("data.shapes")
-    assert set(shapes.WORDS) <= set(words)
+    assert set(shapes.WORDS) <= set(SHAPES_WORDS)  # models/tiny.py keeps its own copy of the grammar's words
 
 
 def test_shapes_base_preset_is_a_pixel_space_v_prediction_model(tmp_path) -> None:
@@ -178,3 +185,30 @@ def test_shapes_base_preset_is_a_pixel_space_v_prediction_model(tmp_path) -> Non
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
     captioner = Captioner.from_pretrained(str(tmp_path / "captioner"))
     assert captioner.model.config.text_config.hidden_size == 64
+
+
+@pytest.mark.parametrize(
+    ("preset", "unet_parameters"), [("bench-tiny", 985_444), ("bench-small", 17_839_556)]
+)
+def test_bench_presets_have_the_sizes_the_readme_quotes(tmp_path, preset: str, unet_parameters: int) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    captioner, generator = save_preset(tmp_path, preset)
+    unet = UNet2DConditionModel.from_pretrained(generator, subfolder="unet")
+    assert unet.num_parameters() == unet_parameters  # README: 0.99M and 17.8M
+    text = CLIPTextModel.from_pretrained(generator, subfolder="text_encoder")
+    assert text.config.vocab_size == 49408 and unet.config.cross_attention_dim == text.config.hidden_size
+    assert Generator.from_pretrained(str(generator)).latent_shape(1)[-1] == unet.config.sample_size
+    assert Captioner.from_pretrained(str(captioner)).model.config.vision_config.initializer_range == 0.02
+
+
+def test_size_options_that_cannot_work_are_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="generator text_options vocab_size=10 is below the tokenizer's"):
+        save_tiny_generator(tmp_path / "generator", text_options={"vocab_size": 10})
+    with pytest.raises(ValueError, match="captioner text_options vocab_size=10 is below the tokenizer's"):
+        save_tiny_captioner(tmp_path / "captioner", text_options={"vocab_size": 10})
+    with pytest.raises(ValueError, match="vae_options given with with_vae=False"):
+        save_tiny_generator(tmp_path / "pixels", with_vae=False, vae_options={"layers_per_block": 2})
+    with pytest.raises(ValueError, match="unknown tiny-model preset 'huge'"):
+        save_preset(tmp_path, "huge")

@@ -11,27 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.bench import (
-    BASELINE,
-    CPU_ARCHITECTURES,
-    MODES,
-    Architecture,
-    BareGeneratorStep,
-    TrainerStep,
-    Worker,
-    WorkerDied,
-    WorkerSpec,
-    acceptance,
-    bench_config,
-    format_table,
-    mean_spearman,
-    profile_step,
-    speed_ratio_interval,
-    step_flops,
-    step_summary,
-    time_ratio,
-    worker_context,
-)
+from models.tiny import PRESETS
+from train.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, MODEL_PRESETS, Architecture
+from train.bench.checks import acceptance
+from train.bench.measure import step_flops
+from train.bench.modes import BASELINE, MODES, bench_config
+from train.bench.profiler import profile_step
+from train.bench.report import format_table
+from train.bench.stats_ratios import mean_spearman, speed_ratio_interval, step_summary, time_ratio
+from train.bench.steps import BareGeneratorStep, TrainerStep
+from train.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,6 +108,11 @@ def test_acceptance_fails_with_too_few_pairs_or_a_slow_step() -> None:
     assert not acceptance(results)["framework_overhead"]["passes"]
     results = {"small": {"generator": _figures([1.0] * 10, [1.0] * 10)}}
     assert not acceptance(results)["framework_overhead"]["passes"], "fewer than 30 pairs never pass"
+
+
+def test_every_architecture_has_a_model_preset() -> None:
+    assert MODEL_PRESETS.keys() == ARCHITECTURES.keys()
+    assert set(MODEL_PRESETS.values()) <= PRESETS.keys()
 
 
 def _config(tiny_models, mode: str, arch: Architecture, tmp_path: Path):

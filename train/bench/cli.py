@@ -1,0 +1,124 @@
+"""`make bench`: time every phase and cycle mode through the trainer's own code, beside a bare baseline.
+
+    python -m train.bench                      # CPU: tiny + small architectures, ~4 minutes on 2 cores
+    python -m train.bench --archs tiny --modes generator --pairs 5   # a quick look
+
+Each mode runs in its own worker process (a process's peak RSS never goes down), which builds the models and
+a fixed, seeded batch, warms up, and then times one optimizer update per request: the phase function run as
+the trained model's forward, accelerator.backward and optimizer_update, as train/cycle.py does. A second
+worker runs the baseline, a supervised generator step written with bare torch + peft on the same model,
+batch, LoRA targets, optimizer and real gradient clipping (the compute floor). The orchestrator alternates
+single steps of the two in random order, so every figure comes with its ratio to a baseline measured at the
+same moment on the same (possibly shared) machine.
+
+Also measured: the frozen-encoder cache on vs off, where the time of each cycle mode goes (per-component
+forward and backward), the cost of likelihood reward scoring vs sampling + image similarity and how well
+their rankings agree, and, with CUDA, bf16 SD 1.5- and BLIP-base-architecture models with MFU. Results are
+printed as a table and written as JSON to runs/bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, GPU_ARCHITECTURE, save_models
+from train.bench.checks import acceptance
+from train.bench.modes import MODES
+from train.bench.orchestrate import DEFAULT_PAIRS, DEFAULT_WARMUP, Plan, bench_architecture
+from train.bench.report import machine_info, write_report
+from train.bench.reward_cost import reward_cost
+
+REPO = Path(__file__).resolve().parents[2]
+# The shapes demo's committed base generator (make base), scored by the reward-cost comparison.
+SHAPES_BASE_GENERATOR = REPO / "pretrained" / "shapes-base" / "generator"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the models, bench every planned architecture, compare reward scorers, check, write the report."""
+    started = time.perf_counter()
+    out_dir = Path(args.out)
+    torch.set_num_threads(args.threads)
+    architectures = [ARCHITECTURES[name] for name in args.archs]
+    if GPU_ARCHITECTURE in architectures and not torch.cuda.is_available():
+        raise SystemExit(
+            f"error: --archs {GPU_ARCHITECTURE.name} needs CUDA (torch.cuda.is_available() is False)"
+        )
+    if GPU_ARCHITECTURE not in architectures:
+        if torch.cuda.is_available() and not args.skip_gpu:
+            architectures.append(GPU_ARCHITECTURE)
+        else:
+            print(
+                "GPU part skipped: "
+                + ("--skip-gpu" if args.skip_gpu else "torch.cuda.is_available() is False")
+            )
+    report: dict[str, Any] = {"machine": machine_info(args.threads), "architectures": {}, "results": {}}
+    models = {arch.name: save_models(arch, out_dir / "models" / arch.name) for arch in architectures}
+    for arch in architectures:
+        print(f"{arch.name}: {arch.description}", flush=True)
+        plan = Plan(
+            pairs={
+                mode: args.pairs or n for mode, n in DEFAULT_PAIRS[arch.name].items() if mode in args.modes
+            },
+            warmup=DEFAULT_WARMUP[arch.name] if args.warmup is None else args.warmup,
+            threads=args.threads,
+        )
+        report["architectures"][arch.name] = {**asdict(arch), **asdict(plan)}
+        report["results"][arch.name] = bench_architecture(arch, models[arch.name], plan, out_dir)
+    if not args.skip_reward:
+        if args.reward_generator:
+            generator_dir = Path(args.reward_generator)
+        elif (SHAPES_BASE_GENERATOR / "model_index.json").is_file():
+            generator_dir = SHAPES_BASE_GENERATOR  # trained: its rankings mean something
+        else:
+            tiny = CPU_ARCHITECTURES["tiny"]
+            generator_dir = (models.get("tiny") or save_models(tiny, out_dir / "models" / "tiny"))[1]
+        report["reward_cost"] = reward_cost(generator_dir, args.reward_resolution)
+    report["checks"] = acceptance(report["results"])
+    report["machine"]["load_average_end"] = os.getloadavg()
+    report["wall_s"] = time.perf_counter() - started
+    write_report(report, out_dir)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench"), help="results, models and logs folder")
+    parser.add_argument(
+        "--archs",
+        nargs="+",
+        default=list(CPU_ARCHITECTURES),
+        choices=list(ARCHITECTURES),
+        help=f"default: the CPU ones, plus {GPU_ARCHITECTURE.name} where CUDA works",
+    )
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument(
+        "--pairs", type=int, default=None, help="interleaved pairs per mode (default: a plan)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per worker (default: a plan)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
+    parser.add_argument("--skip-reward", action="store_true", help="skip the reward-cost comparison")
+    parser.add_argument(
+        "--reward-generator",
+        default=None,
+        help="generator folder for the reward comparison (default: pretrained/shapes-base, else the tiny one)",
+    )
+    parser.add_argument("--reward-resolution", type=int, default=32)
+    parser.add_argument("--skip-gpu", action="store_true", help="skip the CUDA part even where CUDA works")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0

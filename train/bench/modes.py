@@ -1,0 +1,77 @@
+"""The benchmarked steps (modes) and the trainer config each one runs with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.bench.architectures import Architecture
+from train.config import Config, load_config
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A benchmarked step: which phase updates, with which cycle term and cache setting."""
+
+    phase: str
+    overrides: tuple[str, ...] = ()
+    cache: bool = False
+
+
+MODES: dict[str, Mode] = {
+    "captioner": Mode("captioner"),
+    "generator": Mode("generator"),
+    "generator_cached": Mode("generator", cache=True),
+    "i2t2i_soft": Mode("captioner", ("cycle.i2t2i.mode=soft",)),
+    "i2t2i_gumbel": Mode("captioner", ("cycle.i2t2i.mode=gumbel",)),
+    "i2t2i_reward": Mode("captioner", ("cycle.i2t2i.mode=reward",)),
+    "t2i2t_one_step": Mode("generator", ("cycle.t2i2t.mode=one_step",)),
+    "t2i2t_one_step_shared": Mode(
+        "generator", ("cycle.t2i2t.mode=one_step", "cycle.t2i2t.share_denoise_pass=true")
+    ),
+    "t2i2t_sample": Mode("generator", ("cycle.t2i2t.mode=sample",)),
+}
+BASELINE = "baseline"
+CYCLE_MODES = (
+    "i2t2i_soft",
+    "i2t2i_gumbel",
+    "i2t2i_reward",
+    "t2i2t_one_step",
+    "t2i2t_one_step_shared",
+    "t2i2t_sample",
+)
+# Cycle modes whose cost must stay within checks.CYCLE_COST_LIMIT x their supervised step, or be explained.
+FLAGGED_MODES = ("i2t2i_soft", "t2i2t_one_step", "t2i2t_one_step_shared")
+PROFILED_MODES = ("captioner", "generator", *FLAGGED_MODES)
+
+
+def bench_config(
+    arch: Architecture, captioner: Path, generator: Path, mode: Mode, output_dir: Path
+) -> Config:
+    """The trainer config for one mode: LoRA rank 4 (alpha 4) on both models, AdamW 1e-4, clipping at 1.0."""
+    base = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "report_to": "none",
+        "mixed_precision": arch.precision,
+        "captioner": {"pretrained_model_name_or_path": str(captioner), "max_length": 24},
+        "generator": {"pretrained_model_name_or_path": str(generator), "cache_frozen_encoders": mode.cache},
+        "data": {
+            "resolution": arch.resolution,
+            "train_batch_size": arch.batch_size,
+            "paired": [{"type": "shapes", "num_samples": arch.batch_size, "seed": 0}],
+        },
+        "train": {"max_train_steps": 1_000_000},
+    }
+    for model in ("captioner", "generator"):
+        base[model] |= {
+            "lora": {"rank": 4, "alpha": 4.0},
+            "optimizer": {"learning_rate": 1e-4, "max_grad_norm": 1.0},
+        }
+    return load_config(None, mode.overrides, base=base)
+
+
+def measured(modes: dict[str, Any]) -> dict[str, Any]:
+    """The modes that ran to the end (a failed one holds only its error)."""
+    return {mode: figures for mode, figures in modes.items() if "error" not in figures}

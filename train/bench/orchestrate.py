@@ -1,0 +1,102 @@
+"""Running one architecture's modes: each mode's worker interleaved, step by step, with one baseline worker."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.bench.architectures import GPU_ARCHITECTURE, Architecture
+from train.bench.modes import BASELINE, CYCLE_MODES, MODES, PROFILED_MODES, measured
+from train.bench.stats_ratios import step_summary, time_ratio
+from train.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
+
+# bf16 dense throughput measured on this workplace's H100 (the MFU denominator).
+H100_BF16_FLOPS = 790e12
+# Interleaved pairs per mode and untimed warm-up steps per worker, sized so `make bench` stays within
+# 10 minutes on 2 CPU cores: 30 pairs where an acceptance check needs them, fewer for the slow modes.
+DEFAULT_PAIRS = {
+    "tiny": {"captioner": 10, "generator": 12, "generator_cached": 30, **dict.fromkeys(CYCLE_MODES, 8)},
+    "small": {
+        "captioner": 6,
+        "generator": 30,
+        "generator_cached": 6,
+        **dict.fromkeys(CYCLE_MODES, 4),
+        "i2t2i_reward": 3,
+        "t2i2t_sample": 3,
+    },
+    GPU_ARCHITECTURE.name: {**dict.fromkeys(MODES, 10)},
+}
+DEFAULT_WARMUP = {"tiny": 3, "small": 1, GPU_ARCHITECTURE.name: 3}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which modes of one architecture run, with how many pairs, warm-up steps and torch threads."""
+
+    pairs: dict[str, int]
+    warmup: int
+    threads: int
+
+
+def bench_architecture(
+    arch: Architecture, models: tuple[Path, Path], plan: Plan, out_dir: Path
+) -> dict[str, Any]:
+    """All planned modes of one architecture, each interleaved pair by pair with one long-lived baseline."""
+    order = random.Random(0)
+    logs = out_dir / "logs" / arch.name
+    context = worker_context(cuda=arch.device.startswith("cuda"))
+
+    def start(mode: str) -> Worker:
+        spec = WorkerSpec(
+            arch,
+            mode,
+            str(models[0]),
+            str(models[1]),
+            str(out_dir / "scratch"),
+            plan.threads,
+            plan.warmup,
+            profile=mode in PROFILED_MODES,
+        )
+        return Worker(context, spec, logs / f"{mode}.log")
+
+    baseline = start(BASELINE)
+    results: dict[str, Any] = {}
+    all_baseline: list[float] = []
+    for mode, pairs in plan.pairs.items():
+        started, load = time.perf_counter(), os.getloadavg()[0]
+        ours, base = [], []
+        try:
+            worker = start(mode)
+            for _ in range(pairs):
+                first, second = (worker, baseline) if order.random() < 0.5 else (baseline, worker)
+                for current in (first, second):
+                    (ours if current is worker else base).append(current.step())
+            report = worker.finish()
+        except WorkerDied as error:  # e.g. out of memory: keep the other modes' results
+            results[mode] = {"error": str(error)}
+            print(f"  {arch.name:<6} {mode:<17} failed, see {logs / f'{mode}.log'}", flush=True)
+            continue
+        all_baseline += base
+        results[mode] = {
+            **step_summary(ours, arch.batch_size),
+            "time_vs_baseline": time_ratio(ours, base),
+            "seconds": ours,
+            "baseline_seconds": base,
+            "load_average": (load, os.getloadavg()[0]),
+            "wall_s": time.perf_counter() - started,
+            **report,
+        }
+        print(f"  {arch.name:<6} {mode:<17} {results[mode]['median_ms']:9.1f} ms/step", flush=True)
+    results[BASELINE] = {
+        **step_summary(all_baseline, arch.batch_size),
+        "seconds": all_baseline,
+        **baseline.finish(),
+    }
+    if arch.device.startswith("cuda"):
+        for figures in measured(results).values():
+            figures["mfu"] = figures["flops_per_step"] / (figures["median_ms"] / 1000) / H100_BF16_FLOPS
+    return results
