@@ -19,11 +19,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[eval,dev]"
 	touch $@
 
+# Two pytest workers, one per core (the tests run single-threaded torch); a file's tests stay on one worker
+# so its module fixtures are built once.
+TEST_WORKERS := -n 2 --dist loadfile
+
 test: setup
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q $(TEST_WORKERS)
 
 test-quick: setup
-	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+	$(OFFLINE) $(PY) -m pytest -q $(TEST_WORKERS) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

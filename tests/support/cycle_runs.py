@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,25 @@ def launch_command(script: list[str], processes: int = 1) -> list[str]:
         "--num_processes",
         str(processes),
     ]
-    return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+    port = ["--main_process_port", str(free_port())]  # parallel test workers may launch at the same time
+    return [
+        *launch,
+        *port,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *script,
+    ]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launch's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def cycle_command(overrides: list[str], processes: int = 1) -> list[str]:
