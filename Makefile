@@ -12,7 +12,7 @@ TINY := runs/tiny-models
 
 setup: $(VENV)/.installed
 
-# torch/torchvision pinned by constraints.txt to the builds on disk (FIELD_NOTES §3).
+# torch/torchvision pinned by constraints.txt to the builds on disk (no other multi-GB build is pulled).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip

@@ -224,8 +224,11 @@ def _required_files(parts: TrainingParts, num_processes: int) -> list[str]:
 
 
 def load_checkpoint(accelerator: Accelerator, folder: Path, parts: TrainingParts) -> None:
-    """Restore everything save_checkpoint wrote into `parts` (every rank calls it), after verification."""
-    verify_checkpoint(folder)
+    """Restore everything save_checkpoint wrote into `parts` (every rank calls it).
+
+    `folder` comes from resolve_resume, which verified its manifest: hashing a full-mode checkpoint twice
+    would double the resume's I/O. Each file is still parsed only as safetensors / JSON, errors naming it.
+    """
     for name, (module, names) in parts.models.items():
         weights_path = folder / trainable_weights_name(name)
         weights = read_tensors(weights_path)

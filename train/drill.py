@@ -51,11 +51,6 @@ POLL_S = 0.001
 ATTEMPTS = 10
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why `latest` must not pick this checkpoint folder, or None: the trainer's own manifest check."""
-    return manifest_problem(folder)
-
-
 def environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
@@ -121,7 +116,7 @@ def checkpoint_states(output_dir: Path) -> dict[str, str | None]:
     states: dict[str, str | None] = {}
     for child in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
         if CHECKPOINT_FOLDER.match(child.name):
-            states[child.name] = checkpoint_problem(child)
+            states[child.name] = manifest_problem(child)
         elif STAGING_FOLDER.match(child.name):
             states[child.name] = "staging folder of an unfinished save"
     return states
@@ -187,7 +182,7 @@ def kill_inside_save(trial: Trial, rng: random.Random, models: Path, run: Path, 
     kill(process)
     trial.kill_note = f"killed {delay * 1000:.1f} ms into the save of checkpoint-{step}"
     final = run / f"checkpoint-{step}"
-    return staging.exists() or (final.exists() and checkpoint_problem(final) is not None)
+    return staging.exists() or (final.exists() and manifest_problem(final) is not None)
 
 
 def tear_newest_checkpoint(run: Path, rng: random.Random) -> None:
