@@ -38,31 +38,31 @@ $(TINY)/captioner/config.json: | setup
 
 tiny: $(TINY)/captioner/config.json
 
-# The shapes demo (train/demo.py): control and cycle LoRA arms from the committed base models
+# The shapes demo (train/cli/demo.py): control and cycle LoRA arms from the committed base models
 # (pretrained/shapes-base), scored on the test split; report in runs/demo/report/report.html.
 demo: setup
-	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.demo --out runs/demo --steps 400
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.demo --out runs/demo --steps 400
 
 # The 3-seed comparison behind the README's Results section.
 experiment: setup
-	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.demo --out runs/experiment --seeds 0 1 2 \
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.demo --out runs/experiment --seeds 0 1 2 \
 		--test-samples 180
 
-# Retrain the demo's base models from scratch into pretrained/shapes-base (train/base.py; about an hour on CPU).
+# Retrain the demo's base models from scratch into pretrained/shapes-base (train/cli/retrain_base.py; about an hour on CPU).
 base: setup
-	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.base
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.retrain_base
 
-# Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/bench/); ~4 min on
+# Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/cli/bench/); ~4 min on
 # 2 CPU cores, plus a bf16 SD 1.5 / BLIP-base part where CUDA works. Results: runs/bench/latest.{md,json}.
 .PHONY: bench
 bench: setup
-	$(OFFLINE) $(PY) -m train.bench
+	$(OFFLINE) $(PY) -m train.cli.bench
 
 # SIGKILL a tiny run at 20 seeded random points (10 inside checkpoint saves), resume each, and require
-# bit-exact exports and no damaged checkpoint chosen (train/drill.py; a few minutes on 2 CPU cores).
+# bit-exact exports and no damaged checkpoint chosen (train/cli/drill.py; a few minutes on 2 CPU cores).
 .PHONY: drill
 drill: setup
-	$(OFFLINE) $(PY) -m train.drill --seed $${SEED:-0}
+	$(OFFLINE) $(PY) -m train.cli.drill --seed $${SEED:-0}
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -36,7 +36,7 @@ from PIL import Image
 from torch import Tensor
 
 from evaluation.availability import MetricUnavailable, option_path
-from evaluation.images import (
+from evaluation.image_metrics import (
     ImageMetricOptions,
     embedding_similarity,
     load_image_encoder,

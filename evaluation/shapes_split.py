@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from data import sources
-from evaluation.images import ssim
+from evaluation.image_metrics import ssim
 from models.captioner import Captioner
 from models.generator import Generator
+from train.cli.generate import batched, load_pixels
 from train.config import EvaluationSettings
-from train.generate import batched, load_pixels
 from train.validation import (
     MetricNeeds,
     SampleBatch,

@@ -30,10 +30,10 @@ from losses.cycle_output import CycleOutput
 from losses.settings import Strict
 from models.bridge import VocabularyBridge, encode_token_embeddings
 from models.captioner import IGNORE_INDEX, Captioner, SampledCaptions
+from models.device_transfer import to_device
 from models.generator import Generator
 from models.randomness import DrawKey
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
-from models.transfer import to_device
 
 Batch = dict[str, Any]
 

@@ -1,7 +1,7 @@
 """Supervised terms on paired data: caption cross-entropy (captioner) and denoising loss (generator).
 
 Each function takes the plain (unwrapped) model; the trainer runs the whole phase computation inside the
-DDP wrapper's forward (models/computation.py). Each returns a dict of named, already-weighted scalar
+DDP wrapper's forward (models/forward_routing.py). Each returns a dict of named, already-weighted scalar
 terms, so trackers show every term by name.
 """
 
@@ -14,9 +14,9 @@ from pydantic import Field
 
 from losses.settings import Strict
 from models.captioner import Captioner
+from models.device_transfer import to_device
 from models.generator import DenoiseOutput, Generator
 from models.randomness import DrawKey
-from models.transfer import to_device
 
 Batch = dict[str, Any]
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
-from models.computation import RunsInForward
+from models.device_transfer import to_device
+from models.forward_routing import RunsInForward
 from models.modes import gradient_checkpointing_off
-from models.transfer import to_device
 
 IGNORE_INDEX = -100
 

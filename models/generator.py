@@ -2,7 +2,7 @@
 
 It exposes the pieces the cycle losses need separately (tokenize, encode, noise, denoise, decode) so that
 gradients can flow from a decoded image into a captioner, or from soft tokens into the text encoder.
-`forward(fn)` runs a whole training computation under a DDP wrapper (models/computation.py).
+`forward(fn)` runs a whole training computation under a DDP wrapper (models/forward_routing.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.computation import RunsInForward
-from models.transfer import to_device
+from models.device_transfer import to_device
+from models.forward_routing import RunsInForward
 
 if TYPE_CHECKING:
     from models.cache import FrozenEncoderCache

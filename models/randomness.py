@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.transfer import to_device
+from models.device_transfer import to_device
 
 
 @dataclass(frozen=True)

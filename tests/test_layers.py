@@ -28,7 +28,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 KNOWN: frozenset[tuple[str, str]] = frozenset(
     {
         ("evaluation/shapes_split.py", "train.config"),
-        ("evaluation/shapes_split.py", "train.generate"),
+        ("evaluation/shapes_split.py", "train.cli.generate"),
         ("evaluation/shapes_split.py", "train.validation"),
     }
 )
@@ -187,3 +187,43 @@ def test_no_import_circle_between_packages() -> None:
 )
 def test_circles_are_found(graph: dict[str, set[str]], expected: list[list[str]]) -> None:
     assert circles(graph) == expected
+
+
+RECIPE = "train.cycle"
+MAX_FILE_LINES = 500
+
+
+def repository_files() -> list[Path]:
+    """Every Python file of the project and its tests (not the virtual environment or run folders)."""
+    return sorted(path for folder in (*PACKAGES, "tests") for path in (ROOT / folder).rglob("*.py"))
+
+
+def test_no_file_imports_the_recipe() -> None:
+    """The recipe is run (`accelerate launch train/cycle.py`), never imported: what others need lives in
+    components, so the recipe can change without breaking a tool or a test."""
+    importers = [
+        path.relative_to(ROOT).as_posix()
+        for path in repository_files()
+        if RECIPE in imported_names(path.read_text(), module_name(path), path.name == "__init__.py")
+    ]
+    assert not importers, f"files that import the recipe {RECIPE}: {importers}"
+
+
+def test_every_file_name_belongs_to_one_package() -> None:
+    """A file name says which concept it holds, so it names one file (package markers aside)."""
+    folders: dict[str, set[str]] = {}
+    for path in (path for package in PACKAGES for path in (ROOT / package).rglob("*.py")):
+        if path.name not in ("__init__.py", "__main__.py"):
+            folders.setdefault(path.name, set()).add(path.parent.relative_to(ROOT).as_posix())
+    repeated = {name: sorted(where) for name, where in folders.items() if len(where) > 1}
+    assert not repeated, f"file names in more than one package: {repeated}"
+
+
+def test_no_file_outside_the_tests_is_over_the_size_limit() -> None:
+    lengths = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+    }
+    too_long = {name: lines for name, lines in lengths.items() if lines > MAX_FILE_LINES}
+    assert not too_long, f"files over {MAX_FILE_LINES} lines (split them by concept): {too_long}"

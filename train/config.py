@@ -205,7 +205,7 @@ class TrainSettings(Strict):
 
 
 class EvaluationSettings(Strict):
-    """Metrics for validation and `python -m train.evaluate`; weights only from local paths (never a hub)."""
+    """Metrics for validation and `python -m train.cli.evaluate`; weights only from local paths (never a hub)."""
 
     # Metric names logged at every validation (see evaluation/: e.g. bleu_4, cider_d, psnr, lpips, fid,
     # sbert_similarity, shapes_caption_accuracy, shapes_image_accuracy). Empty: losses and samples only.

@@ -13,38 +13,24 @@ import copy
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from data.mixer import BatchMixer
-from models.bridge import VocabularyBridge
 from models.randomness import DrawKey
+from train.adapter_export import export_run
 from train.builders import (
-    build_bridge,
-    build_captioner,
-    build_encoder_cache,
-    build_generator,
-    build_lr_scheduler,
-    build_optimizer,
-    build_streams,
     build_validation_batch,
-    phase_update_counts,
 )
 from train.checkpoint import (
     CONFIG_NAME,
     CheckpointError,
     PreemptionSignal,
-    TrainingParts,
     load_checkpoint,
     prune_checkpoints,
-    read_config,
-    resolve_resume,
     save_checkpoint,
 )
 from train.config import (
@@ -52,32 +38,15 @@ from train.config import (
     Config,
     ConfigError,
     check_model_sources,
-    fingerprint_differences,
     load_config,
-    model_fingerprint,
     save_config,
 )
-from train.export import export_run
-from train.state import TrainerState
-from train.step import PhaseStepResult, batch_to_device, phase_step
-from train.tracking import StepLog, log_validation_table, start_tracking, trackers_for, wandb_run_dir
-from train.validation import check_validation_metrics, validate
+from train.run import Run, build_run, resume_target, validate_on_main
+from train.step import PhaseStepResult, phase_step
+from train.tracking import StepLog, start_tracking, trackers_for, wandb_run_dir
+from train.validation import check_validation_metrics
 
 logger = logging.getLogger("cycletune")
-
-
-@dataclass
-class Run:
-    """Everything the loop touches, built once (and restored from a checkpoint on resume)."""
-
-    config: Config
-    accelerator: Accelerator
-    models: dict[str, torch.nn.Module]  # prepared (DDP-wrapped where distributed)
-    parts: TrainingParts  # unwrapped models, optimizers, schedulers, trainer state: what checkpoints hold
-    mixer: BatchMixer
-    bridge: VocabularyBridge | None
-    state: TrainerState
-    logs: tuple[StepLog, StepLog] | None  # samples.jsonl, metrics.jsonl (main process only)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
@@ -88,43 +57,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_train_steps=20")
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides), [args.config, *args.overrides]
-
-
-def resume_target(config: Config) -> Path | None:
-    """The checkpoint to resume from, refused if it is damaged or holds weights of a different shape."""
-    resume_dir = resolve_resume(Path(config.output_dir), config.train.resume_from_checkpoint)
-    if resume_dir is not None:
-        differences = fingerprint_differences(
-            model_fingerprint(read_config(resume_dir)), model_fingerprint(config)
-        )
-        if differences:
-            raise CheckpointError(f"cannot resume from {resume_dir}:\n  " + "\n  ".join(differences))
-    return resume_dir
-
-
-def build_run(config: Config, accelerator: Accelerator) -> Run:
-    """Models (trained one in train mode), optimizers, per-model LR schedules, data streams, bridge."""
-    captioner, captioner_names = build_captioner(config.captioner, config.mixed_precision)
-    generator, generator_names = build_generator(config.generator, config.mixed_precision)
-    generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
-    modules = {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
-    updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)
-    optimizers, schedulers = {}, {}
-    for phase, (module, names) in modules.items():
-        settings = config.phase_settings(phase).optimizer
-        optimizers[phase] = build_optimizer(module, names, settings)
-        schedulers[phase] = build_lr_scheduler(optimizers[phase], settings, updates_per_phase[phase])
-    streams, skipped_records = build_streams(config, accelerator.process_index, accelerator.num_processes)
-    mixer = BatchMixer(
-        streams, image_only_ratio=config.data.image_only_ratio, text_only_ratio=config.data.text_only_ratio
-    )
-    bridge = build_bridge(config, captioner, generator, accelerator.device)
-    prepared = accelerator.prepare(captioner, generator, optimizers["captioner"], optimizers["generator"])
-    models = dict(zip(PHASES, prepared[:2], strict=True))
-    optimizers = dict(zip(PHASES, prepared[2:], strict=True))
-    state = TrainerState(streams=streams, skipped_records=skipped_records)
-    parts = TrainingParts(modules, optimizers, schedulers, state)
-    return Run(config, accelerator, models, parts, mixer, bridge, state, logs=None)
 
 
 def record_update(run: Run, phase: str, result: PhaseStepResult, started: float) -> None:
@@ -155,22 +87,6 @@ def record_update(run: Run, phase: str, result: PhaseStepResult, started: float)
         run.accelerator.log(logs, step=state.step)
         if run.logs is not None:
             run.logs[1].append(state.step, **logs)
-
-
-def maybe_validate(run: Run, validation_batch: dict[str, Any] | None) -> None:
-    """Validation on the main process at train.validation_steps; every submodule's mode is restored."""
-    every = run.config.train.validation_steps
-    if every is None or run.state.step % every:
-        return
-    if validation_batch is not None:  # the main process's; the others wait for it
-        captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
-        device_batch = batch_to_device(validation_batch, run.accelerator.device)
-        with run.accelerator.autocast():
-            metrics, rows = validate(captioner, generator, device_batch, run.config)
-        run.accelerator.log(metrics, step=run.state.step)
-        run.logs[1].append(run.state.step, **metrics)
-        log_validation_table(run.accelerator, rows, run.state.step)
-    run.accelerator.wait_for_everyone()
 
 
 def train(run: Run) -> bool:
@@ -206,7 +122,8 @@ def train(run: Run) -> bool:
         )
         record_update(run, phase, result, started)
         progress.update(1)
-        maybe_validate(run, validation_batch)
+        if config.train.validation_steps and state.step % config.train.validation_steps == 0:
+            validate_on_main(run, validation_batch)
         if state.step % config.train.checkpointing_steps == 0 or result.stop:
             save_checkpoint(accelerator, Path(config.output_dir), state.step, run.parts, config)
             if accelerator.is_main_process:

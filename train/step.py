@@ -19,9 +19,9 @@ from accelerate.utils import extract_model_from_parallel
 
 from losses.phases import PHASE_LOSSES
 from models.bridge import VocabularyBridge
+from models.device_transfer import to_device
 from models.lora import frozen
 from models.randomness import DrawKey
-from models.transfer import to_device
 from train.config import Config
 from train.update import optimizer_update
 

@@ -4,7 +4,7 @@ The metrics are config.evaluation.validation_metrics, named as in evaluation/ (c
 and cider_d, image metrics such as psnr, lpips and fid, text reconstruction as sbert_similarity,
 clip_text_similarity and recaption_cider_d, and the shapes world's shapes_caption_accuracy and
 shapes_image_accuracy). A metric whose weights are not configured is skipped with a logged message naming the
-option to set. `python -m train.evaluate` runs the same computation over a whole validation set.
+option to set. `python -m train.cli.evaluate` runs the same computation over a whole validation set.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from data.oracle import attribute_accuracy, read_scenes
 from data.shapes import Scene, SceneAttributes, parse
 from evaluation.availability import MetricResult, check_metric_names, split_results
 from evaluation.captions import CAPTION_METRICS, caption_metrics
-from evaluation.images import IMAGE_METRICS, ImageMetricOptions, image_metrics
+from evaluation.image_metrics import IMAGE_METRICS, ImageMetricOptions, image_metrics
 from evaluation.text import TextMetricOptions, text_metrics
 from losses.supervised import caption_terms, denoise_terms
 from models.captioner import Captioner

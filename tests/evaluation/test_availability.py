@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evaluation.availability import MetricResult, check_metric_names, option_path, split_results
-from evaluation.images import IMAGE_METRICS, ImageMetricOptions, image_metrics
+from evaluation.image_metrics import IMAGE_METRICS, ImageMetricOptions, image_metrics
 from evaluation.text import TextMetricOptions, text_metrics
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from data.images import to_tensor
 from data.shapes import Scene, describe, render
 from data.sources import shapes
-from evaluation.report import candidate_quality, rank_quality, rank_report
+from evaluation.rank_report import candidate_quality, rank_quality, rank_report
 from evaluation.rerank import (
     CaptionSampling,
     Ranking,
@@ -26,7 +26,7 @@ from evaluation.rerank import (
     rerank_images,
     text_similarity_measure,
 )
-from train.generate import image_queries, load_pixels, text_queries
+from train.cli.generate import image_queries, load_pixels, text_queries
 
 SCENE = Scene("circle", "red", "large", "center")
 OTHER_COLOUR = Scene("circle", "blue", "large", "center")

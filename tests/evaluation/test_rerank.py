@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evaluation.availability import MetricUnavailable
-from evaluation.images import ImageMetricOptions
+from evaluation.image_metrics import ImageMetricOptions
 from evaluation.rerank import (
     CaptionSampling,
     Ranking,

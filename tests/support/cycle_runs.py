@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from train.cli.drill import differing_tensors as differing_tensors  # re-exported for the tests
 from train.config import Config, load_config
-from train.drill import differing_tensors as differing_tensors  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"

@@ -16,7 +16,7 @@ from accelerate.utils import extract_model_from_parallel, gather_object
 from models.modes import module_modes
 from train.builders import build_validation_batch
 from train.config import PHASES, load_config
-from train.cycle import build_run, maybe_validate
+from train.run import build_run, validate_on_main
 from train.tracking import StepLog
 
 
@@ -31,7 +31,7 @@ def main(out: Path, config_file: str, overrides: list[str]) -> None:
 
     before = modes()
     run.state.step = config.train.validation_steps
-    maybe_validate(run, build_validation_batch(config) if accelerator.is_main_process else None)
+    validate_on_main(run, build_validation_batch(config) if accelerator.is_main_process else None)
     gathered = gather_object([{"rank": accelerator.process_index, "before": before, "after": modes()}])
     if accelerator.is_main_process:
         out.write_text(json.dumps(gathered))

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from models.tiny import PRESETS
-from train.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, MODEL_PRESETS, Architecture
-from train.bench.checks import acceptance
-from train.bench.measure import step_flops
-from train.bench.modes import BASELINE, MODES, bench_config
-from train.bench.profiler import profile_step
-from train.bench.report import format_table
-from train.bench.stats_ratios import mean_spearman, speed_ratio_interval, step_summary, time_ratio
-from train.bench.steps import BareGeneratorStep, TrainerStep
-from train.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
+from train.cli.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, MODEL_PRESETS, Architecture
+from train.cli.bench.bench_modes import BASELINE, MODES, bench_config
+from train.cli.bench.bench_report import format_table
+from train.cli.bench.checks import acceptance
+from train.cli.bench.measure import step_flops
+from train.cli.bench.profiler import profile_step
+from train.cli.bench.stats_ratios import mean_spearman, speed_ratio_interval, step_summary, time_ratio
+from train.cli.bench.steps import BareGeneratorStep, TrainerStep
+from train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -152,7 +152,7 @@ def test_one_mode_end_to_end_writes_the_table_and_json(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "train.bench",
+        "train.cli.bench",
         "--out",
         str(tmp_path),
         "--archs",

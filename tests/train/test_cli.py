@@ -19,10 +19,10 @@ from data.shapes import all_scenes, describe, render
 from models.captioner import Captioner
 from models.generator import Generator
 from models.lora import save_merged_captioner, save_merged_generator
-from train import evaluate, generate, rerank
 from train.builders import build_captioner, build_generator, build_validation_batch
+from train.cli import evaluate, generate, rerank
+from train.cli.generate import ModelSources
 from train.config import ConfigError, load_config
-from train.generate import ModelSources
 from train.validation import check_validation_metrics, validate
 
 # Every metric that needs weights the tests do not have, and the option its skip message must name.
@@ -208,7 +208,7 @@ def test_evaluate_prints_metrics_and_names_the_option_of_every_skipped_one(
         "shapes_image_accuracy",
     ]
     out = tmp_path / "metrics.json"
-    command = [sys.executable, "-m", "train.evaluate", "--config", str(TINY_CONFIG)]
+    command = [sys.executable, "-m", "train.cli.evaluate", "--config", str(TINY_CONFIG)]
     command += [
         *tiny_overrides(tiny_models, tmp_path / "unused"),
         "--checkpoint",

@@ -12,8 +12,7 @@ import pytest
 from cycle_runs import REPO, environment
 from PIL import Image
 
-from train.config import load_config
-from train.demo import (
+from train.cli.demo import (
     ARM_OVERRIDES,
     DEFAULT_BASE,
     DEFAULT_CONFIG,
@@ -22,7 +21,8 @@ from train.demo import (
     parse_args,
     train_once,
 )
-from train.demo import arm_command as demo_arm_command
+from train.cli.demo import arm_command as demo_arm_command
+from train.config import load_config
 
 
 class _Results:
@@ -90,7 +90,7 @@ def _run(module: str, *arguments: str) -> subprocess.CompletedProcess:
 
 
 def test_the_demo_refuses_to_start_without_base_models(tmp_path: Path) -> None:
-    result = _run("train.demo", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path))
+    result = _run("train.cli.demo", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path))
     assert result.returncode == 2
     assert "make base" in result.stderr and "captioner" in result.stderr
 
@@ -103,7 +103,7 @@ def test_a_reduced_demo_runs_both_arms_from_the_committed_base_models_and_writes
     out = tmp_path / "demo"
     flags = ["--steps", "2", "--test-samples", "2", "--inference-steps", "2", "--out", str(out)]
     overrides = ["train.validation_steps=2", "train.num_validation_samples=2", "train.logging_steps=1"]
-    result = _run("train.demo", *flags, *overrides)
+    result = _run("train.cli.demo", *flags, *overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["table"]) == {"base", "control", "cycle"}
@@ -131,7 +131,7 @@ def test_a_reduced_demo_runs_both_arms_from_the_committed_base_models_and_writes
             assert image.width > 100 and image.height > 100
     assert "report:" in result.stdout and "| metric |" in result.stdout
     # Run again: finished arms and their scores are reused, so an interrupted experiment continues.
-    again = _run("train.demo", *flags, *overrides)
+    again = _run("train.cli.demo", *flags, *overrides)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing the finished run") == 2
     assert json.loads((out / "results.json").read_text())["table"] == summary["table"]
@@ -152,7 +152,7 @@ def test_make_base_trains_both_models_from_scratch_and_publishes_them_with_their
         "data.validation=[{type: shapes, num_samples: 4, seed: 103}]",
         "train.validation_inference_steps=2",
     ]
-    result = _run("train.base", "--out", str(out), *overrides)
+    result = _run("train.cli.retrain_base", "--out", str(out), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "base.json").read_text())
     assert record["seed"] == 0 and set(record["wall_time_s"]) == {"init", "train", "evaluate"}

@@ -11,9 +11,9 @@ import pytest
 import torch
 from cycle_runs import run_cycle, tiny_overrides
 
-from train.bench.architectures import Architecture
-from train.bench.modes import MODES, bench_config
-from train.bench.steps import TrainerStep
+from train.cli.bench.architectures import Architecture
+from train.cli.bench.bench_modes import MODES, bench_config
+from train.cli.bench.steps import TrainerStep
 
 pytestmark = [
     pytest.mark.gpu,

@@ -184,7 +184,7 @@ def test_export_cli_rebuilds_a_checkpoint(finished_run, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "train.export",
+            "train.cli.export",
             "--checkpoint",
             checkpoint,
             "--out",

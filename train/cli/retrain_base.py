@@ -1,10 +1,10 @@
 """make base: train the shapes demo's base captioner and generator from scratch, and publish them.
 
-    python -m train.base [--config configs/shapes_base.yaml] [--out pretrained/shapes-base] [overrides]
+    python -m train.cli.retrain_base [--config configs/shapes_base.yaml] [--out pretrained/shapes-base] [overrides]
 
 Writes random-init architectures (models/tiny.py, preset shapes-base), trains both in full mode with the
 supervised losses on the paired split through the project's own trainer (accelerate launch
-train/cycle.py), scores the result on the validation split (python -m train.evaluate), and copies the
+train/cycle.py), scores the result on the validation split (python -m train.cli.evaluate), and copies the
 exported models into --out with base.json beside them: the commands, seed, wall time, library versions and
 validation metrics. `make demo` starts from that folder, which is committed (a few MB).
 """
@@ -25,8 +25,8 @@ import torch
 import transformers
 
 from train.checkpoint import CONFIG_NAME
+from train.cli.launch import launch_command, run_timed
 from train.config import load_config
-from train.launch import launch_command, run_timed
 
 VALIDATION_METRICS = "shapes_caption_accuracy,shapes_image_accuracy"
 VALIDATION_FILE = "validation_metrics.json"
@@ -56,12 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     init += ["--seed", str(config.seed)]
     train = launch_command(args.config, args.overrides)
     metrics_file = run_dir / VALIDATION_FILE
-    evaluate = [sys.executable, "-m", "train.evaluate", "--checkpoint", str(run_dir / "export")]
+    evaluate = [sys.executable, "-m", "train.cli.evaluate", "--checkpoint", str(run_dir / "export")]
     evaluate += ["--config", str(run_dir / CONFIG_NAME), "--metrics", VALIDATION_METRICS, "--num-beams", "1"]
     evaluate += ["--out", str(metrics_file)]
     wall_times = {name: run_timed(command) for name, command in (("init", init), ("train", train))}
     wall_times["evaluate"] = run_timed(evaluate)
-    made_by = "make base (python -m train.base " + " ".join(argv or sys.argv[1:]) + ")"
+    made_by = "make base (python -m train.cli.retrain_base " + " ".join(argv or sys.argv[1:]) + ")"
     publish(run_dir, args.out, made_by=made_by, commands=[init, train, evaluate], wall_times=wall_times)
     print(f"base models: {args.out.resolve()} (train {wall_times['train'] / 60:.1f} min)")
     return 0

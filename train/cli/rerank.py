@@ -1,16 +1,16 @@
 """Reconstruction reranking from the command line, and the rank-vs-quality report.
 
     # best caption per image: N candidates, each reconstructed and compared with the image
-    python -m train.rerank captions --checkpoint runs/x/checkpoint-2000 --images photos/ --out runs/x/rerank
+    python -m train.cli.rerank captions --checkpoint runs/x/checkpoint-2000 --images photos/ --out runs/x/rerank
     # best image per prompt: N generations, each re-captioned and compared with the prompt
-    python -m train.rerank images --checkpoint runs/x/export --prompts prompts.txt --out runs/x/rerank-images
+    python -m train.cli.rerank images --checkpoint runs/x/export --prompts prompts.txt --out runs/x/rerank-images
     # mean quality of the candidates at each rank, with bootstrap confidence intervals
-    python -m train.rerank report --rankings runs/x/rerank/rankings.jsonl --metric cider_d
+    python -m train.cli.rerank report --rankings runs/x/rerank/rankings.jsonl --metric cider_d
 
 Without --images / --prompts the inputs are the config's validation data (data.validation, else
 data.paired), references included, which the report needs. Each run writes OUT/rankings.jsonl (one row per
 candidate: caption, image file, scores and ranks under both rankings), OUT/images/*.png and OUT/index.html,
-a contact sheet to open in a browser. See evaluation/rerank.py and evaluation/report.py for the method.
+a contact sheet to open in a browser. See evaluation/rerank.py and evaluation/rank_report.py for the method.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from evaluation.availability import MetricUnavailable
-from evaluation.report import CAPTION_QUALITY, IMAGE_QUALITY, rank_report
+from evaluation.rank_report import CAPTION_QUALITY, IMAGE_QUALITY, rank_report
 from evaluation.rerank import (
     IMAGE_SIMILARITIES,
     TEXT_SIMILARITIES,
@@ -32,8 +32,7 @@ from evaluation.rerank import (
     rerank_images,
     text_similarity_measure,
 )
-from train.config import Config, ConfigError, EvaluationSettings
-from train.generate import (
+from train.cli.generate import (
     ModelSources,
     add_model_arguments,
     batched,
@@ -45,6 +44,7 @@ from train.generate import (
     prompt_records,
     text_queries,
 )
+from train.config import Config, ConfigError, EvaluationSettings
 from train.validation import image_options, text_options
 
 # Weight paths of the similarities, named as in the config's evaluation section; each is also a flag.

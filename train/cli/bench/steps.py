@@ -15,8 +15,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from data.mixer import BatchMixer
 from models.lora import GENERATOR_LORA_TARGETS
-from train.bench.measure import timed
-from train.bench.stats_ratios import median
 from train.builders import (
     BASE_DTYPES,
     build_bridge,
@@ -27,6 +25,8 @@ from train.builders import (
     build_optimizer,
     build_streams,
 )
+from train.cli.bench.measure import timed
+from train.cli.bench.stats_ratios import median
 from train.config import Config
 from train.step import batch_to_device, phase_step
 

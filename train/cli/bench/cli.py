@@ -1,7 +1,7 @@
 """`make bench`: time every phase and cycle mode through the trainer's own code, beside a bare baseline.
 
-    python -m train.bench                      # CPU: tiny + small architectures, ~4 minutes on 2 cores
-    python -m train.bench --archs tiny --modes generator --pairs 5   # a quick look
+    python -m train.cli.bench                      # CPU: tiny + small architectures, ~4 minutes on 2 cores
+    python -m train.cli.bench --archs tiny --modes generator --pairs 5   # a quick look
 
 Each mode runs in its own worker process (a process's peak RSS never goes down), which builds the models and
 a fixed, seeded batch, warms up, and then times one optimizer update per request: the phase function run as
@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from train.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, GPU_ARCHITECTURE, save_models
-from train.bench.checks import acceptance
-from train.bench.modes import MODES
-from train.bench.orchestrate import DEFAULT_PAIRS, DEFAULT_WARMUP, Plan, bench_architecture
-from train.bench.report import machine_info, write_report
-from train.bench.reward_cost import reward_cost
+from train.cli.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, GPU_ARCHITECTURE, save_models
+from train.cli.bench.bench_modes import MODES
+from train.cli.bench.bench_report import machine_info, write_report
+from train.cli.bench.checks import acceptance
+from train.cli.bench.orchestrate import DEFAULT_PAIRS, DEFAULT_WARMUP, Plan, bench_architecture
+from train.cli.bench.reward_cost import reward_cost
 
 REPO = Path(__file__).resolve().parents[2]
 # The shapes demo's committed base generator (make base), scored by the reward-cost comparison.
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train.bench",
+        prog="python -m train.cli.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint (or an export, or the base models) on the config's validation data.
 
-    python -m train.evaluate --config configs/blip_sd15_coco.yaml --checkpoint runs/coco/checkpoint-2000 \\
+    python -m train.cli.evaluate --config configs/blip_sd15_coco.yaml --checkpoint runs/coco/checkpoint-2000 \\
         evaluation.fid_feature_weights=/weights/pt_inception-2015-12-05-6726825d.pth
 
 Captions every validation image (beam search) and scores them against all its references (BLEU-1..4,
@@ -22,8 +22,7 @@ from pathlib import Path
 from evaluation.availability import MetricResult, check_metric_names
 from models.captioner import Captioner
 from models.generator import Generator
-from train.config import Config, ConfigError
-from train.generate import (
+from train.cli.generate import (
     ImageQuery,
     add_model_arguments,
     batched,
@@ -32,6 +31,7 @@ from train.generate import (
     load_pixels,
     model_sources,
 )
+from train.config import Config, ConfigError
 from train.validation import (
     SHAPES_METRICS,
     VALIDATION_METRICS,

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from train.bench.architectures import Architecture
-from train.bench.measure import peak_memory_mb, step_flops, timed
-from train.bench.modes import BASELINE, MODES, bench_config
-from train.bench.profiler import profile_step
-from train.bench.steps import BareGeneratorStep, TrainerStep
+from train.cli.bench.architectures import Architecture
+from train.cli.bench.bench_modes import BASELINE, MODES, bench_config
+from train.cli.bench.measure import peak_memory_mb, step_flops, timed
+from train.cli.bench.profiler import profile_step
+from train.cli.bench.steps import BareGeneratorStep, TrainerStep
 
 
 @dataclass

@@ -16,7 +16,7 @@ import peft
 import torch
 import transformers
 
-from train.bench.checks import CACHE_SPEEDUP_TARGET, CYCLE_COST_LIMIT, FRAMEWORK_RATIO_FLOOR
+from train.cli.bench.checks import CACHE_SPEEDUP_TARGET, CYCLE_COST_LIMIT, FRAMEWORK_RATIO_FLOOR
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -1,14 +1,14 @@
 """Inference with trained models: caption a folder of images, or generate images for a file of prompts.
 
-    python -m train.generate captions --images photos/ --checkpoint runs/x/export --out captions.jsonl
-    python -m train.generate images --prompts prompts.txt --checkpoint runs/x/checkpoint-2000 --out images/
+    python -m train.cli.generate captions --images photos/ --checkpoint runs/x/export --out captions.jsonl
+    python -m train.cli.generate images --prompts prompts.txt --checkpoint runs/x/checkpoint-2000 --out images/
 
 Models come from a checkpoint-N folder (rebuilt from its config.yaml), an export folder (its captioner/
 PEFT adapter and generator/ diffusers LoRA, loaded as PEFT and diffusers load them, onto the base models
 named by --config, the run's config.yaml beside the export folder, or --captioner / --generator), or base
 models with --captioner-adapter / --generator-lora. Every random draw is seeded per input id, so an
 image or prompt gets the same output in any batch. This module also holds the model and input loading that
-train.rerank and train.evaluate share.
+train.cli.rerank and train.cli.evaluate share.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from evaluation.rerank import generate_images, nucleus_captions, save_png
 from models.captioner import Captioner
 from models.generator import Generator, stable_diffusion_pipeline
 from models.lora import DIFFUSERS_LORA_FILE
+from train.adapter_export import load_checkpoint_models
 from train.builders import load_records
 from train.checkpoint import CONFIG_NAME, is_checkpoint_folder
 from train.config import Config, ConfigError, load_config
-from train.export import load_checkpoint_models
 
 Item = TypeVar("Item")
 ImageSource = Path | Callable[[], ImageInput]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.bench.architectures import Architecture
+from train.cli.bench.architectures import Architecture
 from train.config import Config, load_config
 
 

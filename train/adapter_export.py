@@ -1,6 +1,6 @@
 """Export trained weights in the formats the ecosystem loads, with a model card in every folder.
 
-    python -m train.export --checkpoint runs/x/checkpoint-200 [--out DIR] [--kohya] [--merge]
+Written by the recipe at the end of a run, and by `python -m train.cli.export` from any checkpoint.
 
 Layout of an export folder:
   captioner/          PEFT adapter (PeftModel.from_pretrained(base, dir)); a full model in full mode
@@ -12,8 +12,6 @@ Layout of an export folder:
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 from models.captioner import Captioner
@@ -162,36 +160,3 @@ def load_checkpoint_models(checkpoint: Path) -> tuple[Captioner, Generator, Conf
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from None
     return captioner, generator, config
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint-N folder of a run")
-    parser.add_argument("--out", type=Path, help="export folder (default: <checkpoint>/export)")
-    parser.add_argument("--kohya", action="store_true", help="also write the UNet LoRA in kohya format")
-    parser.add_argument("--merge", action="store_true", help="also write standalone models with LoRA merged")
-    args = parser.parse_args(argv)
-    try:
-        captioner, generator, config = load_checkpoint_models(args.checkpoint)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    step = int(args.checkpoint.name.rsplit("-", 1)[-1]) if "-" in args.checkpoint.name else 0
-    out = export_run(
-        captioner,
-        generator,
-        config,
-        args.out or args.checkpoint / "export",
-        step=step,
-        command=["python -m train.export", *(argv if argv is not None else sys.argv[1:])],
-        kohya=args.kohya,
-        merge=args.merge,
-    )
-    print(f"exported to {out.resolve()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

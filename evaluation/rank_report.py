@@ -26,7 +26,7 @@ from data.images import load_rgb, to_tensor
 from data.oracle import read_scene
 from data.shapes import Scene, SceneAttributes, parse
 from evaluation.captions import per_sample_cider
-from evaluation.images import ImageMetricOptions
+from evaluation.image_metrics import ImageMetricOptions
 from evaluation.rerank import IMAGE_SIMILARITIES, StoredRanking, image_similarity, read_rankings
 
 CAPTION_QUALITY = ("cider_d", "shapes_accuracy")

@@ -1,7 +1,7 @@
 """The shapes demo: does cycle finetuning on unpaired data beat supervised finetuning? Numbers and pictures.
 
-    python -m train.demo                       # make demo: one seed, short arms (minutes on a laptop CPU)
-    python -m train.demo --seeds 0 1 2 --steps 1200 --out runs/experiment    # make experiment
+    python -m train.cli.demo                       # make demo: one seed, short arms (minutes on a laptop CPU)
+    python -m train.cli.demo --seeds 0 1 2 --steps 1200 --out runs/experiment    # make experiment
 
 From the committed base models (pretrained/shapes-base, made by `make base`), for each seed it trains two
 LoRA arms through `accelerate launch train/cycle.py --config configs/shapes.yaml`:
@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from evaluation.demo_report import ContactSheet, format_table, write_demo_report
 from evaluation.shapes_split import PARTS, PairResults, TestSplit, evaluate_pair, load_test_split
 from train.checkpoint import CONFIG_NAME
+from train.cli.generate import ModelSources
+from train.cli.launch import launch_command, run_timed
 from train.config import Config, load_config
-from train.generate import ModelSources
-from train.launch import launch_command, run_timed
 from train.validation import SamplingSettings
 
 DEFAULT_CONFIG = Path("configs/shapes.yaml")
@@ -256,7 +256,7 @@ def _report(
     seeds = list(results)
     notes = [
         f"Seeds {seeds}; {args.test_samples} test images per part; metrics are means over seeds.",
-        f"Command: python -m train.demo {' '.join(args.argv)}",
+        f"Command: python -m train.cli.demo {' '.join(args.argv)}",
     ]
     for metric in HEADLINE_METRICS:
         if metric in comparisons:

@@ -12,8 +12,8 @@ from data.streams import Stream
 from models.generator import Generator
 from models.randomness import DrawKey
 from models.scoring import caption_scores
-from train.bench.measure import timed
-from train.bench.stats_ratios import mean_spearman, median
+from train.cli.bench.measure import timed
+from train.cli.bench.stats_ratios import mean_spearman, median
 
 
 def reward_cost(

@@ -1,6 +1,6 @@
 """Fault drill: SIGKILL a tiny training run at random points, resume each, and demand bit-exact results.
 
-    python -m train.drill [--seed 0] [--trials 20] [--work runs/drill] [--jobs 2]
+    python -m train.cli.drill [--seed 0] [--trials 20] [--work runs/drill] [--jobs 2]
 
 Half the trials kill anywhere in the run (start-up included), half inside a checkpoint save: the drill
 watches the run folder for a `.tmp-checkpoint-N` staging folder, kills after a short random delay, and

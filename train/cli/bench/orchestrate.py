@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.bench.architectures import GPU_ARCHITECTURE, Architecture
-from train.bench.modes import BASELINE, CYCLE_MODES, MODES, PROFILED_MODES, measured
-from train.bench.stats_ratios import step_summary, time_ratio
-from train.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
+from train.cli.bench.architectures import GPU_ARCHITECTURE, Architecture
+from train.cli.bench.bench_modes import BASELINE, CYCLE_MODES, MODES, PROFILED_MODES, measured
+from train.cli.bench.stats_ratios import step_summary, time_ratio
+from train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
 
 # bf16 dense throughput measured on this workplace's H100 (the MFU denominator).
 H100_BF16_FLOPS = 790e12

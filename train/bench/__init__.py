@@ -1,1 +1,0 @@
-"""`make bench`: timed trainer steps beside a bare torch + peft baseline (see train.bench.cli)."""

@@ -1,0 +1,1 @@
+"""`make bench`: timed trainer steps beside a bare torch + peft baseline (see train.cli.bench.cli)."""

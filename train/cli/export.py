@@ -1,0 +1,53 @@
+"""Export a checkpoint's trained weights in the formats the ecosystem loads, with a model card in each folder.
+
+    python -m train.cli.export --checkpoint runs/x/checkpoint-200 [--out DIR] [--kohya] [--merge]
+
+Layout of an export folder:
+  captioner/          PEFT adapter (PeftModel.from_pretrained(base, dir)); a full model in full mode
+  generator/          diffusers LoRA pytorch_lora_weights.safetensors (pipe.load_lora_weights),
+                      plus pytorch_lora_weights_kohya.safetensors with --kohya (A1111 / ComfyUI); a full
+                      pipeline folder in full mode
+  captioner_merged/, generator_merged/   standalone models with the adapters merged (--merge)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from train.adapter_export import export_run, load_checkpoint_models
+from train.checkpoint import CheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint-N folder of a run")
+    parser.add_argument("--out", type=Path, help="export folder (default: <checkpoint>/export)")
+    parser.add_argument("--kohya", action="store_true", help="also write the UNet LoRA in kohya format")
+    parser.add_argument("--merge", action="store_true", help="also write standalone models with LoRA merged")
+    args = parser.parse_args(argv)
+    try:
+        captioner, generator, config = load_checkpoint_models(args.checkpoint)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    step = int(args.checkpoint.name.rsplit("-", 1)[-1]) if "-" in args.checkpoint.name else 0
+    out = export_run(
+        captioner,
+        generator,
+        config,
+        args.out or args.checkpoint / "export",
+        step=step,
+        command=["python -m train.cli.export", *(argv if argv is not None else sys.argv[1:])],
+        kohya=args.kohya,
+        merge=args.merge,
+    )
+    print(f"exported to {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

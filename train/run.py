@@ -1,0 +1,102 @@
+"""A training run's parts, built once: models, optimizers, schedules, data, bridge and trainer state.
+
+The recipe (train/cycle.py) builds a Run, resumes it from a checkpoint and loops over it; tools and tests
+that need a run as the trainer builds it (the multi-process mode probe) build it here, never through the
+recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel
+
+from data.mixer import BatchMixer
+from models.bridge import VocabularyBridge
+from train.builders import (
+    build_bridge,
+    build_captioner,
+    build_encoder_cache,
+    build_generator,
+    build_lr_scheduler,
+    build_optimizer,
+    build_streams,
+    phase_update_counts,
+)
+from train.checkpoint import CheckpointError, TrainingParts, read_config, resolve_resume
+from train.config import PHASES, Config, fingerprint_differences, model_fingerprint
+from train.state import TrainerState
+from train.step import batch_to_device
+from train.tracking import StepLog, log_validation_table
+from train.validation import validate
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once (and restored from a checkpoint on resume)."""
+
+    config: Config
+    accelerator: Accelerator
+    models: dict[str, torch.nn.Module]  # prepared (DDP-wrapped where distributed)
+    parts: TrainingParts  # unwrapped models, optimizers, schedulers, trainer state: what checkpoints hold
+    mixer: BatchMixer
+    bridge: VocabularyBridge | None
+    state: TrainerState
+    logs: tuple[StepLog, StepLog] | None  # samples.jsonl, metrics.jsonl (main process only)
+
+
+def resume_target(config: Config) -> Path | None:
+    """The checkpoint to resume from, refused if it is damaged or holds weights of a different shape."""
+    resume_dir = resolve_resume(Path(config.output_dir), config.train.resume_from_checkpoint)
+    if resume_dir is not None:
+        differences = fingerprint_differences(
+            model_fingerprint(read_config(resume_dir)), model_fingerprint(config)
+        )
+        if differences:
+            raise CheckpointError(f"cannot resume from {resume_dir}:\n  " + "\n  ".join(differences))
+    return resume_dir
+
+
+def build_run(config: Config, accelerator: Accelerator) -> Run:
+    """Models (trained one in train mode), optimizers, per-model LR schedules, data streams, bridge."""
+    captioner, captioner_names = build_captioner(config.captioner, config.mixed_precision)
+    generator, generator_names = build_generator(config.generator, config.mixed_precision)
+    generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
+    modules = {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
+    updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)
+    optimizers, schedulers = {}, {}
+    for phase, (module, names) in modules.items():
+        settings = config.phase_settings(phase).optimizer
+        optimizers[phase] = build_optimizer(module, names, settings)
+        schedulers[phase] = build_lr_scheduler(optimizers[phase], settings, updates_per_phase[phase])
+    streams, skipped_records = build_streams(config, accelerator.process_index, accelerator.num_processes)
+    mixer = BatchMixer(
+        streams, image_only_ratio=config.data.image_only_ratio, text_only_ratio=config.data.text_only_ratio
+    )
+    bridge = build_bridge(config, captioner, generator, accelerator.device)
+    prepared = accelerator.prepare(captioner, generator, optimizers["captioner"], optimizers["generator"])
+    models = dict(zip(PHASES, prepared[:2], strict=True))
+    optimizers = dict(zip(PHASES, prepared[2:], strict=True))
+    state = TrainerState(streams=streams, skipped_records=skipped_records)
+    parts = TrainingParts(modules, optimizers, schedulers, state)
+    return Run(config, accelerator, models, parts, mixer, bridge, state, logs=None)
+
+
+def validate_on_main(run: Run, validation_batch: dict[str, Any] | None) -> None:
+    """Validate on the main process (it holds the batch; the others wait), log the metrics and table.
+
+    Every submodule's train/eval mode is restored afterwards (validate() runs under eval_mode).
+    """
+    if validation_batch is not None:
+        captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
+        device_batch = batch_to_device(validation_batch, run.accelerator.device)
+        with run.accelerator.autocast():
+            metrics, rows = validate(captioner, generator, device_batch, run.config)
+        run.accelerator.log(metrics, step=run.state.step)
+        run.logs[1].append(run.state.step, **metrics)
+        log_validation_table(run.accelerator, rows, run.state.step)
+    run.accelerator.wait_for_everyone()
