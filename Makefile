@@ -29,6 +29,11 @@ test: setup
 test-quick: setup
 	$(OFFLINE) $(PY) -m pytest -q $(TEST_WORKERS) -m "not slow"
 
+# Rewrite the README's architecture picture from the code (tests/test_architecture_picture.py checks it).
+.PHONY: picture
+picture: setup
+	PYTHONPATH=.:tests/support $(PY) tests/test_architecture_picture.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

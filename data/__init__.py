@@ -1,1 +1,1 @@
-"""CycleTune: data."""
+"""Records from every source type, resumable rank-sharded batches, and the synthetic shapes world."""

@@ -13,8 +13,9 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -22,6 +23,8 @@ import torch
 from PIL import Image, ImageOps
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | Image.Image
+# What a record points at: a file, or a callable that decodes lazily (an in-memory dataset row).
+ImageSource = Path | Callable[[], ImageInput]
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -103,6 +106,16 @@ def to_tensor(
         resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(resized, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def load_pixels(images: Sequence[ImageSource], resolution: int) -> torch.Tensor:
+    """[B, 3, resolution, resolution] pixels01, each image scaled and center-cropped to a square."""
+    return torch.stack(
+        [
+            to_tensor(load_rgb(image() if callable(image) else image, min_side=resolution), resolution)
+            for image in images
+        ]
+    )
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import logging
 import os
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -189,11 +190,8 @@ class Stream:
         if seed < 0:
             raise ValueError(f"stream {name}: seed must be non-negative, got {seed}")
         self.dataset = RecordDataset(records, resolution=resolution, seed=seed, center_crop=center_crop)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.random_flip = random_flip
+        # The order from position 0; each loader starts a copy of it at the stream's position.
+        self._plan = _BatchPlan(len(self.dataset), seed, batch_size, rank, world_size, random_flip)
         self.num_workers = num_workers
         self.name = name
         self.position = 0
@@ -204,7 +202,7 @@ class Stream:
         if self._batches is None:
             self._batches = iter(self._loader())
         batch = next(self._batches)
-        self.position += self.batch_size * self.world_size
+        self.position += self._plan.batch_size * self._plan.world_size
         return batch
 
     __next__ = next
@@ -216,7 +214,7 @@ class Stream:
         """The global position (in samples), plus what is needed to notice a changed dataset on resume."""
         return {
             "position": self.position,
-            "seed": self.seed,
+            "seed": self._plan.seed,
             "num_records": len(self.dataset),
             "name": self.name,
         }
@@ -225,7 +223,7 @@ class Stream:
         """Continue from a saved position; the next batch equals the one an uninterrupted stream would give."""
         if "position" not in state:
             raise KeyError(f"stream {self.name}: state has no 'position' (keys: {sorted(state)})")
-        for key, current in (("seed", self.seed), ("num_records", len(self.dataset))):
+        for key, current in (("seed", self._plan.seed), ("num_records", len(self.dataset))):
             if key in state and state[key] != current:
                 logger.warning(
                     "stream %s: resuming with %s=%s but the state was saved with %s; the order will differ",
@@ -242,19 +240,11 @@ class Stream:
         self._batches = None
 
     def _loader(self) -> DataLoader:
-        plan = _BatchPlan(
-            num_records=len(self.dataset),
-            seed=self.seed,
-            start=self.position,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            random_flip=self.random_flip,
-        )
+        plan = replace(self._plan, start=self.position)
         # Every new iterator draws the workers' base seed from `generator`; left None, that draw would come
         # from torch's global RNG and shift everything seeded after it (LoRA dropout masks) on resume.
         generator = torch.Generator().manual_seed(
-            _seed_word(self.seed, _LOADER_PURPOSE, zlib.crc32(self.name.encode("utf-8")))
+            _seed_word(self._plan.seed, _LOADER_PURPOSE, zlib.crc32(self.name.encode("utf-8")))
         )
         return DataLoader(
             self.dataset,
@@ -265,28 +255,18 @@ class Stream:
         )
 
 
+@dataclass
 class _BatchPlan:
-    """Yields this rank's SampleKeys batch by batch, starting at a global position."""
+    """Yields this rank's SampleKeys batch by batch, starting at global position `start`."""
 
-    def __init__(
-        self,
-        *,
-        num_records: int,
-        seed: int,
-        start: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        random_flip: bool,
-    ) -> None:
-        self.num_records = num_records
-        self.seed = seed
-        self.start = start
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.random_flip = random_flip
-        self._orders: dict[int, list[int]] = {}
+    num_records: int
+    seed: int
+    batch_size: int
+    rank: int
+    world_size: int
+    random_flip: bool
+    start: int = 0
+    _orders: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         position = self.start

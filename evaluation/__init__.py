@@ -1,1 +1,1 @@
-"""CycleTune: the caption, image and text metrics users report, each skipped with a reason when its weights are absent."""
+"""Caption, image and text metrics, reconstruction reranking, and the demo's test split and report."""

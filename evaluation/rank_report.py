@@ -1,6 +1,6 @@
 """Rank-vs-quality report: is the candidate a ranking puts first also the best one by an independent metric?
 
-The paper's analysis, on any reranking run (evaluation/rerank.py's rankings.jsonl): for each ranking measure
+The paper's analysis, on any reranking run (evaluation/rankings_file.py's rankings.jsonl): for each ranking measure
 and each rank r = 0..N-1, the mean quality of the candidates at rank r across queries, with a bootstrap
 confidence interval (queries resampled with replacement, the same resample for every rank, so the ranks'
 intervals are comparable). Quality is judged against what the query is known to be:
@@ -27,7 +27,8 @@ from data.oracle import read_scene
 from data.shapes import Scene, SceneAttributes, parse
 from evaluation.captions import per_sample_cider
 from evaluation.image_metrics import ImageMetricOptions
-from evaluation.rerank import IMAGE_SIMILARITIES, StoredRanking, image_similarity, read_rankings
+from evaluation.rankings_file import StoredRanking, read_rankings
+from evaluation.similarity import IMAGE_SIMILARITIES, image_similarity
 
 CAPTION_QUALITY = ("cider_d", "shapes_accuracy")
 IMAGE_QUALITY = ("shapes_accuracy", *IMAGE_SIMILARITIES)

@@ -21,19 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from data import sources
+from data.batching import batched
+from data.images import load_pixels
 from evaluation.image_metrics import ssim
+from evaluation.metric_settings import EvaluationSettings
+from evaluation.sample_metrics import MetricNeeds, SampleBatch, compute_metrics, draw_images, sample_batch
 from models.captioner import Captioner
 from models.generator import Generator
-from train.cli.generate import batched, load_pixels
-from train.config import EvaluationSettings
-from train.validation import (
-    MetricNeeds,
-    SampleBatch,
-    SamplingSettings,
-    compute_metrics,
-    draw_images,
-    sample_batch,
-)
+from models.sampling_settings import SamplingSettings
 
 # Seeds of the test parts; the configs' paired (100), image-only (101), text-only (102) and validation
 # (103) sets use the ones below them. Tuning uses the validation seed, split the same way.

@@ -1,7 +1,7 @@
 """image -> caption -> image cycle terms: train the captioner through the frozen generator.
 
-Three ways to carry the generator's judgement back to the captioner, one function each, all with the
-signature (captioner, generator, batch, settings, key, bridge) -> CycleOutput:
+Three ways to carry the generator's judgement back to the captioner, one loss each, declared at the end in
+I2T2I_MODES with the batches it trains on and whether it reads the vocabulary bridge (losses/cycle_modes.py):
 
 - soft: teacher-forced on the batch's captions; the captioner's softmax at each position goes through the
   vocabulary bridge into the generator's text encoder, and the generator's denoising loss on the ORIGINAL
@@ -13,35 +13,37 @@ signature (captioner, generator, batch, settings, key, bridge) -> CycleOutput:
   log-likelihoods, optionally with a KL penalty towards the base captioner; needs only images.
 
 The generator is frozen by the trainer but not detached: in soft and gumbel the gradient passes through its
-UNet and text encoder. Every random draw comes from `key` per sample id and purpose, so results do not
-depend on how a batch is split over processes.
+UNet and text encoder. Every random draw comes from the step's key per sample id and purpose, so results do
+not depend on how a batch is split over processes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from losses.cycle_output import CycleOutput
+from losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
 from losses.settings import Strict
 from models.bridge import VocabularyBridge, encode_token_embeddings
-from models.captioner import IGNORE_INDEX, Captioner, SampledCaptions
+from models.caption_decoding import IGNORE_INDEX, SampledCaptions
+from models.captioner import Captioner
 from models.device_transfer import to_device
 from models.generator import Generator
 from models.randomness import DrawKey
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
 
-Batch = dict[str, Any]
+I2T2IStep = CycleStep[Captioner, Generator]
 
 
 class I2T2ISettings(Strict):
     """image -> caption -> image: trains the captioner through the frozen generator."""
 
-    mode: Literal["none", "soft", "gumbel", "reward"] = "none"
+    # OFF or a mode of I2T2I_MODES.
+    mode: str = OFF
     weight: float = Field(1.0, ge=0)
     # soft: temperature of the captioner's softmax; gumbel: the Gumbel-softmax temperature.
     temperature: float = Field(1.0, gt=0)
@@ -65,6 +67,11 @@ class I2T2ISettings(Strict):
     advantage_std_floor: float = Field(5e-3, gt=0)
     logprob_reduction: Literal["sum", "mean"] = "mean"
     kl_weight: float = Field(0.0, ge=0)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_is_declared(cls, mode: str) -> str:
+        return I2T2I_MODES.check_name(mode)
 
 
 def soft_token_probs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -101,30 +108,21 @@ def reconstruction_loss(
     return grouped_denoise_loss(generator, latents, contexts, draws)[:, 0]
 
 
-def _require_bridge(bridge: VocabularyBridge | None, mode: str) -> VocabularyBridge:
-    if bridge is None:
-        raise ValueError(f"cycle.i2t2i.mode={mode!r} needs a vocabulary bridge (models/bridge.py); got None")
-    return bridge
-
-
 def _soft_caption_output(
-    generator: Generator,
-    bridge: VocabularyBridge,
-    batch: Batch,
-    probs: torch.Tensor,
-    attention_mask: torch.Tensor,
-    settings: I2T2ISettings,
-    key: DrawKey,
+    step: I2T2IStep, probs: torch.Tensor, attention_mask: torch.Tensor, settings: I2T2ISettings
 ) -> CycleOutput:
+    """The frozen generator's denoising loss on the batch's images given their soft captions (the bridge's
+    presence is checked by I2T2I_MODES.run)."""
+    bridge, batch = step.bridge, step.batch
     loss = reconstruction_loss(
-        generator,
+        step.partner,
         bridge,
         batch["pixels"],
         batch["ids"],
         probs,
         attention_mask,
         num_timesteps=settings.num_timesteps,
-        key=key,
+        key=step.key,
     ).mean()
     return CycleOutput(
         loss,
@@ -132,25 +130,13 @@ def _soft_caption_output(
     )
 
 
-def soft(
-    captioner: Captioner,
-    generator: Generator,
-    batch: Batch,
-    settings: I2T2ISettings,
-    key: DrawKey,
-    bridge: VocabularyBridge | None,
-) -> CycleOutput:
+def soft(step: I2T2IStep, settings: I2T2ISettings) -> CycleOutput:
     """Teacher-forced soft caption of the batch's captions -> frozen generator -> denoising loss."""
-    bridge = _require_bridge(bridge, "soft")
-    if "captions" not in batch:
-        raise ValueError(
-            "cycle.i2t2i.mode='soft' is teacher-forced on the batch's captions, and this batch has none "
-            f"(kind {batch.get('kind')!r}); image-only data needs mode 'gumbel' or 'reward'"
-        )
+    captioner, batch = step.trained, step.batch
     tokens = captioner.tokenize(batch["captions"])
     logits = captioner.logits(batch["pixels"], tokens["input_ids"], tokens["attention_mask"]).float()
     probs = soft_token_probs(logits, tokens["input_ids"], settings.temperature)
-    return _soft_caption_output(generator, bridge, batch, probs, tokens["attention_mask"], settings, key)
+    return _soft_caption_output(step, probs, tokens["attention_mask"], settings)
 
 
 def gumbel_noise(
@@ -164,23 +150,15 @@ def gumbel_noise(
     return to_device(torch.stack(draws), device)
 
 
-def gumbel(
-    captioner: Captioner,
-    generator: Generator,
-    batch: Batch,
-    settings: I2T2ISettings,
-    key: DrawKey,
-    bridge: VocabularyBridge | None,
-) -> CycleOutput:
+def gumbel(step: I2T2IStep, settings: I2T2ISettings) -> CycleOutput:
     """The captioner's own straight-through Gumbel-softmax caption -> frozen generator -> denoising loss."""
-    bridge = _require_bridge(bridge, "gumbel")
-    pixels, ids = batch["pixels"], batch["ids"]
+    captioner, pixels, ids = step.trained, step.batch["pixels"], step.batch["ids"]
     max_length = settings.max_length or captioner.max_length
-    noise = gumbel_noise(key, ids, (max_length, captioner.vocab_size), pixels.device)
+    noise = gumbel_noise(step.key, ids, (max_length, captioner.vocab_size), pixels.device)
     probs, attention_mask = captioner.gumbel_decode(
         pixels, max_length=max_length, temperature=settings.temperature, gumbel_noise=noise
     )
-    output = _soft_caption_output(generator, bridge, batch, probs, attention_mask, settings, key)
+    output = _soft_caption_output(step, probs, attention_mask, settings)
     # Tokens after the start token, the end token included.
     output.metrics["length"] = attention_mask[:, 1:].sum(dim=1).float().mean()
     return output
@@ -233,14 +211,7 @@ def group_advantages(rewards: torch.Tensor, std_floor: float) -> torch.Tensor:
     return centred / rewards.std(dim=1, correction=0, keepdim=True).clamp_min(std_floor)
 
 
-def reward(
-    captioner: Captioner,
-    generator: Generator,
-    batch: Batch,
-    settings: I2T2ISettings,
-    key: DrawKey,
-    bridge: VocabularyBridge | None,
-) -> CycleOutput:
+def reward(step: I2T2IStep, settings: I2T2ISettings) -> CycleOutput:
     """Group-baseline policy gradient on K sampled captions per image, rewarded by -denoising loss.
 
     advantage = (r - mean_K r) / max(std_K r, settings.advantage_std_floor) per image (group_advantages);
@@ -250,7 +221,8 @@ def reward(
     `kl_weight * d` has zero expected gradient on samples from p (E_p[grad log p] = 0), so it would not
     regularise at all. The bridge is not used.
     """
-    pixels, ids = batch["pixels"], batch["ids"]
+    captioner, generator, key = step.trained, step.partner, step.key
+    pixels, ids = step.batch["pixels"], step.batch["ids"]
     if settings.kl_weight > 0 and not captioner.has_adapters:
         raise ValueError(
             "cycle.i2t2i.kl_weight > 0 needs a LoRA captioner (captioner train_mode 'lora'): the KL term "
@@ -276,4 +248,12 @@ def reward(
     return CycleOutput(loss, metrics)
 
 
-I2T2I_MODES = {"soft": soft, "gumbel": gumbel, "reward": reward}
+I2T2I_MODES = CycleModes(
+    "i2t2i",
+    {
+        # Teacher-forced on the batch's captions, so only paired batches have what it reads.
+        "soft": CycleMode(soft, batches=("paired",), needs_bridge=True),
+        "gumbel": CycleMode(gumbel, batches=("paired", "image_only"), needs_bridge=True),
+        "reward": CycleMode(reward, batches=("paired", "image_only")),
+    },
+)

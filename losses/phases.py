@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from pydantic import Field
 
+from losses.cycle_modes import OFF, CycleModes, CycleOutput, CycleStep
 from losses.i2t2i import I2T2I_MODES, I2T2ISettings
 from losses.settings import Strict
 from losses.supervised import CaptionLossSettings, DenoiseLossSettings, caption_terms, denoise_pass
@@ -30,6 +31,10 @@ class CycleSettings(Strict):
     warmup_steps: int = Field(0, ge=0)
     i2t2i: I2T2ISettings = I2T2ISettings()
     t2i2t: T2I2TSettings = T2I2TSettings()
+
+    def needs_bridge(self) -> bool:
+        """Whether a chosen mode reads the vocabulary bridge, which is only built then."""
+        return I2T2I_MODES.needs_bridge(self.i2t2i.mode) or T2I2T_MODES.needs_bridge(self.t2i2t.mode)
 
 
 class PhaseSettings(Protocol):
@@ -67,13 +72,10 @@ def captioner_phase(
 ) -> PhaseOutput:
     terms = caption_terms(trained, batch, config.captioner) if batch["kind"] == "paired" else {}
     settings = config.cycle.i2t2i
-    if settings.mode == "none":
+    if settings.mode == OFF:
         return PhaseOutput(terms, {})
-    cycle = I2T2I_MODES[settings.mode](trained, partner, batch, settings, key, bridge)
-    terms[f"i2t2i_{settings.mode}"] = settings.weight * cycle_ramp(config, key.update) * cycle.loss
-    return PhaseOutput(
-        terms, {f"i2t2i_{settings.mode}/{name}": value for name, value in cycle.metrics.items()}
-    )
+    cycle = I2T2I_MODES.run(settings, CycleStep(trained, partner, batch, key, bridge))
+    return _with_cycle_term(terms, I2T2I_MODES, settings, cycle, cycle_ramp(config, key.update))
 
 
 def generator_phase(
@@ -88,16 +90,27 @@ def generator_phase(
     denoised = denoise_pass(trained, batch, config.generator, key) if batch["kind"] == "paired" else None
     terms = denoised.terms if denoised is not None else {}
     settings = config.cycle.t2i2t
-    if settings.mode == "none":
+    if settings.mode == OFF:
         return PhaseOutput(terms, {})
+    step = CycleStep(trained, partner, batch, key, bridge)
     if denoised is not None and settings.share_denoise_pass:
-        cycle = one_step_on_denoise_pass(trained, partner, batch, settings, denoised)
+        cycle = one_step_on_denoise_pass(step, settings, denoised)
     else:
-        cycle = T2I2T_MODES[settings.mode](trained, partner, batch, settings, key)
-    terms[f"t2i2t_{settings.mode}"] = settings.weight * cycle_ramp(config, key.update) * cycle.loss
-    return PhaseOutput(
-        terms, {f"t2i2t_{settings.mode}/{name}": value for name, value in cycle.metrics.items()}
-    )
+        cycle = T2I2T_MODES.run(settings, step)
+    return _with_cycle_term(terms, T2I2T_MODES, settings, cycle, cycle_ramp(config, key.update))
+
+
+def _with_cycle_term(
+    terms: dict[str, torch.Tensor],
+    modes: CycleModes,
+    settings: I2T2ISettings | T2I2TSettings,
+    cycle: CycleOutput,
+    ramp: float,
+) -> PhaseOutput:
+    """Add the weighted cycle term to the phase's terms, named "<direction>_<mode>" as are its metrics."""
+    name = f"{modes.direction}_{settings.mode}"
+    terms[name] = settings.weight * ramp * cycle.loss
+    return PhaseOutput(terms, {f"{name}/{metric}": value for metric, value in cycle.metrics.items()})
 
 
 PHASE_LOSSES = {"captioner": captioner_phase, "generator": generator_phase}

@@ -4,6 +4,7 @@ Both modes make an image from the caption with gradient, decode it, and score it
 teacher-forced cross-entropy on that same caption; the gradient reaches the UNet through the captioner and
 the VAE decoder (neither is updated: the trainer freezes the captioner, the VAE never trains). Every random
 draw comes from the DrawKey, per sample id and purpose, so runs are reproducible and shard-independent.
+Each mode is declared at the end, in T2I2T_MODES, with the batches it trains on (losses/cycle_modes.py).
 
 - one_step: the paper's one scheduler step done right. The reference image is noised to a random timestep
   and the UNet's single prediction is turned into its clean-latent estimate (predict_x0), not the clean
@@ -16,25 +17,23 @@ draw comes from the DrawKey, per sample id and purpose, so runs are reproducible
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from losses.cycle_output import CycleOutput
+from losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
 from losses.settings import Strict
 from losses.supervised import DenoisePass
 from models.captioner import Captioner
 from models.generator import Generator
-from models.randomness import DrawKey
 
-Batch = dict[str, Any]
+T2I2TStep = CycleStep[Generator, Captioner]
 
 
 class T2I2TSettings(Strict):
     """text -> image -> caption: trains the generator through the frozen captioner."""
 
-    mode: Literal["none", "one_step", "sample"] = "none"
+    # OFF or a mode of T2I2T_MODES.
+    mode: str = OFF
     weight: float = Field(1.0, ge=0)
     # one_step: timesteps drawn uniformly from [0, max_timestep) (None: the whole schedule).
     max_timestep: int | None = Field(None, ge=1)
@@ -45,6 +44,11 @@ class T2I2TSettings(Strict):
     num_inference_steps: int = Field(10, ge=1)
     grad_steps: int = Field(1, ge=1)
     guidance_scale: float = Field(1.0, ge=0)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_is_declared(cls, mode: str) -> str:
+        return T2I2T_MODES.check_name(mode)
 
     @model_validator(mode="after")
     def _grad_steps_fit(self) -> T2I2TSettings:
@@ -58,9 +62,7 @@ class T2I2TSettings(Strict):
         return self
 
 
-def one_step(
-    generator: Generator, captioner: Captioner, batch: Batch, settings: T2I2TSettings, key: DrawKey
-) -> CycleOutput:
+def one_step(step: T2I2TStep, settings: T2I2TSettings) -> CycleOutput:
     """Caption loss of the image decoded from one UNet prediction's x0 estimate.
 
     On paired batches the reference image is noised to a timestep below max_timestep. A text-only batch
@@ -68,6 +70,7 @@ def one_step(
     first step, whose x0 estimate is where a sample's layout (position, size) is decided. That also lets
     unpaired captions teach the generator at the cost of one UNet call.
     """
+    generator, batch, key = step.trained, step.batch, step.key
     ids, captions = batch["ids"], batch["captions"]
     num_train_timesteps = generator.noise_scheduler.config.num_train_timesteps
     max_timestep = _max_timestep(generator, settings)
@@ -87,12 +90,10 @@ def one_step(
     context = generator.encode_text(generator.tokenize(captions)).to(generator.unet.dtype)
     prediction = generator.unet(noisy.to(generator.unet.dtype), timesteps, context).sample
     x0 = generator.predict_x0(noisy, timesteps, prediction)
-    return _recaption_loss(generator, captioner, x0, captions)
+    return _recaption_loss(generator, step.partner, x0, captions)
 
 
-def one_step_on_denoise_pass(
-    generator: Generator, captioner: Captioner, batch: Batch, settings: T2I2TSettings, denoised: DenoisePass
-) -> CycleOutput:
+def one_step_on_denoise_pass(step: T2I2TStep, settings: T2I2TSettings, denoised: DenoisePass) -> CycleOutput:
     """one_step on a paired batch without a second UNet call: decode the denoising term's own prediction.
 
     The denoising term draws its noise and timesteps the way one_step does (uniform timesteps, standard
@@ -101,10 +102,11 @@ def one_step_on_denoise_pass(
     caption the denoising term dropped (their prediction is unconditional), and those at or above
     max_timestep, are left out of the mean; nothing is sliced, so the host never waits.
     """
+    generator = step.trained
     counted = denoised.captioned & (denoised.timesteps < _max_timestep(generator, settings))
     output = denoised.output
     x0 = generator.predict_x0(output.noisy, denoised.timesteps, output.prediction)
-    return _recaption_loss(generator, captioner, x0, batch["captions"], counted.float())
+    return _recaption_loss(generator, step.partner, x0, step.batch["captions"], counted.float())
 
 
 def _max_timestep(generator: Generator, settings: T2I2TSettings) -> int:
@@ -118,12 +120,10 @@ def _max_timestep(generator: Generator, settings: T2I2TSettings) -> int:
     return max_timestep
 
 
-def sample(
-    generator: Generator, captioner: Captioner, batch: Batch, settings: T2I2TSettings, key: DrawKey
-) -> CycleOutput:
+def sample(step: T2I2TStep, settings: T2I2TSettings) -> CycleOutput:
     """Caption loss of a DDIM sample for each caption, with gradient through its last grad_steps steps."""
-    ids, captions = batch["ids"], batch["captions"]
-    initial = key.randn(ids, "t2i2t_initial_latents", generator.latent_shape(1)[1:], generator.device)
+    generator, ids, captions = step.trained, step.batch["ids"], step.batch["captions"]
+    initial = step.key.randn(ids, "t2i2t_initial_latents", generator.latent_shape(1)[1:], generator.device)
     guided = settings.guidance_scale > 1.0
     uncond = generator.encode_text(generator.tokenize([""] * len(captions))) if guided else None
     final = generator.sample_with_grad(
@@ -134,7 +134,7 @@ def sample(
         guidance_scale=settings.guidance_scale,
         uncond_hidden_states=uncond,
     )
-    return _recaption_loss(generator, captioner, final, captions)
+    return _recaption_loss(generator, step.partner, final, captions)
 
 
 def _recaption_loss(
@@ -155,4 +155,11 @@ def _recaption_loss(
     return CycleOutput(loss=loss, metrics={"caption_ce": loss.detach()})
 
 
-T2I2T_MODES = {"one_step": one_step, "sample": sample}
+T2I2T_MODES = CycleModes(
+    "t2i2t",
+    {
+        # A text-only batch has no image to noise: one_step starts from pure noise, sample always does.
+        "one_step": CycleMode(one_step, batches=("paired", "text_only")),
+        "sample": CycleMode(sample, batches=("paired", "text_only")),
+    },
+)

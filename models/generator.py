@@ -2,7 +2,8 @@
 
 It exposes the pieces the cycle losses need separately (tokenize, encode, noise, denoise, decode) so that
 gradients can flow from a decoded image into a captioner, or from soft tokens into the text encoder.
-`forward(fn)` runs a whole training computation under a DDP wrapper (models/forward_routing.py).
+`forward(fn)` runs a whole training computation under a DDP wrapper (models/forward_routing.py). Sampling
+(the DDIM loop, CFG, the checkpoint's own sampler) is in models/image_sampling.py, mixed into Generator.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
     SchedulerMixin,
@@ -24,12 +23,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import compute_snr
-from diffusers.utils.torch_utils import randn_tensor
-from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.device_transfer import to_device
 from models.forward_routing import RunsInForward
+from models.image_sampling import ImageSampling, checkpoint_sampler
 
 if TYPE_CHECKING:
     from models.cache import FrozenEncoderCache
@@ -46,7 +44,7 @@ class DenoiseOutput(NamedTuple):
     prediction: torch.Tensor
 
 
-class Generator(RunsInForward):
+class Generator(ImageSampling, RunsInForward):
     """Latent (with a VAE) or pixel-space (without) text-to-image diffusion model with a DDPM loss."""
 
     def __init__(
@@ -87,10 +85,10 @@ class Generator(RunsInForward):
         cls,
         name_or_path: str,
         *,
-        revision: str | None = None,
-        torch_dtype: torch.dtype | None = None,
         resolution: int | None = None,
         prediction_type: str | None = None,
+        revision: str | None = None,
+        torch_dtype: torch.dtype | None = None,
     ) -> Generator:
         """Load a hub id or local folder in the StableDiffusionPipeline layout; no VAE means pixel space.
 
@@ -120,15 +118,9 @@ class Generator(RunsInForward):
         # Whatever sampler the checkpoint ships (PNDM for SD 1.x), training needs the DDPM forward process.
         overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
         noise_scheduler = load(DDPMScheduler, "scheduler", **overrides)
-        sampling_scheduler = load(_scheduler_class(name_or_path, model_index), "scheduler", **overrides)
-        if (
-            prediction_type is not None
-            and sampling_scheduler.config.get("prediction_type") != prediction_type
-        ):
-            raise ValueError(
-                f"{name_or_path!r}: its scheduler {type(sampling_scheduler).__name__} takes no prediction_type, "
-                f"so prediction_type={prediction_type!r} cannot be applied to it"
-            )
+        sampling_scheduler = checkpoint_sampler(
+            name_or_path, model_index, revision=revision, prediction_type=prediction_type
+        )
         unet = load(UNet2DConditionModel, "unet", torch_dtype=torch_dtype)
         if resolution is None:
             sample_size = unet.config.sample_size
@@ -337,105 +329,6 @@ class Generator(RunsInForward):
             return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
         return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
 
-    def sample_with_grad(
-        self,
-        encoder_hidden_states: torch.Tensor,
-        latents: torch.Tensor,
-        *,
-        num_inference_steps: int,
-        grad_steps: int,
-        guidance_scale: float = 1.0,
-        uncond_hidden_states: torch.Tensor | None = None,
-        gradient_checkpointing: bool = True,
-    ) -> torch.Tensor:
-        """DDIM (eta 0) from the initial noise `latents` to final float32 latents; the one sampling loop.
-
-        Only the last `grad_steps` steps are recorded for backward (DRaFT-K; 0 records none): the earlier
-        steps run under no_grad, and each recorded UNet call is checkpointed (recomputed in backward) so
-        memory stays at one UNet activation set whatever K is. Classifier-free guidance against
-        `uncond_hidden_states` when guidance_scale > 1, as StableDiffusionPipeline does.
-        """
-        batch_size = encoder_hidden_states.shape[0]
-        if tuple(latents.shape) != self.latent_shape(batch_size):
-            raise ValueError(
-                f"latents shape {tuple(latents.shape)} != {self.latent_shape(batch_size)} "
-                f"for {batch_size} text embeddings"
-            )
-        if not 0 <= grad_steps <= num_inference_steps:
-            raise ValueError(
-                f"grad_steps={grad_steps} must lie in [0, num_inference_steps={num_inference_steps}]"
-            )
-        guided = guidance_scale > 1.0
-        if guided and uncond_hidden_states is None:
-            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs uncond_hidden_states")
-        if guided and uncond_hidden_states.shape != encoder_hidden_states.shape:
-            raise ValueError(
-                f"uncond_hidden_states shape {tuple(uncond_hidden_states.shape)} != "
-                f"encoder_hidden_states shape {tuple(encoder_hidden_states.shape)}"
-            )
-        context = (
-            torch.cat([uncond_hidden_states, encoder_hidden_states]) if guided else encoder_hidden_states
-        )
-        context = context.to(self.dtype)
-        # A fresh scheduler per call: set_timesteps mutates it, and it follows any prediction_type override.
-        # Pixel-space samples live in [-1, 1], so each step's x0 estimate is clipped there (as in DDPM),
-        # which keeps an imperfect model's samples from saturating. StableDiffusionPipeline rewrites
-        # clip_sample to False in saved configs, hence set here; latent models keep their config's value.
-        pixel_space = {"clip_sample": True} if self.vae is None else {}
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config, **pixel_space)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
-        first_grad_step = len(scheduler.timesteps) - grad_steps
-        for index, t in enumerate(scheduler.timesteps):
-            recorded = index >= first_grad_step and torch.is_grad_enabled()
-            with nullcontext() if recorded else torch.no_grad():
-                model_input = scheduler.scale_model_input(latents, t)
-                if recorded and gradient_checkpointing:
-                    prediction = checkpoint(
-                        self._guided_prediction, model_input, t, context, guidance_scale, use_reentrant=False
-                    )
-                else:
-                    prediction = self._guided_prediction(model_input, t, context, guidance_scale)
-                latents = scheduler.step(prediction, t, latents).prev_sample
-        return latents
-
-    def _guided_prediction(
-        self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance_scale: float
-    ) -> torch.Tensor:
-        """One UNet call (both CFG branches batched when guided), in float32."""
-        guided = guidance_scale > 1.0
-        model_input = torch.cat([latents, latents]) if guided else latents
-        prediction = self.unet(model_input.to(self.dtype), t, context).sample.float()
-        if not guided:
-            return prediction
-        unconditional, conditional = prediction.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        captions: list[str],
-        *,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """DDIM sampling with classifier-free guidance against the empty caption; returns pixels01."""
-        if latents is None:
-            shape = self.latent_shape(len(captions))
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        guided = guidance_scale > 1.0
-        final = self.sample_with_grad(
-            self.encode_text(self.tokenize(captions)),
-            latents,
-            num_inference_steps=num_inference_steps,
-            grad_steps=0,
-            guidance_scale=guidance_scale,
-            uncond_hidden_states=self.encode_text(self.tokenize([""] * len(captions))) if guided else None,
-        )
-        return self.decode_latents(final)
-
 
 def stable_diffusion_pipeline(
     *,
@@ -463,17 +356,6 @@ def _names_component(model_index: dict[str, Any], name: str) -> bool:
     """model_index.json lists absent parts as [null, null] (or not at all)."""
     entry = model_index.get(name)
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
-
-
-def _scheduler_class(name_or_path: str, model_index: dict[str, Any]) -> type[SchedulerMixin]:
-    """The diffusers scheduler class model_index.json names for the pipeline's sampling."""
-    class_name = model_index["scheduler"][1]
-    scheduler_class = getattr(diffusers, class_name, None)
-    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
-        raise ValueError(
-            f"{name_or_path!r}: model_index.json scheduler {class_name!r} is not a diffusers scheduler"
-        )
-    return scheduler_class
 
 
 def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter:

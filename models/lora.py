@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, Unpack
 
 import safetensors.torch
 import torch
@@ -50,43 +50,47 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 
-def add_captioner_lora(
-    captioner: Captioner,
+class LoraShape(TypedDict):
+    """The keywords add_captioner_lora and add_generator_lora take (the config's lora section), typed once
+    for both; target_modules None or absent means the default targets above."""
+
+    rank: int
+    alpha: float
+    dropout: NotRequired[float]
+    target_modules: NotRequired[list[str] | str | None]
+
+
+def _lora_config(
+    default_targets: list[str] | str,
+    peft_options: dict[str, Any],
     *,
     rank: int,
     alpha: float,
     dropout: float = 0.0,
     target_modules: list[str] | str | None = None,
-) -> None:
+) -> LoraConfig:
+    """LoraShape as a peft config; an unknown or missing keyword fails here, as a TypeError."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=default_targets if target_modules is None else target_modules,
+        **peft_options,
+    )
+
+
+def add_captioner_lora(captioner: Captioner, **shape: Unpack[LoraShape]) -> None:
     """Wrap `captioner.model` in a peft LoRA model.
 
     No task_type: peft's CAUSAL_LM wrapper would reroute forward() to arguments BLIP does not take.
     """
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=CAPTIONER_LORA_TARGETS if target_modules is None else target_modules,
-    )
+    config = _lora_config(CAPTIONER_LORA_TARGETS, {}, **shape)
     captioner.model = get_peft_model(captioner.model, config, adapter_name=ADAPTER_NAME)
 
 
-def add_generator_lora(
-    generator: Generator,
-    *,
-    rank: int,
-    alpha: float,
-    dropout: float = 0.0,
-    target_modules: list[str] | str | None = None,
-) -> None:
+def add_generator_lora(generator: Generator, **shape: Unpack[LoraShape]) -> None:
     """Inject LoRA into the UNet the way diffusers' LoRA trainer does, so its savers and loaders apply."""
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-        target_modules=GENERATOR_LORA_TARGETS if target_modules is None else target_modules,
-    )
+    config = _lora_config(GENERATOR_LORA_TARGETS, {"init_lora_weights": "gaussian"}, **shape)
     generator.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
 
 

@@ -7,14 +7,19 @@ read with `ast` (module level, inside functions, under TYPE_CHECKING), so a lazy
 
 from __future__ import annotations
 
-import ast
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from import_graph import (
+    PACKAGES,
+    ROOT,
+    import_edges,
+    imported_names,
+    module_name,
+    package_of,
+    project_modules,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("data", "models", "losses", "evaluation", "train")
 # The project packages each package may import (besides itself).
 ALLOWED: dict[str, frozenset[str]] = {
     "data": frozenset(),
@@ -23,58 +28,6 @@ ALLOWED: dict[str, frozenset[str]] = {
     "evaluation": frozenset({"data", "models", "losses"}),
     "train": frozenset({"data", "models", "losses", "evaluation"}),
 }
-# Known violations, to be removed (evaluation/shapes_split.py reuses train's generation and validation code);
-# the list may only shrink: a new violation fails, and so does an entry that no longer occurs.
-KNOWN: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("evaluation/shapes_split.py", "train.config"),
-        ("evaluation/shapes_split.py", "train.cli.generate"),
-        ("evaluation/shapes_split.py", "train.validation"),
-    }
-)
-
-
-def module_name(path: Path) -> str:
-    """models/cache.py -> 'models.cache'; models/__init__.py -> 'models'."""
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def project_modules() -> dict[str, Path]:
-    modules = {
-        module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
-    }
-    assert modules, f"no project modules found under {ROOT}"
-    return modules
-
-
-def imported_names(source: str, module: str, is_package: bool) -> Iterator[str]:
-    """Every module name `source` imports, anywhere in the file; `from a import b` yields 'a.b' and 'a'
-    (the caller keeps whichever is a module). Relative imports are resolved against `module`."""
-    package = module if is_package else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, *([base] if base else [])])
-            yield base
-            yield from (f"{base}.{alias.name}" for alias in node.names)
-
-
-def import_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """Project module -> the project modules it imports (a name that is not a module file is dropped)."""
-    edges: dict[str, set[str]] = {}
-    for module, path in modules.items():
-        names = imported_names(path.read_text(), module, path.name == "__init__.py")
-        edges[module] = {name for name in names if name in modules and name != module}
-    return edges
-
-
-def package_of(module: str) -> str:
-    return module.split(".")[0]
 
 
 def layer_violations(modules: dict[str, Path]) -> set[tuple[str, str]]:
@@ -150,14 +103,9 @@ def later():
 
 
 def test_lower_layers_never_import_higher_ones() -> None:
-    violations = layer_violations(project_modules())
-    new = sorted(violations - KNOWN)
-    assert not new, "imports that run back up the layers (file, imported module):\n" + "\n".join(
-        map(str, new)
-    )
-    fixed = sorted(KNOWN - violations)
-    assert not fixed, "no longer occurring: remove from KNOWN in tests/test_layers.py:\n" + "\n".join(
-        map(str, fixed)
+    violations = sorted(layer_violations(project_modules()))
+    assert not violations, "imports that run back up the layers (file, imported module):\n" + "\n".join(
+        map(str, violations)
     )
 
 
@@ -167,13 +115,11 @@ def test_no_import_circle_between_files() -> None:
 
 
 def test_no_import_circle_between_packages() -> None:
-    """Known violations are left out here: they are listed, and already fail above once they change."""
     modules = project_modules()
     graph: dict[str, set[str]] = {package: set() for package in PACKAGES}
     for module, targets in import_edges(modules).items():
-        source = modules[module].relative_to(ROOT).as_posix()
         for target in targets:
-            if package_of(target) != package_of(module) and (source, target) not in KNOWN:
+            if package_of(target) != package_of(module):
                 graph[package_of(module)].add(package_of(target))
     assert not circles(graph), f"packages that import each other in a circle: {circles(graph)}"
 

@@ -25,14 +25,9 @@ from models.lora import (
     trainable_state_dict,
 )
 from train.builders import build_captioner, build_generator
-from train.checkpoint import (
-    CheckpointError,
-    read_config,
-    read_tensors,
-    trainable_weights_name,
-    verify_checkpoint,
-)
+from train.checkpoint import CheckpointError, read_config, read_tensors, verify_checkpoint
 from train.config import Config
+from train.run_dir import trainable_weights_file
 
 
 def model_card(
@@ -153,7 +148,7 @@ def load_checkpoint_models(checkpoint: Path) -> tuple[Captioner, Generator, Conf
         ("captioner", captioner, captioner_names),
         ("generator", generator, generator_names),
     ):
-        path = checkpoint / trainable_weights_name(name)
+        path = checkpoint / trainable_weights_file(name)
         weights = read_tensors(path)
         try:
             load_trainable_state_dict(module, weights, names)

@@ -12,12 +12,14 @@ import logging
 import torch
 from diffusers.optimization import get_scheduler
 
-from data import sources
 from data.skips import SkipLedger
+from data.source_types import SOURCE_TYPES
+from data.sources import Record, SourceSettings
 from data.streams import Stream
 from models.bridge import VocabularyBridge
 from models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from models.captioner import Captioner
+from models.families import captioner_family, generator_family
 from models.generator import Generator
 from models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
 from train.config import (
@@ -27,7 +29,6 @@ from train.config import (
     ModelSettings,
     OptimizerSettings,
     Phase,
-    SourceSettings,
     check_model_source,
 )
 
@@ -39,7 +40,8 @@ BASE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat1
 def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") -> tuple[Captioner, list[str]]:
     """Load the captioner, attach LoRA (or unfreeze everything) and return it with its trainable names."""
     check_model_source(settings, "captioner")
-    captioner = Captioner.from_pretrained(
+    family = captioner_family(settings.pretrained_model_name_or_path, revision=settings.revision)
+    captioner = family.wrapper.from_pretrained(
         settings.pretrained_model_name_or_path, revision=settings.revision, max_length=settings.max_length
     )
     if settings.train_mode == "lora":
@@ -57,7 +59,8 @@ def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") ->
 def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") -> tuple[Generator, list[str]]:
     """Load the generator parts, attach UNet LoRA (or unfreeze UNet + text encoder) and list trainables."""
     check_model_source(settings, "generator")
-    generator = Generator.from_pretrained(
+    family = generator_family(settings.pretrained_model_name_or_path, revision=settings.revision)
+    generator = family.wrapper.from_pretrained(
         settings.pretrained_model_name_or_path,
         revision=settings.revision,
         resolution=settings.resolution,
@@ -147,18 +150,15 @@ def build_lr_scheduler(
 
 def load_records(
     source_list: list[SourceSettings], role: str, resolution: int
-) -> tuple[list[sources.Record], SkipLedger]:
+) -> tuple[list[Record], SkipLedger]:
     """Records of every source in a data role, and the manifest rows the sources dropped reading them.
 
     Unpaired roles keep only the side they use; each source also logs a summary of what it dropped.
     """
-    records: list[sources.Record] = []
+    records: list[Record] = []
     skips = SkipLedger()
     for settings in source_list:
-        options = settings.model_dump(exclude={"type"})
-        if settings.type == "shapes":
-            options["resolution"] = resolution
-        loaded, source_skips = SOURCE_LOADERS[settings.type](**options)
+        loaded, source_skips = SOURCE_TYPES[settings.type].read(settings, resolution)
         logger.info("data.%s: %d records from a %s source", role, len(loaded), settings.type)
         records.extend(loaded)
         skips.merge(source_skips)
@@ -169,17 +169,7 @@ def load_records(
     return records, skips
 
 
-SOURCE_LOADERS = {
-    "hf": sources.hf_dataset,
-    "imagefolder": sources.image_folder,
-    "coco": sources.coco_captions,
-    "images": sources.image_only_folder,
-    "texts": sources.text_only_file,
-    "shapes": sources.shapes,
-}
-
-
-def _stream(records: list[sources.Record], config: Config, role: str, rank: int, world_size: int) -> Stream:
+def _stream(records: list[Record], config: Config, role: str, rank: int, world_size: int) -> Stream:
     data = config.data
     return Stream(
         records,
@@ -213,8 +203,8 @@ def build_streams(config: Config, rank: int, world_size: int) -> tuple[dict[str,
 def build_bridge(
     config: Config, captioner: Captioner, generator: Generator, device: torch.device
 ) -> VocabularyBridge | None:
-    """The vocabulary bridge for the soft-token I2T2I modes (None when no mode needs one)."""
-    if config.cycle.i2t2i.mode not in {"soft", "gumbel"}:
+    """The vocabulary bridge for the cycle modes that declare they need it (None when no chosen mode does)."""
+    if not config.cycle.needs_bridge():
         return None
     bridge = VocabularyBridge.build(
         captioner.tokenizer,

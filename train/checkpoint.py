@@ -1,9 +1,10 @@
 """Checkpoints that survive preemption and never run code: safetensors + JSON, a manifest, atomic folders.
 
-Layout of {output_dir}/checkpoint-{N}/:
+Layout of {output_dir}/checkpoint-{N}/ (the folder and the first two names are train/run_dir.py's, since
+other modules read them; the rest only resuming reads, so they are named here):
   config.yaml                        the resolved run config
-  trainer_state.json                 update counters, data positions, skipped records, tracker run id
   {model}_trainable.safetensors      only the trainable weights (LoRA adapters, or all in full mode)
+  trainer_state.json                 update counters, data positions, skipped records, tracker run id
   optimizer_{model}.safetensors      AdamW moments (param groups in the file's JSON metadata)
   lr_scheduler_{model}.json          the learning-rate schedule's position
   rng_state_{rank}.safetensors       every global random generator of each process
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -33,23 +33,18 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from models.lora import load_trainable_state_dict, trainable_state_dict
-from train.config import Config, ConfigError, load_config, save_config
+from train.config import Config, ConfigError, load_config
 from train.manifest import MANIFEST_NAME, fsync_directory, manifest_problem, write_manifest
 from train.optimizer_state import load_optimizer_state, save_optimizer_state
 from train.rng import restore_rng_state, rng_state_tensors
+from train.run_dir import CONFIG_FILE, RunDir, trainable_weights_file, write_config
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-CONFIG_NAME = "config.yaml"
 TRAINER_STATE_NAME = "trainer_state.json"
 GRAD_SCALER_NAME = "grad_scaler.json"
 
 T = TypeVar("T")
-
-
-def trainable_weights_name(model: str) -> str:
-    return f"{model}_trainable.safetensors"
 
 
 def optimizer_state_name(model: str) -> str:
@@ -85,26 +80,14 @@ class TrainingParts:
     trainer_state: Stateful
 
 
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """checkpoint-N folders, oldest first (verified only by resolve_resume / verify_checkpoint)."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for child in output_dir.iterdir():
-        match = CHECKPOINT_PATTERN.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
 def is_checkpoint_folder(folder: Path) -> bool:
     """A training checkpoint (intact or not), as opposed to an export folder: it has a manifest or weights."""
-    return (folder / MANIFEST_NAME).is_file() or any(folder.glob(trainable_weights_name("*")))
+    return (folder / MANIFEST_NAME).is_file() or any(folder.glob(trainable_weights_file("*")))
 
 
 def newest_intact_checkpoint(output_dir: Path, *, warn: bool = True) -> Path | None:
     """The newest checkpoint whose manifest verifies; each newer damaged one is named in a warning."""
-    for _, folder in reversed(list_checkpoints(output_dir)):
+    for _, folder in reversed(RunDir(output_dir).checkpoints()):
         problem = manifest_problem(folder)
         if problem is None:
             return folder
@@ -169,7 +152,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_config(folder: Path) -> Config:
-    path = folder / CONFIG_NAME
+    path = folder / CONFIG_FILE
     try:
         return _read(path, load_config)
     except ConfigError as error:
@@ -187,19 +170,19 @@ def save_checkpoint(
 
     The main process writes the rest, then the manifest, flushes everything and renames the folder.
     """
-    final = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f".tmp-checkpoint-{step}"
+    run_dir = RunDir(output_dir)
+    final, staging = run_dir.checkpoint(step), run_dir.staging(step)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_file(rng_state_tensors(), str(staging / rng_state_name(accelerator.process_index)))
     if accelerator.is_main_process:
-        save_config(config, staging / CONFIG_NAME)
+        write_config(config, staging)
         _write_json(parts.trainer_state.state_dict(), staging / TRAINER_STATE_NAME)
         for name, (module, names) in parts.models.items():
             weights = {key: value.contiguous() for key, value in trainable_state_dict(module, names).items()}
-            save_file(weights, str(staging / trainable_weights_name(name)))
+            save_file(weights, str(staging / trainable_weights_file(name)))
             save_optimizer_state(parts.optimizers[name], staging / optimizer_state_name(name))
             _write_json(parts.schedulers[name].state_dict(), staging / lr_scheduler_name(name))
         if accelerator.scaler is not None:
@@ -217,9 +200,9 @@ def save_checkpoint(
 
 
 def _required_files(parts: TrainingParts, num_processes: int) -> list[str]:
-    names = [CONFIG_NAME, TRAINER_STATE_NAME, *(rng_state_name(rank) for rank in range(num_processes))]
+    names = [CONFIG_FILE, TRAINER_STATE_NAME, *(rng_state_name(rank) for rank in range(num_processes))]
     for model in parts.models:
-        names += [trainable_weights_name(model), optimizer_state_name(model), lr_scheduler_name(model)]
+        names += [trainable_weights_file(model), optimizer_state_name(model), lr_scheduler_name(model)]
     return names
 
 
@@ -230,7 +213,7 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, parts: TrainingParts
     would double the resume's I/O. Each file is still parsed only as safetensors / JSON, errors naming it.
     """
     for name, (module, names) in parts.models.items():
-        weights_path = folder / trainable_weights_name(name)
+        weights_path = folder / trainable_weights_file(name)
         weights = read_tensors(weights_path)
         with _reading(weights_path):
             load_trainable_state_dict(module, weights, names)
@@ -265,7 +248,7 @@ def prune_checkpoints(output_dir: Path, total_limit: int | None) -> list[Path]:
     """Keep the newest `total_limit` checkpoint folders; call on the main process after a save."""
     if total_limit is None:
         return []
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = RunDir(output_dir).checkpoints()
     removed = [path for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]]
     for path in removed:
         shutil.rmtree(path)

@@ -13,15 +13,20 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from data.source_types import ROLES, SOURCE_TYPES, types_feeding
+from evaluation.metric_settings import EvaluationSettings
+from losses.i2t2i import I2T2I_MODES
 from losses.phases import CycleSettings
 from losses.settings import Strict
 from losses.supervised import CaptionLossSettings, DenoiseLossSettings
+from losses.t2i2t import T2I2T_MODES
 from models.locate import ModelSourceError, locate_model
+from models.sampling_settings import SamplingSettings
 
 Phase = Literal["captioner", "generator"]
 PHASES: tuple[Phase, ...] = ("captioner", "generator")
@@ -89,61 +94,12 @@ class GeneratorSettings(DenoiseLossSettings, GeneratorModelSettings):
     cache_frozen_encoders: bool = True
 
 
-class HFDatasetSource(Strict):
-    type: Literal["hf"]
-    path: str
-    name: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    image_column: str = "image"
-    caption_column: str = "text"
-
-
-class ImageFolderSource(Strict):
-    type: Literal["imagefolder"]
-    path: str
-    caption_column: str = "text"
-
-
-class CocoSource(Strict):
-    type: Literal["coco"]
-    annotations: str
-    images_dir: str
-    split: str | None = None
-
-
-class ImageOnlySource(Strict):
-    type: Literal["images"]
-    path: str
-
-
-class TextOnlySource(Strict):
-    type: Literal["texts"]
-    path: str
-    text_column: str = "text"
-
-
-class ShapesSource(Strict):
-    type: Literal["shapes"]
-    num_samples: int = Field(ge=1)
-    seed: int = 0
-    # "seen" / "unseen": only the colour-shape combinations in / held out of the demo's paired split.
-    combinations: Literal["all", "seen", "unseen"] = "all"
-
-
-SourceSettings = Annotated[
-    HFDatasetSource | ImageFolderSource | CocoSource | ImageOnlySource | TextOnlySource | ShapesSource,
+# One data.<role> entry: pydantic picks the source type's settings class by its `type` tag. The union is
+# built from the registry's classes, which `|` cannot spell (hence Union and the noqa).
+DataSource = Annotated[
+    Union[tuple(source.settings for source in SOURCE_TYPES.values())],  # noqa: UP007
     Field(discriminator="type"),
 ]
-SOURCE_CLASSES: dict[str, type[Strict]] = {
-    "hf": HFDatasetSource,
-    "imagefolder": ImageFolderSource,
-    "coco": CocoSource,
-    "images": ImageOnlySource,
-    "texts": TextOnlySource,
-    "shapes": ShapesSource,
-}
-SOURCE_TYPES = tuple(SOURCE_CLASSES)
 
 
 class DataSettings(Strict):
@@ -152,28 +108,22 @@ class DataSettings(Strict):
     dataloader_num_workers: int = Field(0, ge=0)
     center_crop: bool = True
     random_flip: bool = False
-    paired: list[SourceSettings] = []
-    image_only: list[SourceSettings] = []
-    text_only: list[SourceSettings] = []
-    validation: list[SourceSettings] = []
+    paired: list[DataSource] = []
+    image_only: list[DataSource] = []
+    text_only: list[DataSource] = []
+    validation: list[DataSource] = []
     # Probability that a captioner-phase micro-batch is image-only (and a generator-phase one text-only).
     image_only_ratio: float = Field(0.0, ge=0, le=1)
     text_only_ratio: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sources_fit_their_role(self) -> DataSettings:
-        allowed = {
-            "paired": {"hf", "imagefolder", "coco", "shapes"},
-            "image_only": {"images", "hf", "imagefolder", "coco", "shapes"},
-            "text_only": {"texts", "hf", "imagefolder", "coco", "shapes"},
-            "validation": {"hf", "imagefolder", "coco", "shapes"},
-        }
-        for role, types in allowed.items():
+        for role in ROLES:
             for index, source in enumerate(getattr(self, role)):
-                if source.type not in types:
+                if role not in SOURCE_TYPES[source.type].roles:
                     raise ValueError(
                         f"data.{role}[{index}]: source type '{source.type}' cannot feed {role} batches "
-                        f"(allowed: {sorted(types)})"
+                        f"(allowed: {types_feeding(role)})"
                     )
         if not self.paired:
             raise ValueError("data.paired: at least one paired (image, caption) source is needed")
@@ -181,7 +131,11 @@ class DataSettings(Strict):
 
 
 class TrainSettings(Strict):
-    # Optimizer updates, summed over both models.
+    """A step is one optimizer update of one model (the phase the schedule names). Every `*_steps` key here
+    counts steps, summed over both models; `gradient_accumulation_steps` counts micro-batches per step, and
+    `validation_inference_steps` the sampler's denoising steps. Each model's `optimizer.lr_warmup_steps`
+    counts that model's own updates (its LR schedule advances only when it is updated)."""
+
     max_train_steps: int = Field(ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     # The repeating pattern of phases, one entry per optimizer update.
@@ -190,36 +144,18 @@ class TrainSettings(Strict):
     checkpoints_total_limit: int | None = Field(None, ge=1)
     # "latest" or a checkpoint folder.
     resume_from_checkpoint: str | None = None
-    # Log every N updates of each model (its own count, so every phase gets logged).
+    # Every N steps, log each model's mean loss terms over the steps since the last log.
     logging_steps: int = Field(1, ge=1)
     validation_steps: int | None = Field(None, ge=1)
     num_validation_samples: int = Field(4, ge=1)
-    validation_inference_steps: int = Field(20, ge=1)
-    validation_guidance_scale: float = Field(3.0, ge=0)
+    validation_inference_steps: int = Field(SamplingSettings.num_inference_steps, ge=1)
+    validation_guidance_scale: float = Field(SamplingSettings.guidance_scale, ge=0)
 
     @model_validator(mode="after")
     def _schedule_not_empty(self) -> TrainSettings:
         if not self.schedule:
             raise ValueError("train.schedule must name at least one phase")
         return self
-
-
-class EvaluationSettings(Strict):
-    """Metrics for validation and `python -m train.cli.evaluate`; weights only from local paths (never a hub)."""
-
-    # Metric names logged at every validation (see evaluation/: e.g. bleu_4, cider_d, psnr, lpips, fid,
-    # sbert_similarity, shapes_caption_accuracy, shapes_image_accuracy). Empty: losses and samples only.
-    validation_metrics: list[str] = []
-    fid_feature_weights: str | None = None
-    fid_inception_dim: int = 2048
-    kid_subset_size: int = Field(1000, ge=2)
-    kid_subsets: int = Field(100, ge=1)
-    clip_image_encoder: str | None = None
-    dino_image_encoder: str | None = None
-    lpips_backbone_weights: str | None = None
-    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
-    sbert_model: str | None = None
-    clip_text_encoder: str | None = None
 
 
 class Config(Strict):
@@ -238,24 +174,15 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _unpaired_data_has_a_loss(self) -> Config:
-        """Unpaired batches only carry a cycle term, and only the modes that need no reference side."""
+        """Unpaired batches only carry a cycle term, and only the modes declared to train on them.
+
+        Image-only batches go to the captioner's phase (its cycle is i2t2i), text-only ones to the generator's.
+        """
         checks = (
-            (
-                "image_only",
-                self.data.image_only_ratio,
-                "cycle.i2t2i.mode",
-                self.cycle.i2t2i.mode,
-                {"gumbel", "reward"},
-            ),
-            (
-                "text_only",
-                self.data.text_only_ratio,
-                "cycle.t2i2t.mode",
-                self.cycle.t2i2t.mode,
-                {"one_step", "sample"},
-            ),
+            ("image_only", self.data.image_only_ratio, I2T2I_MODES, self.cycle.i2t2i.mode),
+            ("text_only", self.data.text_only_ratio, T2I2T_MODES, self.cycle.t2i2t.mode),
         )
-        for role, ratio, mode_key, mode, modes in checks:
+        for role, ratio, modes, mode in checks:
             has_sources = bool(getattr(self.data, role))
             if ratio > 0 and not has_sources:
                 raise ValueError(f"data.{role}_ratio is {ratio} but data.{role} has no sources")
@@ -263,8 +190,11 @@ class Config(Strict):
                 raise ValueError(
                     f"data.{role} has sources but data.{role}_ratio is 0: set the share of such batches"
                 )
-            if ratio > 0 and mode not in modes:
-                raise ValueError(f"data.{role} batches need {mode_key} in {sorted(modes)} (it is '{mode}')")
+            consuming = modes.consuming(role)
+            if ratio > 0 and mode not in consuming:
+                raise ValueError(
+                    f"data.{role} batches need cycle.{modes.direction}.mode in {consuming} (it is '{mode}')"
+                )
         return self
 
     def phase_settings(self, phase: Phase) -> CaptionerSettings | GeneratorSettings:
@@ -290,8 +220,8 @@ def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]
     for index, item in enumerate(loc[:-1]):
         if isinstance(item, int):
             continue
-        if index > 0 and isinstance(loc[index - 1], int) and item in SOURCE_CLASSES:
-            current = SOURCE_CLASSES[item]  # the tag pydantic adds for a discriminated union member
+        if index > 0 and isinstance(loc[index - 1], int) and item in SOURCE_TYPES:
+            current = SOURCE_TYPES[item].settings  # the tag pydantic adds for a discriminated union member
         elif current is not None:
             field = current.model_fields.get(item)
             annotation = field.annotation if field else None

@@ -12,7 +12,6 @@ import argparse
 import copy
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from train.builders import (
     build_validation_batch,
 )
 from train.checkpoint import (
-    CONFIG_NAME,
     CheckpointError,
     PreemptionSignal,
     load_checkpoint,
@@ -39,11 +37,11 @@ from train.config import (
     ConfigError,
     check_model_sources,
     load_config,
-    save_config,
 )
 from train.run import Run, build_run, resume_target, validate_on_main
+from train.run_dir import RunDir, write_config
 from train.step import PhaseStepResult, phase_step
-from train.tracking import StepLog, start_tracking, trackers_for, wandb_run_dir
+from train.tracking import LoggingWindow, StepLog, start_tracking, trackers_for, wandb_run_dir
 from train.validation import check_validation_metrics
 
 logger = logging.getLogger("cycletune")
@@ -59,12 +57,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     return load_config(args.config, args.overrides), [args.config, *args.overrides]
 
 
-def record_update(run: Run, phase: str, result: PhaseStepResult, started: float) -> None:
-    """Count the update and its bad records (the same on every rank), log samples and, at intervals, metrics."""
+def record_update(run: Run, phase: str, result: PhaseStepResult, window: LoggingWindow) -> LoggingWindow:
+    """Count the step and its bad records (the same on every rank), log samples and, every
+    train.logging_steps steps, each model's mean loss terms since the last log. Returns the open window."""
     state, config = run.state, run.config
     if result.skipped:
         state.skipped_nonfinite += 1
-        logger.warning("update %d (%s): non-finite loss or gradient, step skipped", state.step, phase)
+        logger.warning("step %d (%s): non-finite loss or gradient, update skipped", state.step, phase)
     state.step += 1
     state.updates[phase] += 1
     per_rank = gather_object([{"ids": result.ids, "bad_records": result.bad_records}])
@@ -73,24 +72,24 @@ def record_update(run: Run, phase: str, result: PhaseStepResult, started: float)
     ids = [sample_id for rank in per_rank for sample_id in rank["ids"]]
     if run.logs is not None:
         run.logs[0].append(state.step, phase=phase, ids=ids)
-    # Per model: a global counter would never land on one phase's updates (2 phases, even interval).
-    if state.updates[phase] % config.train.logging_steps == 0:
-        logs: dict[str, Any] = {f"{phase}/{name}": float(value) for name, value in result.terms.items()}
-        logs |= {
-            f"{phase}/lr": run.parts.schedulers[phase].get_last_lr()[0],
-            f"{phase}/grad_norm": result.grad_norm,
-            "samples_per_second": len(ids) / (time.perf_counter() - started),
-            "skipped_nonfinite_updates": state.skipped_nonfinite,
-            "skipped_records": state.skipped_records.total,
-            **{f"skipped_records/{reason}": n for reason, n in state.skipped_records.counts().items()},
-        }
-        run.accelerator.log(logs, step=state.step)
-        if run.logs is not None:
-            run.logs[1].append(state.step, **logs)
+    lr = run.parts.schedulers[phase].get_last_lr()[0]
+    window.add(phase, result.terms, len(ids), lr=lr, grad_norm=result.grad_norm)
+    if state.step % config.train.logging_steps:
+        return window
+    logs: dict[str, Any] = window.summary() | {
+        "skipped_nonfinite_updates": state.skipped_nonfinite,
+        "skipped_records": state.skipped_records.total,
+        **{f"skipped_records/{reason}": n for reason, n in state.skipped_records.counts().items()},
+    }
+    run.accelerator.log(logs, step=state.step)
+    if run.logs is not None:
+        run.logs[1].append(state.step, **logs)
+    return LoggingWindow()
 
 
 def train(run: Run) -> bool:
-    """The loop: one optimizer update of one model per step. Returns True if a signal stopped it."""
+    """The loop: a step is one optimizer update of the model the schedule names; every `train.*_steps`
+    key counts these steps. Returns True if a signal stopped it."""
     config, accelerator, state = run.config, run.accelerator, run.state
     validates = accelerator.is_main_process and config.train.validation_steps is not None
     validation_batch = build_validation_batch(config) if validates else None
@@ -98,11 +97,11 @@ def train(run: Run) -> bool:
     progress = tqdm(
         total=config.train.max_train_steps,
         initial=state.step,
-        desc="updates",
+        desc="steps",
         disable=not accelerator.is_local_main_process,
     )
+    window = LoggingWindow()
     while state.step < config.train.max_train_steps:
-        started = time.perf_counter()
         phase = config.train.schedule[state.step % len(config.train.schedule)]
 
         def next_batch(key: DrawKey, phase: str = phase) -> dict[str, Any]:
@@ -120,7 +119,7 @@ def train(run: Run) -> bool:
             bridge=run.bridge,
             stop_requested=preemption.received,
         )
-        record_update(run, phase, result, started)
+        window = record_update(run, phase, result, window)
         progress.update(1)
         if config.train.validation_steps and state.step % config.train.validation_steps == 0:
             validate_on_main(run, validation_batch)
@@ -130,7 +129,7 @@ def train(run: Run) -> bool:
                 prune_checkpoints(Path(config.output_dir), config.train.checkpoints_total_limit)
         if result.stop:
             logger.warning(
-                "stopped by signal at update %d; resume with train.resume_from_checkpoint=latest", state.step
+                "stopped by signal at step %d; resume with train.resume_from_checkpoint=latest", state.step
             )
             return True
     progress.close()
@@ -139,19 +138,19 @@ def train(run: Run) -> bool:
 
 def finish(run: Run, command: list[str]) -> None:
     """Export adapters in the formats other tools load and say where everything is."""
-    accelerator, state, output_dir = run.accelerator, run.state, Path(run.config.output_dir)
+    accelerator, state, run_dir = run.accelerator, run.state, RunDir(Path(run.config.output_dir))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
     export_dir = export_run(
-        captioner, generator, run.config, output_dir / "export", step=state.step, command=command
+        captioner, generator, run.config, run_dir.export_dir, step=state.step, command=command
     )
-    run_dir = wandb_run_dir(accelerator)
-    print(f"{'run folder:':<19}{output_dir.resolve()}")
+    wandb_run = wandb_run_dir(accelerator)
+    print(f"{'run folder:':<19}{run_dir.root.resolve()}")
     print(f"{'exported adapters:':<19}{export_dir.resolve()}")
-    if run_dir is not None:
-        print(f"{'W&B run:':<19}{run_dir.resolve()}")
+    if wandb_run is not None:
+        print(f"{'W&B run:':<19}{wandb_run.resolve()}")
     if state.skipped_records.total:
         print(f"skipped records: {state.skipped_records.summary()}")
     if state.skipped_nonfinite:
@@ -168,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output_dir = Path(config.output_dir)
+    run_dir = RunDir(Path(config.output_dir))
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=trackers_for(config.report_to),
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+            project_dir=str(run_dir.root), logging_dir=str(run_dir.logging_dir)
         ),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -184,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / CONFIG_NAME)
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        write_config(config, run_dir.root)
 
     run = build_run(config, accelerator)
     if resume_dir is not None:
@@ -198,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         run.state.skipped_records.merge(found_while_building)
         logger.info("resumed from %s at update %d", resume_dir, run.state.step)
     if accelerator.is_main_process:
-        run.logs = tuple(
-            StepLog(output_dir / name, run.state.step) for name in ("samples.jsonl", "metrics.jsonl")
+        run.logs = (
+            StepLog(run_dir.samples_log, run.state.step),
+            StepLog(run_dir.metrics_log, run.state.step),
         )
     run.state.tracker_run_id = start_tracking(accelerator, config, run.state.tracker_run_id)
     stopped = train(run)

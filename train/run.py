@@ -46,7 +46,7 @@ class Run:
     mixer: BatchMixer
     bridge: VocabularyBridge | None
     state: TrainerState
-    logs: tuple[StepLog, StepLog] | None  # samples.jsonl, metrics.jsonl (main process only)
+    logs: tuple[StepLog, StepLog] | None  # RunDir.samples_log, RunDir.metrics_log (main process only)
 
 
 def resume_target(config: Config) -> Path | None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,35 @@ class StepLog:
     def append(self, step: int, **fields: Any) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **fields}) + "\n")
+
+
+@dataclass
+class LoggingWindow:
+    """What happened since the last log: each model's loss terms summed over its updates, its last learning
+    rate and gradient norm, and the samples seen. A log every `train.logging_steps` steps then shows each
+    model's mean terms over the window, whichever phase the step itself ran."""
+
+    started: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    sums: dict[str, dict[str, torch.Tensor | float]] = field(default_factory=dict)
+    updates: dict[str, int] = field(default_factory=dict)
+    last: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, phase: str, terms: dict[str, torch.Tensor | float], samples: int, **last: float) -> None:
+        """Sums stay on the device (no host sync per update); summary() reads them once per log."""
+        sums = self.sums.setdefault(phase, {})
+        for name, value in terms.items():
+            value = value.detach() if torch.is_tensor(value) else value
+            sums[name] = sums[name] + value if name in sums else value
+        self.updates[phase] = self.updates.get(phase, 0) + 1
+        self.last[phase] = last
+        self.samples += samples
+
+    def summary(self) -> dict[str, float]:
+        """{"captioner/caption_ce": mean, "captioner/lr": last, ..., "samples_per_second": ...}."""
+        logs: dict[str, float] = {}
+        for phase, sums in self.sums.items():
+            logs |= {f"{phase}/{name}": float(total) / self.updates[phase] for name, total in sums.items()}
+            logs |= {f"{phase}/{name}": value for name, value in self.last[phase].items()}
+        logs["samples_per_second"] = self.samples / (time.perf_counter() - self.started)
+        return logs

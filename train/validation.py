@@ -1,51 +1,36 @@
 """Periodic validation: held-out losses with fixed noise, the configured metrics, sample captions and images.
 
-The metrics are config.evaluation.validation_metrics, named as in evaluation/ (caption metrics such as bleu_4
-and cider_d, image metrics such as psnr, lpips and fid, text reconstruction as sbert_similarity,
-clip_text_similarity and recaption_cider_d, and the shapes world's shapes_caption_accuracy and
-shapes_image_accuracy). A metric whose weights are not configured is skipped with a logged message naming the
-option to set. `python -m train.cli.evaluate` runs the same computation over a whole validation set.
+The metrics are config.evaluation.validation_metrics, computed by evaluation/sample_metrics.py (which lists
+the names). A metric whose weights are not configured is skipped with a logged message naming the option to
+set. `python -m train.cli.evaluate` runs the same computation over a whole validation set.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from data.oracle import attribute_accuracy, read_scenes
-from data.shapes import Scene, SceneAttributes, parse
-from evaluation.availability import MetricResult, check_metric_names, split_results
-from evaluation.captions import CAPTION_METRICS, caption_metrics
-from evaluation.image_metrics import IMAGE_METRICS, ImageMetricOptions, image_metrics
-from evaluation.text import TextMetricOptions, text_metrics
+from evaluation.availability import check_metric_names, split_results
+from evaluation.sample_metrics import (
+    CORPUS_METRICS,
+    VALIDATION_METRICS,
+    VALIDATION_UPDATE,
+    MetricNeeds,
+    compute_metrics,
+    sample_batch,
+)
 from losses.supervised import caption_terms, denoise_terms
 from models.captioner import Captioner
 from models.generator import Generator
 from models.modes import eval_mode
 from models.randomness import DrawKey
-from train.config import Config, ConfigError, EvaluationSettings
+from models.sampling_settings import SamplingSettings
+from train.config import Config, ConfigError
 from train.tracking import ValidationRow
 
 logger = logging.getLogger(__name__)
-
-# Update index reserved for validation draws: the same noise at every validation, so curves compare.
-VALIDATION_UPDATE = -1
-
-# Text reconstruction metrics under their validation names -> their names in evaluation.text.
-TEXT_RECONSTRUCTION_METRICS = {
-    "sbert_similarity": "sbert_similarity",
-    "clip_text_similarity": "clip_text_similarity",
-    "recaption_cider_d": "cider_d",
-}
-SHAPES_METRICS = ("shapes_caption_accuracy", "shapes_image_accuracy")
-VALIDATION_METRICS = (*CAPTION_METRICS, *IMAGE_METRICS, *TEXT_RECONSTRUCTION_METRICS, *SHAPES_METRICS)
-_CORPUS_METRICS = {"cider_d", "recaption_cider_d"}
 
 
 def check_validation_metrics(config: Config) -> list[str]:
@@ -54,236 +39,13 @@ def check_validation_metrics(config: Config) -> list[str]:
         names = check_metric_names(config.evaluation.validation_metrics, VALIDATION_METRICS)
     except ValueError as error:
         raise ConfigError(f"evaluation.validation_metrics: {error}") from None
-    corpus = sorted(_CORPUS_METRICS & set(names))
+    corpus = sorted(CORPUS_METRICS & set(names))
     if corpus and config.train.num_validation_samples < 2:
         raise ConfigError(
             f"evaluation.validation_metrics: {corpus} need train.num_validation_samples >= 2 "
             f"(CIDEr-D's idf is zero for a single sample), got {config.train.num_validation_samples}"
         )
     return names
-
-
-@dataclass(frozen=True)
-class MetricNeeds:
-    """Which generated outputs the requested metrics compare."""
-
-    captions: bool
-    images: bool
-    recaptions: bool
-
-    @classmethod
-    def of(cls, names: Iterable[str]) -> MetricNeeds:
-        names = set(names)
-        recaptions = bool(names & set(TEXT_RECONSTRUCTION_METRICS))
-        return cls(
-            captions=bool(names & {*CAPTION_METRICS, "shapes_caption_accuracy"}),
-            images=recaptions or bool(names & {*IMAGE_METRICS, "shapes_image_accuracy"}),
-            recaptions=recaptions,
-        )
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How validation and evaluation caption images and draw images."""
-
-    seed: int = 0
-    num_beams: int = 3
-    num_inference_steps: int = 20
-    guidance_scale: float = 3.0
-
-
-@dataclass
-class SampleBatch:
-    """One batch of what the metrics compare: originals with their references, and what the models made.
-
-    Each image's first reference is the prompt its generated image came from; a re-caption is the
-    captioner's caption of that generated image.
-    """
-
-    pixels: torch.Tensor
-    references: list[list[str]]
-    captions: list[str] | None = None
-    generated: torch.Tensor | None = None
-    recaptions: list[str] | None = None
-
-    @property
-    def prompts(self) -> list[str]:
-        return [references[0] for references in self.references]
-
-
-@torch.no_grad()
-def sample_batch(
-    captioner: Captioner,
-    generator: Generator,
-    ids: Sequence[str],
-    pixels01: torch.Tensor,
-    references: list[list[str]],
-    needs: MetricNeeds,
-    settings: SamplingSettings,
-) -> SampleBatch:
-    """Caption the images and draw an image per first reference, as far as `needs` asks.
-
-    The initial noise of each generated image is drawn per sample id, so a sample gets the same image in
-    any batch and at every validation.
-    """
-    if not all(references):
-        raise ValueError("every image needs at least one reference caption")
-    batch = SampleBatch(pixels01, references)
-    if needs.captions:
-        batch.captions = [
-            options[0] for options in captioner.generate(pixels01, num_beams=settings.num_beams)
-        ]
-    if needs.images:
-        batch.generated = draw_images(generator, ids, batch.prompts, settings)
-    if needs.recaptions:
-        recaptions = captioner.generate(batch.generated.to(captioner.device), num_beams=settings.num_beams)
-        batch.recaptions = [options[0] for options in recaptions]
-    return batch
-
-
-@torch.no_grad()
-def draw_images(
-    generator: Generator, ids: Sequence[str], prompts: list[str], settings: SamplingSettings
-) -> torch.Tensor:
-    """One image per prompt, from initial noise drawn per sample id (the same in any batch); pixels01."""
-    latents = DrawKey(settings.seed, VALIDATION_UPDATE).randn(
-        ids, "validation/latents", generator.latent_shape(1)[1:], generator.device
-    )
-    return generator.sample(
-        prompts,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        latents=latents,
-    )
-
-
-def image_options(settings: EvaluationSettings, device: str | torch.device = "cpu") -> ImageMetricOptions:
-    return ImageMetricOptions(
-        fid_feature_weights=settings.fid_feature_weights,
-        fid_inception_dim=settings.fid_inception_dim,
-        kid_subset_size=settings.kid_subset_size,
-        kid_subsets=settings.kid_subsets,
-        clip_image_encoder=settings.clip_image_encoder,
-        dino_image_encoder=settings.dino_image_encoder,
-        lpips_backbone_weights=settings.lpips_backbone_weights,
-        lpips_net=settings.lpips_net,
-        device=device,
-    )
-
-
-def text_options(settings: EvaluationSettings, device: str | torch.device = "cpu") -> TextMetricOptions:
-    return TextMetricOptions(
-        sbert_model=settings.sbert_model, clip_text_encoder=settings.clip_text_encoder, device=device
-    )
-
-
-class _Collected:
-    """The text side of every batch (and the oracle's readings of generated images), kept while the image
-    metrics stream the pixels through once."""
-
-    def __init__(self, read_images: bool) -> None:
-        self.read_images = read_images
-        self.references: list[list[str]] = []
-        self.prompts: list[str] = []
-        self.captions: list[str] = []
-        self.recaptions: list[str] = []
-        self.image_readings: list[SceneAttributes] = []
-
-    def add(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Keep the batch's texts; return its (reference, generated) pixel pair at the reference size."""
-        self.references.extend(batch.references)
-        self.prompts.extend(batch.prompts)
-        self.captions.extend(batch.captions or [])
-        self.recaptions.extend(batch.recaptions or [])
-        generated = batch.generated
-        if generated is None:
-            return batch.pixels, None
-        generated = generated.float().cpu()
-        if self.read_images:
-            self.image_readings.extend(read_scenes(generated))
-        if generated.shape[-2:] != batch.pixels.shape[-2:]:
-            generated = F.interpolate(
-                generated, size=batch.pixels.shape[-2:], mode="bilinear", antialias=True
-            )
-        return batch.pixels.float().cpu(), generated.clamp(0, 1)
-
-
-def compute_metrics(
-    names: Sequence[str],
-    batches: Iterable[SampleBatch],
-    settings: EvaluationSettings,
-    device: str | torch.device = "cpu",
-) -> dict[str, MetricResult]:
-    """Every requested metric over all batches; batches must carry what MetricNeeds.of(names) asks for.
-
-    Shapes metrics add one result per attribute (shapes_caption_accuracy_colour, ...) after the all-correct
-    one.
-    """
-    names = check_metric_names(names, VALIDATION_METRICS)
-    collected = _Collected(read_images="shapes_image_accuracy" in names)
-    pairs = (collected.add(batch) for batch in batches)  # collects the texts as the pixels stream past
-    image_names = [name for name in names if name in IMAGE_METRICS]
-    results: dict[str, MetricResult] = {}
-    if image_names:
-        results.update(image_metrics(pairs, image_options(settings, device), image_names))
-    else:
-        deque(pairs, maxlen=0)
-    caption_names = [name for name in names if name in CAPTION_METRICS]
-    if caption_names:
-        results.update(
-            caption_metrics(
-                dict(enumerate(collected.references)), dict(enumerate(collected.captions)), caption_names
-            )
-        )
-    text_names = [name for name in names if name in TEXT_RECONSTRUCTION_METRICS]
-    if text_names:
-        text_results = text_metrics(
-            collected.prompts,
-            collected.recaptions,
-            text_options(settings, device),
-            [TEXT_RECONSTRUCTION_METRICS[name] for name in text_names],
-        )
-        for name in text_names:
-            result = text_results[TEXT_RECONSTRUCTION_METRICS[name]]
-            results[name] = MetricResult(name, result.value, result.skipped_reason)
-    if "shapes_caption_accuracy" in names:
-        scenes = [_scene(references, index) for index, references in enumerate(collected.references)]
-        readings = [parse(caption) for caption in collected.captions]
-        results.update(_accuracy_results("shapes_caption_accuracy", readings, scenes))
-    if "shapes_image_accuracy" in names:
-        scenes = [_scene([prompt], index) for index, prompt in enumerate(collected.prompts)]
-        results.update(_accuracy_results("shapes_image_accuracy", collected.image_readings, scenes))
-    return {key: results[key] for key in _ordered_keys(names, results)}
-
-
-def _scene(references: Sequence[str], index: int) -> Scene:
-    """The shapes-world scene a sample's references describe (its first fully readable one)."""
-    for reference in references:
-        scene = parse(reference).scene
-        if scene is not None:
-            return scene
-    raise ValueError(
-        f"shapes metrics need shapes-world captions, but sample {index}'s references {list(references)} "
-        "do not name a shape, colour, size and position"
-    )
-
-
-def _accuracy_results(
-    name: str, readings: Sequence[SceneAttributes], scenes: Sequence[Scene]
-) -> dict[str, MetricResult]:
-    accuracy = attribute_accuracy(readings, scenes)
-    results = {name: MetricResult(name, accuracy.pop("all"))}
-    for attribute, value in accuracy.items():
-        results[f"{name}_{attribute}"] = MetricResult(f"{name}_{attribute}", value)
-    return results
-
-
-def _ordered_keys(names: Sequence[str], results: dict[str, MetricResult]) -> list[str]:
-    """Requested order, each metric's extra results (kid_std, per-attribute accuracies) right after it."""
-    ordered = []
-    for name in names:
-        ordered.extend(key for key in results if key == name or key.startswith(f"{name}_"))
-    return list(dict.fromkeys(ordered))
 
 
 @torch.no_grad()

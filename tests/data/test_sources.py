@@ -13,16 +13,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from data import shapes as shapes_world
+from data.caption_datasets import coco_captions, hf_dataset
 from data.images import load_rgb
-from data.sources import (
-    EmptySourceError,
-    coco_captions,
-    hf_dataset,
-    image_folder,
-    image_only_folder,
-    shapes,
-    text_only_file,
-)
+from data.sources import EmptySourceError, image_folder, image_only_folder, shapes, text_only_file
 
 
 def write_image(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> Path:

@@ -12,25 +12,20 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import to_tensor
+from data.images import load_pixels, to_tensor
 from data.shapes import Scene, describe, render
 from data.sources import shapes
+from evaluation.candidates import CaptionSampling
 from evaluation.rank_report import candidate_quality, rank_quality, rank_report
-from evaluation.rerank import (
-    CaptionSampling,
-    Ranking,
-    RankingWriter,
-    RerankSettings,
-    read_rankings,
-    rerank_captions,
-    rerank_images,
-    text_similarity_measure,
-)
-from train.cli.generate import image_queries, load_pixels, text_queries
+from evaluation.ranking import Ranking, RerankSettings, rerank_captions, rerank_images
+from evaluation.rankings_file import RankingWriter, read_rankings
+from evaluation.similarity import text_similarity_measure
+from models.sampling_settings import SamplingSettings
+from train.queries import image_queries, text_queries
 
 SCENE = Scene("circle", "red", "large", "center")
 OTHER_COLOUR = Scene("circle", "blue", "large", "center")
-FAST = RerankSettings(num_inference_steps=2, score_timesteps=2, recaption_beams=2)
+FAST = RerankSettings(SamplingSettings(num_beams=2, num_inference_steps=2), score_timesteps=2)
 
 
 def test_rank_means_follow_the_ranks_and_intervals_bracket_them() -> None:
@@ -143,7 +138,7 @@ def test_report_on_the_shapes_world_with_tiny_models(
         frozen_generator,
         pixels,
         [query.id for query in queries],
-        sampling=CaptionSampling(num_beams=2, num_samples=2, max_new_tokens=8),
+        candidate_sampling=CaptionSampling(num_beams=2, num_samples=2, max_new_tokens=8),
         settings=FAST,
     )
     with RankingWriter(tmp_path / "captions", "captions") as writer:

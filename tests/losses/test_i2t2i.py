@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from losses.cycle_modes import CycleOutput
 from losses.i2t2i import (
     I2T2I_MODES,
     I2T2ISettings,
+    I2T2IStep,
     candidate_rewards,
     group_advantages,
     reconstruction_loss,
@@ -17,7 +19,8 @@ from losses.i2t2i import (
     soft_token_probs,
 )
 from models.bridge import VocabularyBridge
-from models.captioner import IGNORE_INDEX, Captioner
+from models.caption_decoding import IGNORE_INDEX
+from models.captioner import Captioner
 from models.generator import Generator
 from models.lora import add_captioner_lora, frozen, prepare_trainable
 from models.randomness import DrawKey
@@ -72,6 +75,20 @@ def _settings(mode: str, **overrides) -> I2T2ISettings:
     return I2T2ISettings(mode=mode, **{**defaults, **overrides})
 
 
+def _cycle(
+    captioner: Captioner,
+    generator: Generator,
+    batch: dict,
+    settings: I2T2ISettings,
+    bridge: VocabularyBridge,
+    key: DrawKey = KEY,
+) -> CycleOutput:
+    """settings.mode's loss on the batch (without the batch-kind and bridge checks of I2T2I_MODES.run)."""
+    return I2T2I_MODES.modes[settings.mode].loss(
+        I2T2IStep(captioner, generator, batch, key, bridge), settings
+    )
+
+
 def _lora_grads(captioner: Captioner) -> dict[str, torch.Tensor | None]:
     return {name: param.grad for name, param in captioner.named_parameters() if "lora_" in name}
 
@@ -104,7 +121,9 @@ def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models
         ).mean()
 
     # soft() is exactly this function of the captioner's teacher-forced logits.
-    output = soft(captioner, generator, batch, _settings("soft", temperature=temperature), KEY, bridge)
+    output = soft(
+        I2T2IStep(captioner, generator, batch, KEY, bridge), _settings("soft", temperature=temperature)
+    )
     assert torch.allclose(output.loss.double(), loss_of(logits), atol=1e-6)
 
     positions = torch.tensor([1, 2, 3])
@@ -132,7 +151,7 @@ def test_gradient_reaches_the_captioner_lora_and_no_generator_parameter(
     keeps them out, while soft and gumbel still backpropagate through it into the captioner."""
     assert all(param.requires_grad for param in generator.parameters())
     with frozen(generator):
-        output = I2T2I_MODES[mode](captioner, generator, _batch(2), _settings(mode, **overrides), KEY, bridge)
+        output = _cycle(captioner, generator, _batch(2), _settings(mode, **overrides), bridge)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     # Metrics stay on the device (no host sync mid-step) and carry no graph.
     assert all(value.ndim == 0 and not value.requires_grad for value in output.metrics.values())
@@ -151,15 +170,12 @@ def test_each_sample_draws_its_own_randomness(captioner, frozen_generator, bridg
     """A batch's loss is the mean of its samples' losses computed alone: results do not depend on sharding."""
     settings = _settings(mode, kl_weight=0.1 if mode == "reward" else 0.0)
     batch = _batch(2)
-    together = I2T2I_MODES[mode](captioner, frozen_generator, batch, settings, KEY, bridge)
-    again = I2T2I_MODES[mode](captioner, frozen_generator, batch, settings, KEY, bridge)
+    together = _cycle(captioner, frozen_generator, batch, settings, bridge)
+    again = _cycle(captioner, frozen_generator, batch, settings, bridge)
     assert torch.equal(together.loss, again.loss) and together.metrics == again.metrics
     singles = [{name: value[i : i + 1] for name, value in batch.items()} for i in range(2)]
     alone = torch.stack(
-        [
-            I2T2I_MODES[mode](captioner, frozen_generator, single, settings, KEY, bridge).loss
-            for single in singles
-        ]
+        [_cycle(captioner, frozen_generator, single, settings, bridge).loss for single in singles]
     )
     if mode != "reward":
         assert torch.allclose(together.loss, alone.mean(), rtol=1e-4)
@@ -181,9 +197,7 @@ def test_each_sample_draws_its_own_randomness(captioner, frozen_generator, bridg
             assert torch.allclose(rewards_alone[0], rewards[i], rtol=0, atol=1e-6)
             logprobs_alone = captioner.sequence_logprobs(single["pixels"], **sampled_alone.tokens)
             assert torch.allclose(logprobs_alone, logprobs[i], atol=1e-4)
-    other_key = I2T2I_MODES[mode](
-        captioner, frozen_generator, batch, settings, DrawKey(seed=11, update=6), bridge
-    )
+    other_key = _cycle(captioner, frozen_generator, batch, settings, bridge, key=DrawKey(seed=11, update=6))
     assert not torch.equal(other_key.loss, together.loss)
 
 
@@ -192,7 +206,7 @@ def test_reward_loss_is_the_group_baseline_policy_gradient(
     captioner, frozen_generator, bridge, reduction
 ) -> None:
     batch, settings = _batch(2), _settings("reward", num_candidates=4, logprob_reduction=reduction)
-    output = I2T2I_MODES["reward"](captioner, frozen_generator, batch, settings, KEY, bridge)
+    output = _cycle(captioner, frozen_generator, batch, settings, bridge)
 
     sampled = sample_candidates(captioner, batch["pixels"], batch["ids"], settings, KEY)
     assert [len(per_image) for per_image in sampled.captions] == [4, 4]
@@ -240,8 +254,8 @@ def test_kl_gradient_is_the_score_function_gradient_of_the_kl(captioner, frozen_
         return torch.cat([grad.flatten() for grad in torch.autograd.grad(loss, params)])
 
     def reward_loss(weight: float) -> torch.Tensor:
-        return I2T2I_MODES["reward"](
-            captioner, frozen_generator, batch, settings.model_copy(update={"kl_weight": weight}), KEY, bridge
+        return _cycle(
+            captioner, frozen_generator, batch, settings.model_copy(update={"kl_weight": weight}), bridge
         ).loss
 
     with_kl = lora_gradient(reward_loss(kl_weight))
@@ -265,10 +279,8 @@ def test_kl_term_is_zero_at_the_base_model_and_grows_with_the_adapters(
     captioner = Captioner.from_pretrained(str(tiny_models.captioner), max_length=12)
     names = _add_lora(captioner)
     batch = _batch(2)
-    plain = I2T2I_MODES["reward"](captioner, frozen_generator, batch, _settings("reward"), KEY, bridge)
-    at_base = I2T2I_MODES["reward"](
-        captioner, frozen_generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
-    )
+    plain = _cycle(captioner, frozen_generator, batch, _settings("reward"), bridge)
+    at_base = _cycle(captioner, frozen_generator, batch, _settings("reward", kl_weight=0.5), bridge)
     assert at_base.metrics["kl"] == 0.0  # fresh LoRA (B = 0) is the base model
     assert torch.allclose(at_base.loss, plain.loss)
 
@@ -278,21 +290,11 @@ def test_kl_term_is_zero_at_the_base_model_and_grows_with_the_adapters(
             params[name].add_(
                 0.2 * torch.randn(params[name].shape, generator=torch.Generator().manual_seed(0))
             )
-    moved = I2T2I_MODES["reward"](
-        captioner, frozen_generator, batch, _settings("reward", kl_weight=0.5), KEY, bridge
-    )
+    moved = _cycle(captioner, frozen_generator, batch, _settings("reward", kl_weight=0.5), bridge)
     assert moved.metrics["kl"] != 0.0
 
 
-def test_configuration_errors_are_named(tiny_models, frozen_generator, bridge) -> None:
+def test_kl_penalty_needs_a_lora_captioner(tiny_models, frozen_generator, bridge) -> None:
     full = _captioner(tiny_models, lora=False)
     with pytest.raises(ValueError, match="kl_weight > 0 needs a LoRA captioner"):
-        I2T2I_MODES["reward"](
-            full, frozen_generator, _batch(1), _settings("reward", kl_weight=0.1), KEY, bridge
-        )
-    image_only = {"ids": ["x"], "pixels": torch.rand(1, 3, 32, 32), "kind": "images"}
-    with pytest.raises(ValueError, match="this batch has none \\(kind 'images'\\)"):
-        I2T2I_MODES["soft"](full, frozen_generator, image_only, _settings("soft"), KEY, bridge)
-    for mode in ("soft", "gumbel"):
-        with pytest.raises(ValueError, match=f"mode='{mode}' needs a vocabulary bridge"):
-            I2T2I_MODES[mode](full, frozen_generator, _batch(1), _settings(mode), KEY, None)
+        _cycle(full, frozen_generator, _batch(1), _settings("reward", kl_weight=0.1), bridge)

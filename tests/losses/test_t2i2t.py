@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from losses.t2i2t import T2I2T_MODES, T2I2TSettings, one_step, sample
+from losses.t2i2t import T2I2T_MODES, T2I2TSettings, T2I2TStep, one_step, sample
 from models.captioner import Captioner
 from models.generator import Generator
 from models.lora import add_generator_lora, frozen, prepare_trainable
@@ -68,7 +68,7 @@ def test_gradient_reaches_unet_lora_and_no_captioner_parameter(
     keeps them out, while the gradient still passes through it into the UNet."""
     assert all(param.requires_grad for param in captioner.parameters())
     with frozen(captioner):
-        output = T2I2T_MODES[settings.mode](generator, captioner, batch, settings, KEY)
+        output = T2I2T_MODES.modes[settings.mode].loss(T2I2TStep(generator, captioner, batch, KEY), settings)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     assert output.metrics == {"caption_ce": pytest.approx(output.loss.item())}
     output.loss.backward()
@@ -92,7 +92,7 @@ def test_one_step_decodes_the_unets_x0_estimate_from_the_drawn_timesteps(
     batch, settings = _paired_batch(), T2I2TSettings(mode="one_step", max_timestep=50)
     recorder = _UnetCalls(generator)
     with torch.no_grad():
-        loss = one_step(generator, frozen_captioner, batch, settings, KEY).loss
+        loss = one_step(T2I2TStep(generator, frozen_captioner, batch, KEY), settings).loss
         recorder.remove()
         [((noisy, timesteps, _), prediction)] = recorder.calls
         x0 = generator.predict_x0(noisy, timesteps, prediction)
@@ -105,9 +105,9 @@ def test_one_step_decodes_the_unets_x0_estimate_from_the_drawn_timesteps(
     # hardly looks at the image (whole-image changes move its loss by ~1e-3), hence the small threshold,
     # still 20 float32 steps away from a deterministic recomputation's exact equality.
     with torch.no_grad():
-        before = one_step(generator, frozen_captioner, batch, ONE_STEP, KEY).loss
+        before = one_step(T2I2TStep(generator, frozen_captioner, batch, KEY), ONE_STEP).loss
         generator.unet.conv_out.bias.add_(1.0)  # shifts every predicted noise, so every x0 estimate
-        after = one_step(generator, frozen_captioner, batch, ONE_STEP, KEY).loss
+        after = one_step(T2I2TStep(generator, frozen_captioner, batch, KEY), ONE_STEP).loss
     assert (before - after).abs() > 1e-5
 
 
@@ -118,7 +118,7 @@ def test_sample_scores_the_ddim_sample_of_its_drawn_noise(
     batch = _text_batch(2)
     recorder = _UnetCalls(generator)
     with torch.no_grad():
-        loss = sample(generator, frozen_captioner, batch, settings, KEY).loss
+        loss = sample(T2I2TStep(generator, frozen_captioner, batch, KEY), settings).loss
     recorder.remove()
     (first_input, _, _), _ = recorder.calls[0]
     initial = first_input[: len(batch["ids"])]  # guided calls batch the [uncond, cond] copies
@@ -141,12 +141,17 @@ def test_draws_are_per_sample_and_reproducible(
     generator: Generator, frozen_captioner: Captioner, settings: T2I2TSettings, batch: dict[str, Any]
 ) -> None:
     """A batch's loss is the mean of its samples' losses computed alone (batch 1 works; shards agree)."""
-    mode = T2I2T_MODES[settings.mode]
+    mode = T2I2T_MODES.modes[settings.mode].loss
     with torch.no_grad():
-        full = mode(generator, frozen_captioner, batch, settings, KEY).loss
-        alone = [mode(generator, frozen_captioner, _rows(batch, row), settings, KEY).loss for row in range(3)]
-        again = mode(generator, frozen_captioner, batch, settings, KEY).loss
-        next_update = mode(generator, frozen_captioner, batch, settings, DrawKey(seed=0, update=8)).loss
+        full = mode(T2I2TStep(generator, frozen_captioner, batch, KEY), settings).loss
+        alone = [
+            mode(T2I2TStep(generator, frozen_captioner, _rows(batch, row), KEY), settings).loss
+            for row in range(3)
+        ]
+        again = mode(T2I2TStep(generator, frozen_captioner, batch, KEY), settings).loss
+        next_update = mode(
+            T2I2TStep(generator, frozen_captioner, batch, DrawKey(seed=0, update=8)), settings
+        ).loss
     assert torch.allclose(full, torch.stack(alone).mean(), atol=1e-5)
     assert torch.equal(full, again)
     assert not torch.isclose(full, next_update, rtol=1e-6)
@@ -158,7 +163,7 @@ def test_one_step_on_captions_alone_decodes_the_first_sampling_step_from_pure_no
     """No image to noise: the UNet sees the drawn noise at the last timestep, as the sampler's first step."""
     recorder = _UnetCalls(generator)
     with torch.no_grad():
-        loss = one_step(generator, frozen_captioner, _text_batch(), ONE_STEP, KEY).loss
+        loss = one_step(T2I2TStep(generator, frozen_captioner, _text_batch(), KEY), ONE_STEP).loss
     recorder.remove()
     [((noisy, timesteps, _), prediction)] = recorder.calls
     last = generator.noise_scheduler.config.num_train_timesteps - 1
@@ -176,4 +181,4 @@ def test_one_step_on_captions_alone_decodes_the_first_sampling_step_from_pure_no
 def test_bad_input_is_named(generator: Generator, frozen_captioner: Captioner) -> None:
     too_late = T2I2TSettings(mode="one_step", max_timestep=2000)
     with pytest.raises(ValueError, match="max_timestep=2000"):
-        one_step(generator, frozen_captioner, _paired_batch(), too_late, KEY)
+        one_step(T2I2TStep(generator, frozen_captioner, _paired_batch(), KEY), too_late)

@@ -6,7 +6,9 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import safetensors.torch
@@ -55,20 +57,22 @@ def _perturb(module: nn.Module, names: list[str], seed: int) -> None:
             params[name].add_(0.1 * torch.randn(params[name].shape, generator=generator))
 
 
+Wrapper = TypeVar("Wrapper", Captioner, Generator)
+
+
+def _trained_lora(model: Wrapper, add_lora: Callable[..., None], seed: int) -> tuple[Wrapper, list[str]]:
+    add_lora(model, rank=RANK, alpha=ALPHA, dropout=0.0)
+    names = prepare_trainable(model, train_mode="lora")
+    _perturb(model, names, seed=seed)
+    return model.eval(), names
+
+
 def _lora_captioner(path: Path) -> tuple[Captioner, list[str]]:
-    captioner = Captioner.from_pretrained(str(path))
-    add_captioner_lora(captioner, rank=RANK, alpha=ALPHA, dropout=0.0)
-    names = prepare_trainable(captioner, train_mode="lora")
-    _perturb(captioner, names, seed=1)
-    return captioner.eval(), names
+    return _trained_lora(Captioner.from_pretrained(str(path)), add_captioner_lora, seed=1)
 
 
 def _lora_generator(path: Path) -> tuple[Generator, list[str]]:
-    generator = Generator.from_pretrained(str(path))
-    add_generator_lora(generator, rank=RANK, alpha=ALPHA, dropout=0.0)
-    names = prepare_trainable(generator, train_mode="lora")
-    _perturb(generator, names, seed=2)
-    return generator.eval(), names
+    return _trained_lora(Generator.from_pretrained(str(path)), add_generator_lora, seed=2)
 
 
 @torch.no_grad()

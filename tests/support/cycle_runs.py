@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from train.cli.drill import differing_tensors as differing_tensors  # re-exported for the tests
 from train.config import Config, load_config
+from train.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -107,13 +108,13 @@ def run_launched(command: list[str], check: bool = True, **env: str) -> subproce
 
 
 def sample_log(output_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in RunDir(output_dir).samples_log.read_text().splitlines()]
 
 
 def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the run's exported adapters, keyed by file and tensor name."""
     weights = {}
     for relative in EXPORTED:
-        for key, value in load_file(str(output_dir / "export" / relative)).items():
+        for key, value in load_file(str(RunDir(output_dir).export_dir / relative)).items():
             weights[f"{relative}:{key}"] = value
     return weights

@@ -17,6 +17,7 @@ from models.modes import module_modes
 from train.builders import build_validation_batch
 from train.config import PHASES, load_config
 from train.run import build_run, validate_on_main
+from train.run_dir import RunDir
 from train.tracking import StepLog
 
 
@@ -24,7 +25,8 @@ def main(out: Path, config_file: str, overrides: list[str]) -> None:
     config = load_config(config_file, overrides)
     accelerator = Accelerator()
     run = build_run(config, accelerator)
-    run.logs = (StepLog(out.parent / "samples.jsonl", 0), StepLog(out.parent / "metrics.jsonl", 0))
+    run_dir = RunDir(out.parent)
+    run.logs = (StepLog(run_dir.samples_log, 0), StepLog(run_dir.metrics_log, 0))
 
     def modes() -> dict[str, dict[str, bool]]:
         return {phase: module_modes(extract_model_from_parallel(run.models[phase])) for phase in PHASES}

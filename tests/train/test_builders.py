@@ -1,16 +1,25 @@
-"""Builders: precision of trainable weights, gradient checkpointing, LoRA targets of the shipped configs."""
+"""Builders: precision of trainable weights, gradient checkpointing, LoRA targets of the shipped configs, every
+source type read through load_records."""
 
 from __future__ import annotations
 
+import inspect
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from cycle_runs import tiny_config
+from datasets import Dataset
+from PIL import Image
 
+from data.images import load_rgb
+from data.source_types import SOURCE_TYPES
 from losses.supervised import caption_terms, denoise_terms
 from models.randomness import DrawKey
-from train.builders import build_captioner, build_generator, phase_update_counts
+from train.builders import build_captioner, build_generator, load_records, phase_update_counts
 from train.config import Config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -110,3 +119,75 @@ def test_paper_config_targets_only_cross_attention_queries(tiny_models) -> None:
 def test_update_counts_follow_the_schedule() -> None:
     assert phase_update_counts(["captioner", "generator"], 5) == {"captioner": 3, "generator": 2}
     assert phase_update_counts(["generator", "generator", "captioner"], 6) == {"captioner": 2, "generator": 4}
+
+
+def _image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    return path
+
+
+def _hf(root: Path) -> dict[str, Any]:
+    Dataset.from_dict({"image": [str(_image(root / "a.png"))], "text": ["a red square"]}).save_to_disk(
+        root / "saved"
+    )
+    return {"path": str(root / "saved")}
+
+
+def _imagefolder(root: Path) -> dict[str, Any]:
+    _image(root / "a.png")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a red square"}))
+    return {"path": str(root)}
+
+
+def _coco(root: Path) -> dict[str, Any]:
+    _image(root / "images" / "a.png")
+    captions = {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [{"id": 7, "image_id": 1, "caption": "a red square"}],
+    }
+    (root / "captions.json").write_text(json.dumps(captions))
+    return {"annotations": str(root / "captions.json"), "images_dir": str(root / "images")}
+
+
+def _images(root: Path) -> dict[str, Any]:
+    _image(root / "a.png")
+    return {"path": str(root)}
+
+
+def _texts(root: Path) -> dict[str, Any]:
+    (root / "captions.txt").write_text("a red square\n")
+    return {"path": str(root / "captions.txt")}
+
+
+def _shapes(root: Path) -> dict[str, Any]:
+    return {"num_samples": 2}
+
+
+# A tiny source on disk for every registered type: writes it under the folder, returns its settings.
+SOURCE_FIXTURES: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "hf": _hf,
+    "imagefolder": _imagefolder,
+    "coco": _coco,
+    "images": _images,
+    "texts": _texts,
+    "shapes": _shapes,
+}
+
+
+@pytest.mark.parametrize("name", SOURCE_TYPES)
+def test_every_source_type_loads_through_load_records_for_each_role_it_feeds(
+    name: str, tmp_path: Path
+) -> None:
+    assert set(SOURCE_FIXTURES) == set(SOURCE_TYPES), "give every source type a fixture"
+    source = SOURCE_TYPES[name]
+    assert ("resolution" in inspect.signature(source.reader).parameters) == source.needs_resolution
+    settings = source.settings.model_validate({"type": name, **SOURCE_FIXTURES[name](tmp_path)})
+    for role in source.roles:
+        records, skips = load_records([settings], role, resolution=16)
+        assert records and not skips.total, role
+        assert all((record.image is None) == (role == "text_only") for record in records), role
+        assert all((record.caption is None) == (role == "image_only") for record in records), role
+        if source.needs_resolution and role != "text_only":
+            # The source renders at the run's data.resolution, which load_records hands it.
+            assert load_rgb(records[0].image()).size == (16, 16)

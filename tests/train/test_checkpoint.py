@@ -22,13 +22,13 @@ from train.checkpoint import (
     CheckpointError,
     PreemptionSignal,
     TrainingParts,
-    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
 )
 from train.config import Config
+from train.run_dir import RunDir
 
 
 class TwoLayers(torch.nn.Module):
@@ -152,7 +152,7 @@ def test_a_crash_during_save_leaves_nothing_that_latest_would_pick(
     with pytest.raises(RuntimeError, match="node lost power"):
         _save(parts, tmp_path, 4, config)
     assert (tmp_path / ".tmp-checkpoint-4" / "captioner_trainable.safetensors").exists()
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+    assert [step for step, _ in RunDir(tmp_path).checkpoints()] == [2]
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
 
 
@@ -172,7 +172,7 @@ def test_pruning_keeps_the_newest(tmp_path: Path) -> None:
         (tmp_path / f"checkpoint-{step}").mkdir()
     removed = prune_checkpoints(tmp_path, 2)
     assert sorted(path.name for path in removed) == ["checkpoint-20", "checkpoint-40"]
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [100, 300]
+    assert [step for step, _ in RunDir(tmp_path).checkpoints()] == [100, 300]
     assert prune_checkpoints(tmp_path, None) == []
 
 

@@ -21,8 +21,8 @@ from models.generator import Generator
 from models.lora import save_merged_captioner, save_merged_generator
 from train.builders import build_captioner, build_generator, build_validation_batch
 from train.cli import evaluate, generate, rerank
-from train.cli.generate import ModelSources
 from train.config import ConfigError, load_config
+from train.inference import ModelSources
 from train.validation import check_validation_metrics, validate
 
 # Every metric that needs weights the tests do not have, and the option its skip message must name.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from data.source_types import ROLES, SOURCE_TYPES
 from train.config import (
     ConfigError,
     apply_override,
@@ -106,9 +107,42 @@ def test_wrong_type_and_bad_choice_are_named() -> None:
         load_config(CONFIGS / "tiny.yaml", ["train.schedule=[captioner, dreamer]"])
 
 
+# A valid entry of every source type (only the role it is put in may be wrong).
+SOURCE_ENTRIES = {
+    "hf": "{type: hf, path: x}",
+    "imagefolder": "{type: imagefolder, path: x}",
+    "coco": "{type: coco, annotations: x.json, images_dir: x}",
+    "images": "{type: images, path: x}",
+    "texts": "{type: texts, path: captions.txt}",
+    "shapes": "{type: shapes, num_samples: 2}",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [(name, role) for name, source in SOURCE_TYPES.items() for role in ROLES if role not in source.roles],
+)
+def test_a_source_type_cannot_feed_a_role_it_does_not_declare(name: str, role: str) -> None:
+    assert set(SOURCE_ENTRIES) == set(SOURCE_TYPES), "give every source type an entry"
+    with pytest.raises(
+        ConfigError, match=rf"data.{role}\[0\]: source type '{name}' cannot feed {role} batches"
+    ):
+        load_config(CONFIGS / "tiny.yaml", [f"data.{role}=[{SOURCE_ENTRIES[name]}]"])
+
+
 def test_unpaired_source_cannot_feed_paired_batches() -> None:
-    with pytest.raises(ConfigError, match=r"data.paired\[0\]: source type 'texts'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.paired\[0\]: source type 'texts' cannot feed paired batches \(allowed: "
+        r"\['coco', 'hf', 'imagefolder', 'shapes'\]\)",
+    ):
         load_config(CONFIGS / "tiny.yaml", ["data.paired=[{type: texts, path: captions.txt}]"])
+    for name, entry in SOURCE_ENTRIES.items():
+        if "paired" in SOURCE_TYPES[name].roles:
+            assert (
+                load_config(CONFIGS / "tiny.yaml", [f"data.validation=[{entry}]"]).data.validation[0].type
+                == name
+            )
 
 
 def test_missing_file_and_malformed_override() -> None:

@@ -10,7 +10,7 @@ import torch
 from cycle_runs import run_cycle, sample_log, tiny_overrides
 from safetensors.torch import load_file
 
-from train.checkpoint import list_checkpoints
+from train.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def trainable_weights(checkpoint: Path, model: str) -> dict[str, torch.Tensor]:
 
 def lora_b_norms(output_dir: Path) -> dict[str, float]:
     """LoRA B matrices start at zero: a model whose B are still all zero was never updated."""
-    checkpoint = list_checkpoints(output_dir)[-1][1]
+    checkpoint = RunDir(output_dir).checkpoints()[-1][1]
     norms = {}
     for model in MODELS:
         weights = trainable_weights(checkpoint, model)

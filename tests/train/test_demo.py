@@ -9,20 +9,26 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from cycle_runs import REPO, environment
 from PIL import Image
 
+from evaluation import shapes_split
+from evaluation.shapes_split import PARTS, PairResults
 from train.cli.demo import (
     ARM_OVERRIDES,
+    ARMS,
     DEFAULT_BASE,
     DEFAULT_CONFIG,
     base_identity,
     paired_differences,
     parse_args,
     train_once,
+    write_report,
 )
 from train.cli.demo import arm_command as demo_arm_command
 from train.config import load_config
+from train.run_dir import RunDir
 
 
 class _Results:
@@ -67,16 +73,53 @@ def test_a_finished_arm_is_reused_only_for_the_same_command_and_base(tmp_path: P
     base = tmp_path / "base"
     base.mkdir()
     (base / "base.json").write_text('{"date": "one"}')
-    run_dir = tmp_path / "arm"
-    (run_dir / "export").mkdir(parents=True)
+    run = RunDir(tmp_path / "arm")
+    run.export_dir.mkdir(parents=True)
     command = [sys.executable, "-c", "raise SystemExit(3)", "train/cycle.py", "--config", "x.yaml", "seed=0"]
     made_by = {"command": command[3:], "base": base_identity(base), "wall_time_s": 12.5}
-    (run_dir / "demo_run.json").write_text(json.dumps(made_by))
-    assert train_once(command, run_dir, base_identity(base)) == 12.5  # reused: the command would fail
+    run.demo_record.write_text(json.dumps(made_by))
+    assert train_once(command, run.root, base_identity(base)) == 12.5  # reused: the command would fail
     (base / "base.json").write_text('{"date": "two"}')  # make base ran again: new models, so train again
     with pytest.raises(subprocess.CalledProcessError):
-        train_once(command, run_dir, base_identity(base))
-    assert not (run_dir / "export").exists()  # the stale run was cleared before training
+        train_once(command, run.root, base_identity(base))
+    assert not run.export_dir.exists()  # the stale run was cleared before training
+
+
+def _scores(seed: int) -> PairResults:
+    torch.manual_seed(seed)
+    return PairResults(
+        {"unseen/caption_exact": 0.5},
+        {part: ["a red circle"] for part in PARTS},
+        {part: torch.rand(1, 3, 8, 8) for part in PARTS},
+    )
+
+
+def test_the_report_is_written_when_an_arm_logged_no_metrics(tmp_path: Path) -> None:
+    """A demo shorter than train.logging_steps (`--steps 6`) leaves no metrics.jsonl; the report still comes,
+    naming the arms without curves, with the table and the contact sheet."""
+    split = shapes_split.TestSplit(  # imported by name, pytest would collect it as a test class
+        pixels={part: torch.rand(1, 3, 8, 8) for part in PARTS},
+        captions={part: ["a red circle"] for part in PARTS},
+        ids={part: [f"{part}-0"] for part in PARTS},
+    )
+    results = {0: {arm: _scores(index) for index, arm in enumerate(("base", *ARMS))}}
+    args = parse_args(["--out", str(tmp_path), "--base", str(tmp_path / "base"), "--test-samples", "1"])
+    args.argv = ["--steps", "6"]
+    wall = {arm: [1.0] for arm in ARMS}
+    assert write_report(args, split, results, wall) == 0
+    report = tmp_path / "report"
+    html = (report / "report.html").read_text()
+    assert "No training curves of control, cycle" in html and "unseen/caption_exact" in html
+    assert (report / "contact_sheet.png").is_file() and not (report / "curves.png").exists()
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["table"]["cycle"]["unseen/caption_exact"] == 0.5
+    )
+    cycle = RunDir(tmp_path / "seed-0" / "cycle")
+    cycle.root.mkdir(parents=True)
+    cycle.metrics_log.write_text(json.dumps({"step": 1, "captioner/caption_ce": 2.0}) + "\n")
+    assert write_report(args, split, results, wall) == 0  # one arm logged: its curves, the other named
+    html = (report / "report.html").read_text()
+    assert "No training curves of control:" in html and (report / "curves.png").is_file()
 
 
 def _run(module: str, *arguments: str) -> subprocess.CompletedProcess:

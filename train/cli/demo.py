@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from evaluation.demo_report import ContactSheet, format_table, write_demo_report
 from evaluation.shapes_split import PARTS, PairResults, TestSplit, evaluate_pair, load_test_split
-from train.checkpoint import CONFIG_NAME
-from train.cli.generate import ModelSources
+from models.sampling_settings import SamplingSettings
 from train.cli.launch import launch_command, run_timed
 from train.config import Config, load_config
-from train.validation import SamplingSettings
+from train.inference import ModelSources
+from train.run_dir import RunDir
 
 DEFAULT_CONFIG = Path("configs/shapes.yaml")
 DEFAULT_BASE = Path("pretrained/shapes-base")
@@ -104,17 +104,17 @@ def base_identity(base: Path) -> str:
 def train_once(command: list[str], run_dir: Path, base: str) -> float:
     """Train an arm, or reuse its finished run when the same command made it from the same base (an
     interrupted or repeated experiment picks up where it stopped); returns its training wall time in s."""
-    record = run_dir / "demo_run.json"
+    run = RunDir(run_dir)
     made_by = {"command": command[command.index("train/cycle.py") :], "base": base}
-    if record.is_file() and (run_dir / "export").is_dir():
-        saved = json.loads(record.read_text())
+    if run.demo_record.is_file() and run.export_dir.is_dir():
+        saved = json.loads(run.demo_record.read_text())
         if {key: saved.get(key) for key in made_by} == made_by:
             print(f"reusing the finished run in {run_dir}", flush=True)
             return saved["wall_time_s"]
     if run_dir.exists():
         shutil.rmtree(run_dir)  # unfinished or made by another command: start clean
     wall_time = run_timed(command)
-    record.write_text(json.dumps({**made_by, "wall_time_s": wall_time}) + "\n")
+    run.demo_record.write_text(json.dumps({**made_by, "wall_time_s": wall_time}) + "\n")
     return wall_time
 
 
@@ -181,6 +181,13 @@ def format_differences(comparisons: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def logged_curves(seed_dir: Path) -> dict[str, Path]:
+    """Each arm's metrics log, for the report's curves; an arm that never logged (a run shorter than
+    train.logging_steps, as `--steps 6` makes) has none, and the report goes on without its curves."""
+    logs = {arm: RunDir(seed_dir / arm).metrics_log for arm in ARMS}
+    return {arm: path for arm, path in logs.items() if path.is_file()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -203,25 +210,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = arm_command(args, arm, seed, args.out / f"seed-{seed}" / arm)
             wall[arm].append(train_once(command, args.out / f"seed-{seed}" / arm, base_id))
         for arm in tqdm(("base", *ARMS), desc=f"evaluating seed {seed}"):
-            run_dir = args.out / f"seed-{seed}" / arm
+            run_dir = RunDir(args.out / f"seed-{seed}" / arm)
             sources = (
                 base
                 if arm == "base"
-                else ModelSources(checkpoint=run_dir / "export", config=load_config(run_dir / CONFIG_NAME))
+                else ModelSources(checkpoint=run_dir.export_dir, config=load_config(run_dir.config_file))
             )
-            runs[arm] = evaluate_once(
-                sources, split, args, seed, run_dir / "test_results.safetensors", base_id
-            )
+            runs[arm] = evaluate_once(sources, split, args, seed, run_dir.test_scores, base_id)
         results[seed] = runs
-    return _report(args, split, results, wall)
+    return write_report(args, split, results, wall)
 
 
-def _report(
+def write_report(
     args: argparse.Namespace,
     split: TestSplit,
     results: dict[int, dict[str, PairResults]],
     wall: dict[str, list[float]],
 ) -> int:
+    """The table, curves and contact sheet into OUT/report, the numbers into OUT/results.json, a summary printed."""
     arms = ("base", *ARMS)
     metric_names = list(next(iter(results.values()))["base"].metrics)
     table = {
@@ -265,7 +271,12 @@ def _report(
                 f"{metric}: cycle - control = {c['mean']:+.3f} (sd {c['sd']:.3f} over {len(seeds)} seeds): "
                 f"{'exceeds' if c['passes'] else 'does not exceed'} twice the standard deviation"
             )
-    curves = {arm: args.out / f"seed-{first_seed}" / arm / "metrics.jsonl" for arm in ARMS}
+    curves = logged_curves(args.out / f"seed-{first_seed}")
+    if len(curves) < len(ARMS):
+        silent = ", ".join(arm for arm in ARMS if arm not in curves)
+        notes.append(
+            f"No training curves of {silent}: the run was shorter than train.logging_steps, nothing was logged."
+        )
     report = write_demo_report(
         args.out / "report",
         title="CycleTune shapes demo",

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from train.manifest import manifest_problem
+from train.manifest import MANIFEST_NAME, manifest_problem
+from train.run_dir import RunDir, checkpoint_step, staging_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny.yaml"
 STEPS, CHECKPOINT_EVERY = 12, 2
 RUN_SETTINGS = [
@@ -45,8 +46,6 @@ RUN_SETTINGS = [
     "cycle.t2i2t.mode=one_step",
 ]
 RESUMED = re.compile(r"resumed from (\S+) at update (\d+)")
-CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
-STAGING_FOLDER = re.compile(r"^\.tmp-checkpoint-(\d+)$")
 POLL_S = 0.001
 ATTEMPTS = 10
 
@@ -95,8 +94,9 @@ def kill(process: subprocess.Popen) -> None:
 def exported(output_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every safetensors file the run exported, keyed by file and tensor name."""
     tensors = {}
-    for path in sorted((output_dir / "export").rglob("*.safetensors")):
-        relative = path.relative_to(output_dir / "export")
+    export_dir = RunDir(output_dir).export_dir
+    for path in sorted(export_dir.rglob("*.safetensors")):
+        relative = path.relative_to(export_dir)
         tensors |= {f"{relative}:{key}": value for key, value in load_file(str(path)).items()}
     return tensors
 
@@ -115,16 +115,18 @@ def checkpoint_states(output_dir: Path) -> dict[str, str | None]:
     """Every checkpoint-N and staging folder left in the run folder, with what is wrong with it (or None)."""
     states: dict[str, str | None] = {}
     for child in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
-        if CHECKPOINT_FOLDER.match(child.name):
+        if checkpoint_step(child.name) is not None:
             states[child.name] = manifest_problem(child)
-        elif STAGING_FOLDER.match(child.name):
+        elif staging_step(child.name) is not None:
             states[child.name] = "staging folder of an unfinished save"
     return states
 
 
 def newest_intact(states: dict[str, str | None]) -> str | None:
-    intact = [name for name, problem in states.items() if problem is None and CHECKPOINT_FOLDER.match(name)]
-    return max(intact, key=lambda name: int(name.split("-")[1]), default=None)
+    intact = [
+        name for name, problem in states.items() if problem is None and checkpoint_step(name) is not None
+    ]
+    return max(intact, key=checkpoint_step, default=None)
 
 
 @dataclass
@@ -169,7 +171,7 @@ def kill_anywhere(trial: Trial, rng: random.Random, models: Path, run: Path, run
 def kill_inside_save(trial: Trial, rng: random.Random, models: Path, run: Path, save_seconds: float) -> bool:
     """Kill a random delay after a chosen save's staging folder appears; True if the kill left it behind."""
     step = rng.randrange(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY)
-    staging = run / f".tmp-checkpoint-{step}"
+    staging = RunDir(run).staging(step)
     delay = rng.uniform(0, save_seconds)
     process = start_run(models, run, run.parent / f"killed-{trial.attempts}.log")
     while not staging.exists() and process.poll() is None:
@@ -180,8 +182,8 @@ def kill_inside_save(trial: Trial, rng: random.Random, models: Path, run: Path, 
     if process.poll() is not None:
         return False
     kill(process)
-    trial.kill_note = f"killed {delay * 1000:.1f} ms into the save of checkpoint-{step}"
-    final = run / f"checkpoint-{step}"
+    final = RunDir(run).checkpoint(step)
+    trial.kill_note = f"killed {delay * 1000:.1f} ms into the save of {final.name}"
     return staging.exists() or (final.exists() and manifest_problem(final) is not None)
 
 
@@ -189,14 +191,10 @@ def tear_newest_checkpoint(run: Path, rng: random.Random) -> None:
     """Truncate one file of the newest finished checkpoint, as a full disk or a cut copy would leave it:
     a SIGKILL alone never damages a finished folder (saves are renamed into place), so `latest` is tested
     against this storage fault in the same trials."""
-    finished = sorted(
-        (int(match.group(1)), child)
-        for child in (run.iterdir() if run.is_dir() else [])
-        if (match := CHECKPOINT_FOLDER.match(child.name))
-    )
+    finished = RunDir(run).checkpoints()
     if not finished:
         return
-    files = sorted(path for path in finished[-1][1].iterdir() if path.name != "manifest.json")
+    files = sorted(path for path in finished[-1][1].iterdir() if path.name != MANIFEST_NAME)
     victim = rng.choice(files)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
@@ -256,10 +254,10 @@ def reference_run(models: Path, work: Path) -> tuple[dict[str, torch.Tensor], Ti
         names = [child.name for child in run.iterdir()] if run.is_dir() else []
         now = time.monotonic()
         for name in names:
-            if match := STAGING_FOLDER.match(name):
-                staged.setdefault(int(match.group(1)), now)
-            elif (match := CHECKPOINT_FOLDER.match(name)) and int(match.group(1)) in staged:
-                saves.setdefault(int(match.group(1)), now - staged[int(match.group(1))])
+            if (step := staging_step(name)) is not None:
+                staged.setdefault(step, now)
+            elif (step := checkpoint_step(name)) in staged:
+                saves.setdefault(step, now - staged[step])
         time.sleep(POLL_S)
     finish(process, log)
     # At least 5 ms, in case polling caught no save in the act.

@@ -19,28 +19,23 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from data.batching import batched
+from data.images import load_pixels
 from evaluation.availability import MetricResult, check_metric_names
-from models.captioner import Captioner
-from models.generator import Generator
-from train.cli.generate import (
-    ImageQuery,
-    add_model_arguments,
-    batched,
-    config_records,
-    image_queries,
-    load_pixels,
-    model_sources,
-)
-from train.config import Config, ConfigError
-from train.validation import (
+from evaluation.sample_metrics import (
     SHAPES_METRICS,
     VALIDATION_METRICS,
     MetricNeeds,
     SampleBatch,
-    SamplingSettings,
     compute_metrics,
     sample_batch,
 )
+from models.captioner import Captioner
+from models.generator import Generator
+from models.sampling_settings import SamplingSettings
+from train.config import Config, ConfigError
+from train.inference import add_model_arguments, model_sources
+from train.queries import ImageQuery, config_records, image_queries
 
 
 def default_metrics(config: Config) -> list[str]:

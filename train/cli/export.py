@@ -2,12 +2,7 @@
 
     python -m train.cli.export --checkpoint runs/x/checkpoint-200 [--out DIR] [--kohya] [--merge]
 
-Layout of an export folder:
-  captioner/          PEFT adapter (PeftModel.from_pretrained(base, dir)); a full model in full mode
-  generator/          diffusers LoRA pytorch_lora_weights.safetensors (pipe.load_lora_weights),
-                      plus pytorch_lora_weights_kohya.safetensors with --kohya (A1111 / ComfyUI); a full
-                      pipeline folder in full mode
-  captioner_merged/, generator_merged/   standalone models with the adapters merged (--merge)
+--help shows the export folder's layout (train/adapter_export.py).
 """
 
 from __future__ import annotations
@@ -16,13 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from train import adapter_export
 from train.adapter_export import export_run, load_checkpoint_models
 from train.checkpoint import CheckpointError
+from train.run_dir import EXPORT_FOLDER
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=adapter_export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint-N folder of a run")
     parser.add_argument("--out", type=Path, help="export folder (default: <checkpoint>/export)")
@@ -39,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         captioner,
         generator,
         config,
-        args.out or args.checkpoint / "export",
+        args.out or args.checkpoint / EXPORT_FOLDER,
         step=step,
         command=["python -m train.cli.export", *(argv if argv is not None else sys.argv[1:])],
         kohya=args.kohya,

@@ -10,7 +10,7 @@
 Without --images / --prompts the inputs are the config's validation data (data.validation, else
 data.paired), references included, which the report needs. Each run writes OUT/rankings.jsonl (one row per
 candidate: caption, image file, scores and ranks under both rankings), OUT/images/*.png and OUT/index.html,
-a contact sheet to open in a browser. See evaluation/rerank.py and evaluation/rank_report.py for the method.
+a contact sheet to open in a browser. See evaluation/ranking.py and evaluation/rank_report.py for the method.
 """
 
 from __future__ import annotations
@@ -19,33 +19,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from data.batching import batched
+from data.images import load_pixels
 from evaluation.availability import MetricUnavailable
+from evaluation.candidates import CaptionSampling
+from evaluation.metric_settings import EvaluationSettings, image_options, text_options
 from evaluation.rank_report import CAPTION_QUALITY, IMAGE_QUALITY, rank_report
-from evaluation.rerank import (
+from evaluation.ranking import RerankSettings, rerank_captions, rerank_images
+from evaluation.rankings_file import RankingWriter
+from evaluation.similarity import (
     IMAGE_SIMILARITIES,
     TEXT_SIMILARITIES,
-    CaptionSampling,
-    RankingWriter,
-    RerankSettings,
     image_similarity,
-    rerank_captions,
-    rerank_images,
     text_similarity_measure,
 )
-from train.cli.generate import (
-    ModelSources,
-    add_model_arguments,
-    batched,
-    config_records,
-    folder_records,
-    image_queries,
-    load_pixels,
-    model_sources,
-    prompt_records,
-    text_queries,
-)
-from train.config import Config, ConfigError, EvaluationSettings
-from train.validation import image_options, text_options
+from models.sampling_settings import SamplingSettings
+from train.config import Config, ConfigError
+from train.inference import ModelSources, add_model_arguments, model_sources
+from train.queries import config_records, folder_records, image_queries, prompt_records, text_queries
 
 # Weight paths of the similarities, named as in the config's evaluation section; each is also a flag.
 _WEIGHT_OPTIONS = {
@@ -156,7 +147,7 @@ def rank_caption_candidates(args: argparse.Namespace, models: ModelSources) -> N
                 generator,
                 pixels,
                 [query.id for query in batch],
-                sampling=sampling,
+                candidate_sampling=sampling,
                 similarity=similarity,
                 settings=_rerank_settings(args, score_timesteps=args.score_timesteps),
             )
@@ -183,7 +174,7 @@ def rank_image_candidates(args: argparse.Namespace, models: ModelSources) -> Non
                 [query.id for query in batch],
                 num_images=args.num_images,
                 similarity=similarity,
-                settings=_rerank_settings(args, recaption_beams=args.recaption_beams),
+                settings=_rerank_settings(args, num_beams=args.recaption_beams),
             )
             for query, ranking in zip(batch, rankings, strict=True):
                 if query.image is not None:
@@ -207,13 +198,20 @@ def report(args: argparse.Namespace) -> None:
     print(f"table: {files.csv}\nplot: {files.plot}")
 
 
-def _rerank_settings(args: argparse.Namespace, **direction: int) -> RerankSettings:
-    return RerankSettings(
+def _rerank_settings(
+    args: argparse.Namespace,
+    *,
+    num_beams: int = SamplingSettings.num_beams,
+    score_timesteps: int = RerankSettings.score_timesteps,
+) -> RerankSettings:
+    """Both modes' sampling flags, with the one knob of the mode: re-caption beams or score timesteps."""
+    sampling = SamplingSettings(
         seed=args.seed,
+        num_beams=num_beams,
         num_inference_steps=args.inference_steps,
         guidance_scale=args.guidance_scale,
-        **direction,
     )
+    return RerankSettings(sampling, score_timesteps)
 
 
 def _config(models: ModelSources) -> Config:

@@ -24,12 +24,11 @@ import diffusers
 import torch
 import transformers
 
-from train.checkpoint import CONFIG_NAME
 from train.cli.launch import launch_command, run_timed
 from train.config import load_config
+from train.run_dir import RunDir
 
 VALIDATION_METRICS = "shapes_caption_accuracy,shapes_image_accuracy"
-VALIDATION_FILE = "validation_metrics.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -45,20 +44,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
-    run_dir = Path(config.output_dir)
+    run_dir = RunDir(Path(config.output_dir))
     init_dir = Path(config.captioner.pretrained_model_name_or_path).parent
     if Path(config.generator.pretrained_model_name_or_path).parent != init_dir:
         print("error: captioner and generator must start from one models.tiny folder", file=sys.stderr)
         return 2
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run: the published models must come from this command alone
+    if run_dir.root.exists():
+        shutil.rmtree(run_dir.root)  # a fresh run: the published models must come from this command alone
     init = [sys.executable, "-m", "models.tiny", "--out", str(init_dir), "--preset", "shapes-base"]
     init += ["--seed", str(config.seed)]
     train = launch_command(args.config, args.overrides)
-    metrics_file = run_dir / VALIDATION_FILE
-    evaluate = [sys.executable, "-m", "train.cli.evaluate", "--checkpoint", str(run_dir / "export")]
-    evaluate += ["--config", str(run_dir / CONFIG_NAME), "--metrics", VALIDATION_METRICS, "--num-beams", "1"]
-    evaluate += ["--out", str(metrics_file)]
+    evaluate = [sys.executable, "-m", "train.cli.evaluate", "--checkpoint", str(run_dir.export_dir)]
+    evaluate += ["--config", str(run_dir.config_file), "--metrics", VALIDATION_METRICS, "--num-beams", "1"]
+    evaluate += ["--out", str(run_dir.validation_metrics)]
     wall_times = {name: run_timed(command) for name, command in (("init", init), ("train", train))}
     wall_times["evaluate"] = run_timed(evaluate)
     made_by = "make base (python -m train.cli.retrain_base " + " ".join(argv or sys.argv[1:]) + ")"
@@ -68,15 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def publish(
-    run_dir: Path, out: Path, *, made_by: str, commands: list[list[str]], wall_times: dict[str, float]
+    run_dir: RunDir, out: Path, *, made_by: str, commands: list[list[str]], wall_times: dict[str, float]
 ) -> None:
     """Copy a finished base run's exported models into `out` with base.json (how they were made)."""
-    config = load_config(run_dir / CONFIG_NAME)
+    config = load_config(run_dir.config_file)
     out.mkdir(parents=True, exist_ok=True)
     for part in ("captioner", "generator"):
         shutil.rmtree(out / part, ignore_errors=True)
-        shutil.copytree(run_dir / "export" / part, out / part)
-    shutil.copy(run_dir / CONFIG_NAME, out / "train_config.yaml")
+        shutil.copytree(run_dir.export_dir / part, out / part)
+    shutil.copy(run_dir.config_file, out / "train_config.yaml")
     record = {
         "made_by": made_by,
         "commands": [" ".join(command) for command in commands],
@@ -90,7 +88,7 @@ def publish(
             "transformers": transformers.__version__,
             "diffusers": diffusers.__version__,
         },
-        "validation": json.loads((run_dir / VALIDATION_FILE).read_text()),
+        "validation": json.loads(run_dir.validation_metrics.read_text()),
     }
     (out / "base.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 

@@ -36,7 +36,7 @@ from train.cli.bench.checks import acceptance
 from train.cli.bench.orchestrate import DEFAULT_PAIRS, DEFAULT_WARMUP, Plan, bench_architecture
 from train.cli.bench.reward_cost import reward_cost
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # The shapes demo's committed base generator (make base), scored by the reward-cost comparison.
 SHAPES_BASE_GENERATOR = REPO / "pretrained" / "shapes-base" / "generator"
 

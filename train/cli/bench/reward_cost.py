@@ -11,6 +11,7 @@ from data.sources import shapes as shapes_source
 from data.streams import Stream
 from models.generator import Generator
 from models.randomness import DrawKey
+from models.sampling_settings import SamplingSettings
 from models.scoring import caption_scores
 from train.cli.bench.measure import timed
 from train.cli.bench.stats_ratios import mean_spearman, median
@@ -23,8 +24,8 @@ def reward_cost(
     images: int = 4,
     candidates: int = 8,
     score_timesteps: int = 4,
-    sampling_steps: int = 20,
-    guidance_scale: float = 3.0,
+    sampling_steps: int = SamplingSettings.num_inference_steps,
+    guidance_scale: float = SamplingSettings.guidance_scale,
     repeats: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:

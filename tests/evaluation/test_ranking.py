@@ -11,25 +11,15 @@ import pytest
 import torch
 
 from evaluation.availability import MetricUnavailable
+from evaluation.candidates import CaptionSampling, candidate_captions, generate_images
 from evaluation.image_metrics import ImageMetricOptions
-from evaluation.rerank import (
-    CaptionSampling,
-    Ranking,
-    RankingWriter,
-    RerankSettings,
-    candidate_captions,
-    generate_images,
-    image_similarity,
-    rank_captions,
-    rank_images,
-    ranks_of,
-    read_rankings,
-    text_similarity_measure,
-    token_f1,
-)
+from evaluation.ranking import Ranking, RerankSettings, rank_captions, rank_images, ranks_of
+from evaluation.rankings_file import RankingWriter, read_rankings
+from evaluation.similarity import image_similarity, text_similarity_measure, token_f1
 from evaluation.text import TextMetricOptions
 from models.captioner import Captioner
 from models.generator import Generator
+from models.sampling_settings import SamplingSettings
 from models.tiny import save_tiny_captioner, save_tiny_generator
 
 CAPTIONS = ["a red picture", "a blue square"]
@@ -72,7 +62,7 @@ def test_a_generator_that_learnt_two_pairs_ranks_the_right_caption_first_by_both
 
     _fit(generator, denoise_loss, steps=60)
     candidates = [*CAPTIONS, "a green triangle"]
-    settings = RerankSettings(num_inference_steps=10, guidance_scale=1.0, score_timesteps=8)
+    settings = RerankSettings(SamplingSettings(num_inference_steps=10, guidance_scale=1.0), score_timesteps=8)
     rankings = rank_captions(
         generator, pixels01, ["red", "blue"], [candidates, candidates], settings=settings
     )

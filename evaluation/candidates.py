@@ -1,0 +1,136 @@
+"""The candidates a ranking chooses among: N captions of an image, N images of a text.
+
+Captions: the top beams of one beam search, then nucleus samples. Images: one initial noise per candidate.
+Every draw comes from DrawKey(seed) per query id, so a query gets the same candidates in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.captioner import Captioner
+from models.generator import Generator
+from models.randomness import DrawKey
+from models.sampling_settings import SamplingSettings
+
+RERANK_UPDATE = 0
+
+
+@dataclass(frozen=True)
+class CaptionSampling:
+    """Which candidate captions to rank: the top num_beams beams of one beam search, then nucleus samples."""
+
+    num_beams: int = 4
+    num_samples: int = 4
+    top_p: float = 0.9
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 0 or self.num_samples < 0 or self.num_beams + self.num_samples < 1:
+            raise ValueError(
+                "need at least one candidate caption: "
+                f"num_beams={self.num_beams}, num_samples={self.num_samples}"
+            )
+
+    @property
+    def kinds(self) -> list[str]:
+        """How each candidate was decoded, in candidate order."""
+        return ["beam"] * self.num_beams + ["sample"] * self.num_samples
+
+
+def nucleus_captions(
+    captioner: Captioner,
+    pixels01: Tensor,
+    ids: Sequence[str],
+    *,
+    count: int,
+    top_p: float,
+    temperature: float = 1.0,
+    seed: int = SamplingSettings.seed,
+    max_new_tokens: int | None = None,
+    prompt: str | None = None,
+) -> list[list[str]]:
+    """`count` nucleus-sampled captions per image, drawn per id from `seed`: the same in any batch."""
+    steps = max_new_tokens or captioner.max_length
+    key = DrawKey(seed, RERANK_UPDATE)
+    uniforms = torch.stack(
+        [torch.rand((count, steps), generator=g) for g in key.generators(ids, "rerank/sampling")]
+    )
+    sampled = captioner.sample_captions(
+        pixels01, uniforms=uniforms, top_p=top_p, temperature=temperature, prompt=prompt
+    )
+    return sampled.captions
+
+
+def candidate_captions(
+    captioner: Captioner,
+    pixels01: Tensor,
+    ids: Sequence[str],
+    sampling: CaptionSampling,
+    seed: int = SamplingSettings.seed,
+) -> list[list[str]]:
+    """Per image, its beam candidates then its nucleus samples (sampling.kinds says which is which)."""
+    groups: list[list[str]] = [[] for _ in ids]
+    if sampling.num_beams:
+        beams = captioner.generate(
+            pixels01,
+            num_beams=sampling.num_beams,
+            num_return_sequences=sampling.num_beams,
+            max_new_tokens=sampling.max_new_tokens,
+            prompt=sampling.prompt,
+        )
+        groups = [group + candidates for group, candidates in zip(groups, beams, strict=True)]
+    if sampling.num_samples:
+        samples = nucleus_captions(
+            captioner,
+            pixels01,
+            ids,
+            count=sampling.num_samples,
+            top_p=sampling.top_p,
+            temperature=sampling.temperature,
+            seed=seed,
+            max_new_tokens=sampling.max_new_tokens,
+            prompt=sampling.prompt,
+        )
+        groups = [group + candidates for group, candidates in zip(groups, samples, strict=True)]
+    return groups
+
+
+def generate_images(
+    generator: Generator,
+    texts: Sequence[str],
+    ids: Sequence[str],
+    *,
+    num_images: int,
+    seed: int = SamplingSettings.seed,
+    num_inference_steps: int = SamplingSettings.num_inference_steps,
+    guidance_scale: float = SamplingSettings.guidance_scale,
+) -> Tensor:
+    """[T, num_images, 3, H, W] pixels01: each text's images from its own initial noise, drawn per id."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    check_query_ids(texts, ids)
+    latent_shape = generator.latent_shape(1)[1:]
+    key = DrawKey(seed, RERANK_UPDATE)
+    latents = key.randn(ids, "rerank/images", (num_images, *latent_shape), generator.device).flatten(0, 1)
+    images = generator.sample(
+        [text for text in texts for _ in range(num_images)],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        latents=latents,
+    )
+    return images.view(len(texts), num_images, *images.shape[1:])
+
+
+def check_query_ids(queries: Sequence[Any] | Tensor, ids: Sequence[str]) -> None:
+    if isinstance(ids, str) or len(ids) != len(queries):
+        raise ValueError(f"{len(queries)} queries need {len(queries)} ids, got {ids!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"query ids must be distinct (each seeds its own draws), got {list(ids)}")

@@ -1,0 +1,167 @@
+"""Generator sampling: the DDIM loop with classifier-free guidance, and the sampler a checkpoint ships.
+
+Sampling is what validation, evaluation and the T2I2T cycle's DRaFT-K run on top of the training wrapper in
+models/generator.py, which mixes ImageSampling in. One loop serves both: `sample` is `sample_with_grad`
+with no step recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch.utils.checkpoint import checkpoint
+
+from models.sampling_settings import SamplingSettings
+
+
+def checkpoint_sampler(
+    name_or_path: str, model_index: dict[str, Any], *, revision: str | None, prediction_type: str | None
+) -> SchedulerMixin:
+    """The scheduler class model_index.json names (PNDM for SD 1.x), loaded with any prediction_type override.
+
+    Sampling here always runs DDIM; this one is kept for the pipelines exported from the model, so their
+    default sampling stays the checkpoint's.
+    """
+    overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
+    sampler = _scheduler_class(name_or_path, model_index).from_pretrained(
+        name_or_path, subfolder="scheduler", revision=revision, **overrides
+    )
+    if prediction_type is not None and sampler.config.get("prediction_type") != prediction_type:
+        raise ValueError(
+            f"{name_or_path!r}: its scheduler {type(sampler).__name__} takes no prediction_type, "
+            f"so prediction_type={prediction_type!r} cannot be applied to it"
+        )
+    return sampler
+
+
+def _scheduler_class(name_or_path: str, model_index: dict[str, Any]) -> type[SchedulerMixin]:
+    """The diffusers scheduler class model_index.json names for the pipeline's sampling."""
+    class_name = model_index["scheduler"][1]
+    scheduler_class = getattr(diffusers, class_name, None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ValueError(
+            f"{name_or_path!r}: model_index.json scheduler {class_name!r} is not a diffusers scheduler"
+        )
+    return scheduler_class
+
+
+class ImageSampling:
+    """The sampling methods of models/generator.py's Generator, which this is mixed into.
+
+    The annotations below are what they use of the Generator.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL | None
+    noise_scheduler: DDPMScheduler
+    device: torch.device
+    dtype: torch.dtype
+    latent_shape: Callable[[int], tuple[int, int, int, int]]
+    tokenize: Callable[[list[str]], torch.Tensor]
+    encode_text: Callable[[torch.Tensor], torch.Tensor]
+    decode_latents: Callable[[torch.Tensor], torch.Tensor]
+
+    def sample_with_grad(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        latents: torch.Tensor,
+        *,
+        num_inference_steps: int,
+        grad_steps: int,
+        guidance_scale: float = 1.0,
+        uncond_hidden_states: torch.Tensor | None = None,
+        gradient_checkpointing: bool = True,
+    ) -> torch.Tensor:
+        """DDIM (eta 0) from the initial noise `latents` to final float32 latents; the one sampling loop.
+
+        Only the last `grad_steps` steps are recorded for backward (DRaFT-K; 0 records none): the earlier
+        steps run under no_grad, and each recorded UNet call is checkpointed (recomputed in backward) so
+        memory stays at one UNet activation set whatever K is. Classifier-free guidance against
+        `uncond_hidden_states` when guidance_scale > 1, as StableDiffusionPipeline does.
+        """
+        batch_size = encoder_hidden_states.shape[0]
+        if tuple(latents.shape) != self.latent_shape(batch_size):
+            raise ValueError(
+                f"latents shape {tuple(latents.shape)} != {self.latent_shape(batch_size)} "
+                f"for {batch_size} text embeddings"
+            )
+        if not 0 <= grad_steps <= num_inference_steps:
+            raise ValueError(
+                f"grad_steps={grad_steps} must lie in [0, num_inference_steps={num_inference_steps}]"
+            )
+        guided = guidance_scale > 1.0
+        if guided and uncond_hidden_states is None:
+            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs uncond_hidden_states")
+        if guided and uncond_hidden_states.shape != encoder_hidden_states.shape:
+            raise ValueError(
+                f"uncond_hidden_states shape {tuple(uncond_hidden_states.shape)} != "
+                f"encoder_hidden_states shape {tuple(encoder_hidden_states.shape)}"
+            )
+        context = (
+            torch.cat([uncond_hidden_states, encoder_hidden_states]) if guided else encoder_hidden_states
+        )
+        context = context.to(self.dtype)
+        # A fresh scheduler per call: set_timesteps mutates it, and it follows any prediction_type override.
+        # Pixel-space samples live in [-1, 1], so each step's x0 estimate is clipped there (as in DDPM),
+        # which keeps an imperfect model's samples from saturating. StableDiffusionPipeline rewrites
+        # clip_sample to False in saved configs, hence set here; latent models keep their config's value.
+        pixel_space = {"clip_sample": True} if self.vae is None else {}
+        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config, **pixel_space)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        first_grad_step = len(scheduler.timesteps) - grad_steps
+        for index, t in enumerate(scheduler.timesteps):
+            recorded = index >= first_grad_step and torch.is_grad_enabled()
+            with nullcontext() if recorded else torch.no_grad():
+                model_input = scheduler.scale_model_input(latents, t)
+                if recorded and gradient_checkpointing:
+                    prediction = checkpoint(
+                        self._guided_prediction, model_input, t, context, guidance_scale, use_reentrant=False
+                    )
+                else:
+                    prediction = self._guided_prediction(model_input, t, context, guidance_scale)
+                latents = scheduler.step(prediction, t, latents).prev_sample
+        return latents
+
+    def _guided_prediction(
+        self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """One UNet call (both CFG branches batched when guided), in float32."""
+        guided = guidance_scale > 1.0
+        model_input = torch.cat([latents, latents]) if guided else latents
+        prediction = self.unet(model_input.to(self.dtype), t, context).sample.float()
+        if not guided:
+            return prediction
+        unconditional, conditional = prediction.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        captions: list[str],
+        *,
+        num_inference_steps: int = SamplingSettings.num_inference_steps,
+        guidance_scale: float = SamplingSettings.guidance_scale,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance against the empty caption; returns pixels01."""
+        if latents is None:
+            shape = self.latent_shape(len(captions))
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        guided = guidance_scale > 1.0
+        final = self.sample_with_grad(
+            self.encode_text(self.tokenize(captions)),
+            latents,
+            num_inference_steps=num_inference_steps,
+            grad_steps=0,
+            guidance_scale=guidance_scale,
+            uncond_hidden_states=self.encode_text(self.tokenize([""] * len(captions))) if guided else None,
+        )
+        return self.decode_latents(final)
