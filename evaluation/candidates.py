@@ -18,7 +18,7 @@ from models.generator import Generator
 from models.randomness import DrawKey
 from models.sampling_settings import SamplingSettings
 
-RERANK_UPDATE = 0
+RERANK_STEP = 0
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def nucleus_captions(
 ) -> list[list[str]]:
     """`count` nucleus-sampled captions per image, drawn per id from `seed`: the same in any batch."""
     steps = max_new_tokens or captioner.max_length
-    key = DrawKey(seed, RERANK_UPDATE)
+    key = DrawKey(seed, RERANK_STEP)
     uniforms = torch.stack(
         [torch.rand((count, steps), generator=g) for g in key.generators(ids, "rerank/sampling")]
     )
@@ -118,7 +118,7 @@ def generate_images(
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     check_query_ids(texts, ids)
     latent_shape = generator.latent_shape(1)[1:]
-    key = DrawKey(seed, RERANK_UPDATE)
+    key = DrawKey(seed, RERANK_STEP)
     latents = key.randn(ids, "rerank/images", (num_images, *latent_shape), generator.device).flatten(0, 1)
     images = generator.sample(
         [text for text in texts for _ in range(num_images)],

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from evaluation.candidates import (
-    RERANK_UPDATE,
+    RERANK_STEP,
     CaptionSampling,
     candidate_captions,
     check_query_ids,
@@ -115,13 +115,13 @@ def rank_captions(
         generator,
         pixels01,
         candidates,
-        key=DrawKey(settings.sampling.seed, RERANK_UPDATE),
+        key=DrawKey(settings.sampling.seed, RERANK_STEP),
         ids=ids,
         num_timesteps=settings.score_timesteps,
         purpose="rerank/denoise_loss",
     )
     count = len(candidates[0])
-    latents = DrawKey(settings.sampling.seed, RERANK_UPDATE).randn(
+    latents = DrawKey(settings.sampling.seed, RERANK_STEP).randn(
         ids, "rerank/reconstruction", generator.latent_shape(1)[1:], generator.device
     )
     reconstructions = generator.sample(

@@ -30,7 +30,7 @@ from models.randomness import DrawKey
 from models.sampling_settings import SamplingSettings
 
 # Update index reserved for validation draws: the same noise at every validation, so curves compare.
-VALIDATION_UPDATE = -1
+VALIDATION_STEP = -1
 
 # Text reconstruction metrics under their validation names -> their names in evaluation.text.
 TEXT_RECONSTRUCTION_METRICS = {
@@ -117,7 +117,7 @@ def draw_images(
     generator: Generator, ids: Sequence[str], prompts: list[str], settings: SamplingSettings
 ) -> torch.Tensor:
     """One image per prompt, from initial noise drawn per sample id (the same in any batch); pixels01."""
-    latents = DrawKey(settings.seed, VALIDATION_UPDATE).randn(
+    latents = DrawKey(settings.seed, VALIDATION_STEP).randn(
         ids, "validation/latents", generator.latent_shape(1)[1:], generator.device
     )
     return generator.sample(

@@ -27,7 +27,7 @@ from models.randomness import DrawKey
 
 
 class CycleSettings(Strict):
-    # Cycle weights ramp linearly from 0 to their value over this many updates (summed over both models).
+    # Cycle weights ramp linearly from 0 to their value over this many steps (summed over both models).
     warmup_steps: int = Field(0, ge=0)
     i2t2i: I2T2ISettings = I2T2ISettings()
     t2i2t: T2I2TSettings = T2I2TSettings()
@@ -55,10 +55,10 @@ class PhaseOutput(NamedTuple):
     metrics: dict[str, torch.Tensor | float]
 
 
-def cycle_ramp(config: PhaseSettings, update: int) -> float:
-    """Linear warm-up of every cycle weight over cycle.warmup_steps updates."""
+def cycle_ramp(config: PhaseSettings, step: int) -> float:
+    """Linear warm-up of every cycle weight over cycle.warmup_steps steps."""
     warmup = config.cycle.warmup_steps
-    return 1.0 if warmup == 0 else min(1.0, update / warmup)
+    return 1.0 if warmup == 0 else min(1.0, step / warmup)
 
 
 def captioner_phase(
@@ -75,7 +75,7 @@ def captioner_phase(
     if settings.mode == OFF:
         return PhaseOutput(terms, {})
     cycle = I2T2I_MODES.run(settings, CycleStep(trained, partner, batch, key, bridge))
-    return _with_cycle_term(terms, I2T2I_MODES, settings, cycle, cycle_ramp(config, key.update))
+    return _with_cycle_term(terms, I2T2I_MODES, settings, cycle, cycle_ramp(config, key.step))
 
 
 def generator_phase(
@@ -97,7 +97,7 @@ def generator_phase(
         cycle = one_step_on_denoise_pass(step, settings, denoised)
     else:
         cycle = T2I2T_MODES.run(settings, step)
-    return _with_cycle_term(terms, T2I2T_MODES, settings, cycle, cycle_ramp(config, key.update))
+    return _with_cycle_term(terms, T2I2T_MODES, settings, cycle, cycle_ramp(config, key.step))
 
 
 def _with_cycle_term(

@@ -1,4 +1,4 @@
-"""Per-sample randomness: every random draw of a loss is a function of (seed, update, sample id, purpose).
+"""Per-sample randomness: every random draw of a loss is a function of (seed, step, sample id, purpose).
 
 Why: a resumed run, a run split over more processes, and a one-process run on the union of the ranks'
 batches must all draw the same noise for the same sample, so no generator state has to be carried across
@@ -21,11 +21,11 @@ class DrawKey:
     """Where in training a batch's random draws happen."""
 
     seed: int
-    update: int
+    step: int
     micro_batch: int = 0
 
     def sample_seed(self, sample_id: str, purpose: str) -> int:
-        text = f"{self.seed}/{self.update}/{self.micro_batch}/{purpose}/{sample_id}"
+        text = f"{self.seed}/{self.step}/{self.micro_batch}/{purpose}/{sample_id}"
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
     def generators(self, sample_ids: Sequence[str], purpose: str) -> list[torch.Generator]:

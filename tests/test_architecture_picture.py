@@ -99,9 +99,7 @@ def readme_picture(text: str) -> str | None:
 def test_readme_picture_matches_the_code() -> None:
     found = readme_picture(README.read_text())
     assert found is not None, f"README.md has no architecture picture between {START!r} and {END!r}"
-    assert found == picture(), (
-        "the README's architecture picture is stale: run make picture"
-    )
+    assert found == picture(), "the README's architecture picture is stale: run make picture"
 
 
 def test_picture_shows_every_registered_mode_family_and_source_type() -> None:

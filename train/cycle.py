@@ -115,7 +115,7 @@ def train(run: Run) -> bool:
             scheduler=run.parts.schedulers[phase],
             next_batch=next_batch,
             config=config,
-            update=state.step,
+            step=state.step,
             bridge=run.bridge,
             stop_requested=preemption.received,
         )

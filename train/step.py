@@ -62,12 +62,12 @@ def phase_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     next_batch: Callable[[DrawKey], dict[str, Any]],
     config: Config,
-    update: int,
+    step: int,
     bridge: VocabularyBridge | None,
     stop_requested: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> PhaseStepResult:
-    """Train `models[phase]` for one update through its frozen partner (models are the prepared ones).
+    """Train `models[phase]` for one step (one optimizer update) through its frozen partner (models are the prepared ones).
 
     The whole phase computation runs as the trained model's forward, so DDP all-reduces what it produced;
     the partner runs unwrapped inside `frozen`, in eval mode with no gradient of its own. `next_batch` gets
@@ -82,7 +82,7 @@ def phase_step(
     bad_records: list[list[str]] = []
     nonfinite = torch.zeros((), device=accelerator.device)
     for micro in range(accumulation):
-        key = DrawKey(config.seed, update, micro)
+        key = DrawKey(config.seed, step, micro)
         batch = batch_to_device(next_batch(key), accelerator.device)
         ids.extend(batch["ids"])
         bad_records.extend(batch.get("bad_records", []))

@@ -16,7 +16,7 @@ from evaluation.availability import check_metric_names, split_results
 from evaluation.sample_metrics import (
     CORPUS_METRICS,
     VALIDATION_METRICS,
-    VALIDATION_UPDATE,
+    VALIDATION_STEP,
     MetricNeeds,
     compute_metrics,
     sample_batch,
@@ -57,7 +57,7 @@ def validate(
     names = check_validation_metrics(config)
     # Eval mode inside; every submodule's own mode back after, so this rank trains on exactly like the others.
     with eval_mode(captioner, generator):
-        key = DrawKey(config.seed, VALIDATION_UPDATE)
+        key = DrawKey(config.seed, VALIDATION_STEP)
         caption_settings = config.captioner.model_copy(update={"caption_loss_weight": 1.0})
         generator_settings = config.generator.model_copy(
             update={"caption_dropout": 0.0, "denoise_loss_weight": 1.0}

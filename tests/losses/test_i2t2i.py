@@ -25,7 +25,7 @@ from models.generator import Generator
 from models.lora import add_captioner_lora, frozen, prepare_trainable
 from models.randomness import DrawKey
 
-KEY = DrawKey(seed=11, update=5, micro_batch=1)
+KEY = DrawKey(seed=11, step=5, micro_batch=1)
 CAPTIONS = ["a small red circle at the top", "a big blue square", "a green triangle on the left"]
 MAX_LENGTH = 6
 
@@ -197,7 +197,7 @@ def test_each_sample_draws_its_own_randomness(captioner, frozen_generator, bridg
             assert torch.allclose(rewards_alone[0], rewards[i], rtol=0, atol=1e-6)
             logprobs_alone = captioner.sequence_logprobs(single["pixels"], **sampled_alone.tokens)
             assert torch.allclose(logprobs_alone, logprobs[i], atol=1e-4)
-    other_key = _cycle(captioner, frozen_generator, batch, settings, bridge, key=DrawKey(seed=11, update=6))
+    other_key = _cycle(captioner, frozen_generator, batch, settings, bridge, key=DrawKey(seed=11, step=6))
     assert not torch.equal(other_key.loss, together.loss)
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from cycle_runs import tiny_config
+from lora_weights import perturb_lora
 
-from losses.i2t2i import candidate_rewards
+from losses.i2t2i import I2T2I_MODES, candidate_rewards
 from losses.phases import captioner_phase, cycle_ramp, generator_phase
 from losses.supervised import caption_terms, denoise_terms, drop_captions
+from losses.t2i2t import T2I2T_MODES
 from models.lora import frozen, save_merged_captioner, save_merged_generator
 from models.randomness import DrawKey
 from models.tiny import save_tiny_generator
@@ -54,16 +56,7 @@ def _models(config: Config):
     )
 
 
-def _perturb_lora(module: torch.nn.Module, names: list[str]) -> None:
-    """LoRA B starts at zero, so A would get no gradient; give the adapters values."""
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name in names:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-
-
-def _phase(phase: str, models, config: Config, batch: dict, update: int = 0):
+def _phase(phase: str, models, config: Config, batch: dict, step: int = 0):
     captioner, _, generator, _, bridge = models
     trained, partner, function = (
         (captioner, generator, captioner_phase)
@@ -73,20 +66,17 @@ def _phase(phase: str, models, config: Config, batch: dict, update: int = 0):
     with frozen(partner):
         return trained(
             lambda model: function(
-                model, partner=partner, batch=batch, config=config, key=DrawKey(0, update), bridge=bridge
+                model, partner=partner, batch=batch, config=config, key=DrawKey(0, step), bridge=bridge
             )
         )
 
 
+# Every registered mode on every batch kind it declares: a new mode is covered when it is registered.
 ROUTES = [
-    ("captioner", "cycle.i2t2i.mode=soft", "paired"),
-    ("captioner", "cycle.i2t2i.mode=gumbel", "paired"),
-    ("captioner", "cycle.i2t2i.mode=gumbel", "image_only"),
-    ("captioner", "cycle.i2t2i.mode=reward", "paired"),
-    ("captioner", "cycle.i2t2i.mode=reward", "image_only"),
-    ("generator", "cycle.t2i2t.mode=one_step", "paired"),
-    ("generator", "cycle.t2i2t.mode=sample", "paired"),
-    ("generator", "cycle.t2i2t.mode=sample", "text_only"),
+    (phase, f"cycle.{table.direction}.mode={name}", kind)
+    for phase, table in (("captioner", I2T2I_MODES), ("generator", T2I2T_MODES))
+    for name, mode in table.modes.items()
+    for kind in mode.batches
 ]
 
 
@@ -97,8 +87,8 @@ def test_only_the_cycle_path_carries_gradient_and_only_to_the_trained_model(
     config = _config(tiny_models, mode, "captioner.caption_loss_weight=0", "generator.denoise_loss_weight=0")
     models = _models(config)
     captioner, captioner_names, generator, generator_names, _ = models
-    _perturb_lora(captioner, captioner_names)
-    _perturb_lora(generator, generator_names)
+    perturb_lora(captioner, captioner_names, seed=5, scale=0.05, replace=False)
+    perturb_lora(generator, generator_names, seed=5, scale=0.05, replace=False)
     trained, trained_names, partner = (
         (captioner, captioner_names, generator)
         if phase == "captioner"
@@ -128,7 +118,7 @@ def test_shared_one_step_decodes_the_denoising_calls_own_prediction(tiny_models)
         tiny_models, *shared, "cycle.t2i2t.max_timestep=500", "generator.caption_dropout=0.4", "seed=2"
     )
     captioner, _, generator, generator_names, _ = models = _models(config)
-    _perturb_lora(generator, generator_names)
+    perturb_lora(generator, generator_names, seed=5, scale=0.05, replace=False)
     captions = [
         f"a {size} {color} circle" for size in ("small", "large") for color in ("red", "blue", "green")
     ]
@@ -180,8 +170,8 @@ def test_cycle_weight_warms_up_linearly(tiny_models) -> None:
     models = _models(config)
     plain = _config(tiny_models, "cycle.i2t2i.mode=soft")
     for update, ramp in ((2, 0.5), (4, 1.0)):
-        warming = _phase("captioner", models, config, _batch(), update=update).terms["i2t2i_soft"]
-        unweighted = _phase("captioner", models, plain, _batch(), update=update).terms["i2t2i_soft"]
+        warming = _phase("captioner", models, config, _batch(), step=update).terms["i2t2i_soft"]
+        unweighted = _phase("captioner", models, plain, _batch(), step=update).terms["i2t2i_soft"]
         torch.testing.assert_close(warming, 2 * ramp * unweighted)
 
 
@@ -249,9 +239,7 @@ def _train_arm(phase: str, models, config: Config, batch: dict, *, fresh_draws: 
         [param for name, param in trained.named_parameters() if name in names], lr=3e-3
     )
     for update in range(15):
-        sum(
-            _phase(phase, models, config, batch, update=update if fresh_draws else 0).terms.values()
-        ).backward()
+        sum(_phase(phase, models, config, batch, step=update if fresh_draws else 0).terms.values()).backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -259,7 +247,7 @@ def _train_arm(phase: str, models, config: Config, batch: dict, *, fresh_draws: 
 def _cycle_measure(phase: str, models, config: Config) -> float:
     """The cycle term on the fixed evaluation batch with fixed noise."""
     with torch.no_grad():
-        output = _phase(phase, models, config, _distinct_batch(), update=0)
+        output = _phase(phase, models, config, _distinct_batch(), step=0)
     return next(value for name, value in output.terms.items() if name.startswith(("i2t2i_", "t2i2t_"))).item()
 
 

@@ -15,7 +15,7 @@ from models.randomness import DrawKey
 
 CAPTIONS = ["a red circle at the top", "a small blue square", "a large green triangle in the corner"]
 IDS = ["sample-0", "sample-1", "sample-2"]
-KEY = DrawKey(seed=0, update=7)
+KEY = DrawKey(seed=0, step=7)
 ONE_STEP = T2I2TSettings(mode="one_step")
 SAMPLE = T2I2TSettings(mode="sample", num_inference_steps=3, grad_steps=2)
 GUIDED_SAMPLE = T2I2TSettings(mode="sample", num_inference_steps=2, grad_steps=1, guidance_scale=3.0)
@@ -150,7 +150,7 @@ def test_draws_are_per_sample_and_reproducible(
         ]
         again = mode(T2I2TStep(generator, frozen_captioner, batch, KEY), settings).loss
         next_update = mode(
-            T2I2TStep(generator, frozen_captioner, batch, DrawKey(seed=0, update=8)), settings
+            T2I2TStep(generator, frozen_captioner, batch, DrawKey(seed=0, step=8)), settings
         ).loss
     assert torch.allclose(full, torch.stack(alone).mean(), atol=1e-5)
     assert torch.equal(full, again)

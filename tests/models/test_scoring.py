@@ -11,7 +11,7 @@ from models.randomness import DrawKey
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
 from models.tiny import save_tiny_generator
 
-KEY = DrawKey(seed=7, update=3)
+KEY = DrawKey(seed=7, step=3)
 
 
 def _pixels(batch: int) -> torch.Tensor:
@@ -41,7 +41,7 @@ def test_identical_candidates_score_identically_and_each_image_draws_its_own_noi
         frozen_generator,
         pixels01,
         candidates,
-        key=DrawKey(seed=8, update=3),
+        key=DrawKey(seed=8, step=3),
         ids=["img-0", "img-1"],
         num_timesteps=3,
     )

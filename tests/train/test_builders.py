@@ -13,6 +13,7 @@ import pytest
 import torch
 from cycle_runs import tiny_config
 from datasets import Dataset
+from lora_weights import perturb_lora
 from PIL import Image
 
 from data.images import load_rgb
@@ -36,15 +37,6 @@ def _batch(size: int = 2) -> dict:
         "pixels": torch.rand(size, 3, 32, 32),
         "captions": ["a small red circle in the top left", "a large blue square in the center"][:size],
     }
-
-
-def _perturb_lora(module: torch.nn.Module, names: list[str]) -> None:
-    """LoRA B starts at zero (so A gets no gradient); give every adapter weight a value."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name in names:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def _grads(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -88,8 +80,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, train_mode
         captioner, captioner_names = build_captioner(config.captioner)
         generator, generator_names = build_generator(config.generator)
         if train_mode == "lora":
-            _perturb_lora(captioner, captioner_names)
-            _perturb_lora(generator, generator_names)
+            perturb_lora(captioner, captioner_names, seed=2, scale=0.1, replace=True)
+            perturb_lora(generator, generator_names, seed=2, scale=0.1, replace=True)
         assert captioner.model.is_gradient_checkpointing == checkpointing
         assert generator.unet.is_gradient_checkpointing == checkpointing
         captioner.train()

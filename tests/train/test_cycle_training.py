@@ -10,6 +10,8 @@ import torch
 from cycle_runs import run_cycle, sample_log, tiny_overrides
 from safetensors.torch import load_file
 
+from losses.i2t2i import I2T2I_MODES
+from losses.t2i2t import T2I2T_MODES
 from train.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -44,16 +46,18 @@ def warmed_up(tiny_models, tmp_path_factory) -> Path:
     return output_dir
 
 
-@pytest.mark.parametrize(
-    ("trained", "frozen", "mode"),
-    [
-        ("captioner", "generator", "cycle.i2t2i.mode=soft"),
-        ("captioner", "generator", "cycle.i2t2i.mode=gumbel"),
-        ("captioner", "generator", "cycle.i2t2i.mode=reward"),
-        ("generator", "captioner", "cycle.t2i2t.mode=one_step"),
-        ("generator", "captioner", "cycle.t2i2t.mode=sample"),
-    ],
-)
+# Every registered mode, trained through its frozen partner.
+MODE_RUNS = [
+    (trained, frozen, f"cycle.{table.direction}.mode={name}")
+    for trained, frozen, table in (
+        ("captioner", "generator", I2T2I_MODES),
+        ("generator", "captioner", T2I2T_MODES),
+    )
+    for name in table.modes
+]
+
+
+@pytest.mark.parametrize(("trained", "frozen", "mode"), MODE_RUNS)
 def test_two_process_cycle_updates_reach_only_the_trained_model(
     warmed_up: Path, tiny_models, tmp_path: Path, trained: str, frozen: str, mode: str
 ) -> None:

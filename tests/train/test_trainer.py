@@ -258,14 +258,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_models, tmp_path: Pat
 def test_nonfinite_updates_are_skipped_and_counted(tiny_models, tmp_path: Path) -> None:
     output_dir = tmp_path / "diverged"
     # An absurd learning rate blows the generator's LoRA weights up after its first update.
-    run_cycle(
-        [
-            *tiny_overrides(tiny_models, output_dir),
-            "generator.optimizer.learning_rate=1.0e+30",
-            "generator.optimizer.max_grad_norm=null",
-            "train.max_train_steps=6",
-        ]
-    )
+    diverging = ["generator.optimizer.learning_rate=1.0e+30", "generator.optimizer.max_grad_norm=null"]
+    run_cycle([*tiny_overrides(tiny_models, output_dir), *diverging, "train.max_train_steps=6"])
     state = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["step"] == 6
     assert state["skipped_nonfinite"] >= 1

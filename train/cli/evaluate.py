@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, help="evaluate only the first N validation images")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--num-beams", type=int, default=SamplingSettings.num_beams)
     parser.add_argument(
         "--inference-steps", type=int, help="default: the config's train.validation_inference_steps"
     )

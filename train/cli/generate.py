@@ -25,6 +25,11 @@ from evaluation.rankings_file import save_png
 from models.captioner import Captioner
 from models.generator import Generator
 from models.sampling_settings import SamplingSettings
+from train.cli.sampling_arguments import (
+    add_caption_sampling_arguments,
+    add_image_sampling_arguments,
+    add_seed_argument,
+)
 from train.inference import add_model_arguments, model_sources
 from train.queries import ImageQuery, TextQuery, folder_records, image_queries, prompt_records, text_queries
 
@@ -101,9 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     captions.add_argument(
         "--sample", action="store_true", help="nucleus sampling (seeded) instead of beam search"
     )
-    captions.add_argument("--top-p", type=float, default=0.9)
-    captions.add_argument("--temperature", type=float, default=1.0)
-    captions.add_argument("--max-new-tokens", type=int)
+    add_caption_sampling_arguments(captions)
     captions.add_argument("--prompt", help="text every caption continues (stripped from the output)")
     captions.add_argument("--batch-size", type=int, default=8)
     images = modes.add_parser("images", help="generate images for a prompts file")
@@ -112,11 +115,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     images.add_argument("--out", type=Path, required=True, help="folder for the PNGs and images.jsonl")
     images.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    images.add_argument("--inference-steps", type=int, default=SamplingSettings.num_inference_steps)
-    images.add_argument("--guidance-scale", type=float, default=SamplingSettings.guidance_scale)
     images.add_argument("--batch-size", type=int, default=4, help="prompts per sampling batch")
+    add_image_sampling_arguments(images)
     for subparser in (captions, images):
-        subparser.add_argument("--seed", type=int, default=SamplingSettings.seed)
+        add_seed_argument(subparser)
         add_model_arguments(subparser)
     return parser.parse_args(argv)
 

@@ -34,6 +34,11 @@ from evaluation.similarity import (
     text_similarity_measure,
 )
 from models.sampling_settings import SamplingSettings
+from train.cli.sampling_arguments import (
+    add_caption_sampling_arguments,
+    add_image_sampling_arguments,
+    add_seed_argument,
+)
 from train.config import Config, ConfigError
 from train.inference import ModelSources, add_model_arguments, model_sources
 from train.queries import config_records, folder_records, image_queries, prompt_records, text_queries
@@ -76,9 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--num-beams", type=int, default=4, help="beam-search candidates (top beams of one search)"
     )
     captions.add_argument("--num-samples", type=int, default=4, help="nucleus-sampled candidates")
-    captions.add_argument("--top-p", type=float, default=0.9)
-    captions.add_argument("--temperature", type=float, default=1.0)
-    captions.add_argument("--max-new-tokens", type=int)
+    add_caption_sampling_arguments(captions)
     captions.add_argument(
         "--similarity", choices=IMAGE_SIMILARITIES, default="mse", help="reconstruction vs image"
     )
@@ -95,15 +98,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="re-caption vs prompt; auto: SBERT if available, else token_f1; cider_d: idf over one batch",
     )
-    images.add_argument("--recaption-beams", type=int, default=3)
+    images.add_argument("--recaption-beams", type=int, default=SamplingSettings.num_beams)
 
     for subparser in (captions, images):
         subparser.add_argument("--out", type=Path, required=True, help="output folder")
         subparser.add_argument("--limit", type=int, help="rank only the first N queries")
         subparser.add_argument("--batch-size", type=int, default=4, help="queries per batch")
-        subparser.add_argument("--inference-steps", type=int, default=20)
-        subparser.add_argument("--guidance-scale", type=float, default=3.0)
-        subparser.add_argument("--seed", type=int, default=0)
+        add_image_sampling_arguments(subparser)
+        add_seed_argument(subparser)
         add_model_arguments(subparser)
         _add_weight_arguments(subparser)
 

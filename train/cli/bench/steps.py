@@ -17,17 +17,12 @@ from data.mixer import BatchMixer
 from models.lora import GENERATOR_LORA_TARGETS
 from train.builders import (
     BASE_DTYPES,
-    build_bridge,
-    build_captioner,
-    build_encoder_cache,
-    build_generator,
-    build_lr_scheduler,
-    build_optimizer,
     build_streams,
 )
 from train.cli.bench.measure import timed
 from train.cli.bench.stats_ratios import median
 from train.config import Config
+from train.run import build_run
 from train.step import batch_to_device, phase_step
 
 
@@ -45,40 +40,29 @@ class TrainerStep:
     """
 
     def __init__(self, config: Config, phase: str, device: str) -> None:
-        self.config, self.phase, self.update = config, phase, 0
+        self.config, self.phase, self.steps_done = config, phase, 0
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device == "cpu")
-        captioner, captioner_names = build_captioner(config.captioner, config.mixed_precision)
-        generator, generator_names = build_generator(config.generator, config.mixed_precision)
-        generator.encoder_cache = build_encoder_cache(config, generator)
-        trained, names = (
-            (captioner, captioner_names) if phase == "captioner" else (generator, generator_names)
-        )
-        settings = config.phase_settings(phase).optimizer
-        optimizer = build_optimizer(trained, names, settings)
-        self.scheduler = build_lr_scheduler(optimizer, settings, num_updates=1_000_000)
-        self.bridge = build_bridge(config, captioner, generator, self.accelerator.device)
+        self.run = build_run(config, self.accelerator)  # the trainer's own build: models, optimizers, bridge
         self.batch = batch_to_device(fixed_batch(config, phase), self.accelerator.device)
-        captioner, generator, self.optimizer = self.accelerator.prepare(captioner, generator, optimizer)
-        self.models = {"captioner": captioner, "generator": generator}
-        self.generator = self.accelerator.unwrap_model(generator)
-        self.captioner = self.accelerator.unwrap_model(captioner)
+        self.generator = self.accelerator.unwrap_model(self.run.models["generator"])
+        self.captioner = self.accelerator.unwrap_model(self.run.models["captioner"])
         self.on_stage: Callable[[str], None] = lambda stage: None
 
     def step(self) -> None:
         result = phase_step(
             self.accelerator,
             self.phase,
-            models=self.models,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            models=self.run.models,
+            optimizer=self.run.parts.optimizers[self.phase],
+            scheduler=self.run.parts.schedulers[self.phase],
             next_batch=lambda key: self.batch,
             config=self.config,
-            update=self.update,
-            bridge=self.bridge,
+            step=self.steps_done,
+            bridge=self.run.bridge,
             on_stage=self.on_stage,
         )
         self.logged = {name: float(value) for name, value in result.terms.items()}
-        self.update += 1
+        self.steps_done += 1
 
     def extra(self) -> dict[str, Any]:
         cache = self.generator.encoder_cache
