@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from data.images import ImageInput
+from data.images import ImageInput, ImageSource
 from data.skips import SkipLedger
 from data.sources import (
-    ImageLoader,
     SourceResult,
     SourceSettings,
     existing_path,
@@ -78,7 +77,7 @@ def hf_dataset(
     image_rows = _hf_image_rows(dataset, image_column, base_dir)
     captions = dataset.with_format("arrow")[caption_column].to_pylist()
     skips = SkipLedger()
-    entries: list[tuple[str, Path | ImageLoader, str]] = []
+    entries: list[tuple[str, ImageSource, str]] = []
     source_name = path if name is None else f"{path}/{name}"
     for row, (image, caption_value) in enumerate(zip(image_rows, captions, strict=True)):
         where = f"{source_name}:{split}:{row}"
@@ -116,9 +115,7 @@ def _load_hf(path: str, split: str, name: str | None, revision: str | None) -> d
     return datasets.load_dataset(path, name=name, split=split, revision=revision)
 
 
-def _hf_image_rows(
-    dataset: datasets.Dataset, column: str, base_dir: Path | None
-) -> list[Path | ImageLoader | str]:
+def _hf_image_rows(dataset: datasets.Dataset, column: str, base_dir: Path | None) -> list[ImageSource | str]:
     """Per row: the image file, a loader of its embedded bytes, or the skip reason (a str)."""
     import pyarrow.compute as pc
     from datasets import Image as ImageFeature
@@ -130,7 +127,7 @@ def _hf_image_rows(
         encoded = dataset.select_columns([column]).cast_column(column, ImageFeature(decode=False))
     else:
         has_bytes, paths, encoded = [False] * len(values), values.to_pylist(), None
-    rows: list[Path | ImageLoader | str] = []
+    rows: list[ImageSource | str] = []
     for row, (embedded, path) in enumerate(zip(has_bytes, paths, strict=True)):
         if embedded:
             rows.append(_EmbeddedImage(encoded, column, row))
@@ -189,7 +186,7 @@ def coco_captions(
 
 def _coco_entries(
     data: dict[str, Any], label: str, images_root: Path, skips: SkipLedger
-) -> list[tuple[str, Path | ImageLoader | None, str]]:
+) -> list[tuple[str, ImageSource | None, str]]:
     image_files: dict[int, Path] = {}
     for index, image in enumerate(data["images"]):
         where = f"{label}:images[{index}]"
@@ -199,7 +196,7 @@ def _coco_entries(
             image_files[image_id] = images_root / file_name
     annotations = data["annotations"] if isinstance(data["annotations"], list) else []
     file_exists: dict[Path, bool] = {}
-    entries: list[tuple[str, Path | ImageLoader | None, str]] = []
+    entries: list[tuple[str, ImageSource | None, str]] = []
     for index, annotation in enumerate(annotations):
         where = f"{label}:annotations[{index}]"
         image_id = typed_field(annotation, "image_id", int, skips, where)
@@ -221,14 +218,14 @@ def _coco_entries(
 
 def _karpathy_entries(
     data: dict[str, Any], label: str, images_root: Path, split: str | None, skips: SkipLedger
-) -> list[tuple[str, Path | ImageLoader | None, str]]:
+) -> list[tuple[str, ImageSource | None, str]]:
     images = data["images"]
     wanted = None if split is None else _KARPATHY_SPLIT_ALIASES.get(split, frozenset({split}))
     if wanted is not None:
         available = sorted({str(image.get("split")) for image in images if isinstance(image, dict)})
         if not wanted & set(available):
             raise ValueError(f"{label}: unknown split {split!r}; the file has {available}")
-    entries: list[tuple[str, Path | ImageLoader | None, str]] = []
+    entries: list[tuple[str, ImageSource | None, str]] = []
     for index, image in enumerate(images):
         where = f"{label}:images[{index}]"
         if wanted is not None and isinstance(image, dict) and image.get("split") not in wanted:

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -37,14 +37,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from data import shapes as shapes_world
-from data.images import ImageInput
+from data.images import ImageInput, ImageSource
 from data.skips import SkipLedger
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
-ImageLoader = Callable[[], ImageInput]
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class Record:
     """One sample: an image (a file, or a callable returning what load_rgb accepts), a caption, or both."""
 
     id: str
-    image: Path | ImageLoader | None
+    image: ImageSource | None
     caption: str | None
 
 
@@ -94,7 +92,7 @@ def image_folder(path: str | os.PathLike, caption_column: str = "text") -> Sourc
             "use image_only_folder for a folder of images without captions"
         )
     skips = SkipLedger()
-    entries: list[tuple[str, Path | ImageLoader, str]] = []
+    entries: list[tuple[str, ImageSource, str]] = []
     for manifest in manifests:
         for where, row in _jsonl_rows(manifest, skips, label=str(manifest)):
             file_name = typed_field(row, "file_name", str, skips, where)
@@ -139,7 +137,7 @@ def text_only_file(path: str | os.PathLike, text_column: str = "text") -> Source
     """Text-only records from a .txt file (one caption per line) or a .jsonl file (text_column per row)."""
     file = existing_path(path, directory=False)
     skips = SkipLedger()
-    entries: list[tuple[str, Path | ImageLoader | None, str]] = []
+    entries: list[tuple[str, ImageSource | None, str]] = []
     if file.suffix == ".jsonl":
         for where, row in _jsonl_rows(file, skips, label=str(path)):
             entries.extend(
@@ -174,7 +172,7 @@ def shapes(
     """
     if num_samples <= 0:
         raise ValueError(f"shapes: num_samples must be positive, got {num_samples}")
-    entries: list[tuple[str, Path | ImageLoader | None, str]] = []
+    entries: list[tuple[str, ImageSource | None, str]] = []
     for index in range(num_samples):
         rng = np.random.default_rng([seed, index])
         scene = shapes_world.random_scene(rng, combinations)
@@ -285,7 +283,7 @@ def existing_path(path: str | os.PathLike, *, directory: bool) -> Path:
 
 
 def finish_source(
-    entries: list[tuple[str, Path | ImageLoader | None, str | None]],
+    entries: list[tuple[str, ImageSource | None, str | None]],
     skips: SkipLedger,
     kind: str,
     source: str,

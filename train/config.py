@@ -25,6 +25,7 @@ from losses.phases import CycleSettings
 from losses.settings import Strict
 from losses.supervised import CaptionLossSettings, DenoiseLossSettings
 from losses.t2i2t import T2I2T_MODES
+from models.families import MODEL_TYPE, PIPELINE_CLASS
 from models.locate import ModelSourceError, locate_model
 from models.sampling_settings import SamplingSettings
 
@@ -292,8 +293,9 @@ def load_config(
         raise _explain(error, origin) from None
 
 
-# The file at the root of every loadable model of each kind (transformers config / diffusers pipeline index).
-MODEL_MARKERS: dict[Phase, str] = {"captioner": "config.json", "generator": "model_index.json"}
+# The file at the root of every loadable model of each kind, as the families registry reads it
+# (transformers config / diffusers pipeline index).
+MODEL_MARKERS: dict[Phase, str] = {"captioner": MODEL_TYPE.file, "generator": PIPELINE_CLASS.file}
 
 
 def check_model_source(settings: ModelSettings, phase: Phase) -> None:
