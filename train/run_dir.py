@@ -2,11 +2,11 @@
 
     {output_dir}/
       config.yaml               the resolved config, written when the run starts (a crashed run keeps it)
-      checkpoint-{N}/           resumable state after N updates (train/checkpoint.py); it holds its own
+      checkpoint-{N}/           resumable state after N steps (train/checkpoint.py); it holds its own
                                 config.yaml and {model}_trainable.safetensors, which also mark it as a
                                 checkpoint; `.tmp-checkpoint-{N}/` while it is being written
       export/                   adapters in the formats other tools load (train/adapter_export.py)
-      samples.jsonl             which sample ids trained each update (train/tracking.py StepLog)
+      samples.jsonl             which sample ids trained each step (train/tracking.py StepLog)
       metrics.jsonl             every logged scalar, for curves without a tracker
       logs/                     TensorBoard events (report_to tensorboard / all)
       wandb/                    W&B's run files, made by W&B inside the folder given as its dir
