@@ -2,7 +2,8 @@
 
     accelerate launch train/cycle.py --config configs/tiny.yaml train.max_train_steps=20 output_dir=runs/x
 
-Read top to bottom: build -> (resume) -> loop over optimizer updates -> checkpoint -> export. Every
+Read top to bottom: build -> (resume) -> loop over steps (one optimizer update of one model each) ->
+checkpoint -> export. Every
 component (models, losses, data, checkpoints, tracking) lives in its own package; this file is the algorithm.
 """
 
@@ -21,9 +22,7 @@ from tqdm.auto import tqdm
 
 from models.randomness import DrawKey
 from train.adapter_export import export_run
-from train.builders import (
-    build_validation_batch,
-)
+from train.builders import build_validation_batch
 from train.checkpoint import (
     CheckpointError,
     PreemptionSignal,
@@ -31,13 +30,7 @@ from train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from train.config import (
-    PHASES,
-    Config,
-    ConfigError,
-    check_model_sources,
-    load_config,
-)
+from train.config import PHASES, Config, ConfigError, check_model_sources, load_config
 from train.run import Run, build_run, resume_target, validate_on_main
 from train.run_dir import RunDir, write_config
 from train.step import PhaseStepResult, phase_step
@@ -57,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     return load_config(args.config, args.overrides), [args.config, *args.overrides]
 
 
-def record_update(run: Run, phase: str, result: PhaseStepResult, window: LoggingWindow) -> LoggingWindow:
+def record_step(run: Run, phase: str, result: PhaseStepResult, window: LoggingWindow) -> LoggingWindow:
     """Count the step and its bad records (the same on every rank), log samples and, every
     train.logging_steps steps, each model's mean loss terms since the last log. Returns the open window."""
     state, config = run.state, run.config
@@ -119,7 +112,7 @@ def train(run: Run) -> bool:
             bridge=run.bridge,
             stop_requested=preemption.received,
         )
-        window = record_update(run, phase, result, window)
+        window = record_step(run, phase, result, window)
         progress.update(1)
         if config.train.validation_steps and state.step % config.train.validation_steps == 0:
             validate_on_main(run, validation_batch)
@@ -195,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         run.state.skipped_records.merge(found_while_building)
-        logger.info("resumed from %s at update %d", resume_dir, run.state.step)
+        logger.info("resumed from %s at step %d", resume_dir, run.state.step)
     if accelerator.is_main_process:
         run.logs = (
             StepLog(run_dir.samples_log, run.state.step),
