@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from train.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+RECIPE = REPO / "train" / "cycle.py"
 EXPORTED = ("captioner/adapter_model.safetensors", "generator/pytorch_lora_weights.safetensors")
 
 
@@ -118,3 +120,16 @@ def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
         for key, value in load_file(str(RunDir(output_dir).export_dir / relative)).items():
             weights[f"{relative}:{key}"] = value
     return weights
+
+
+def run_recipe_in_process(argv: list[str]) -> int:
+    """`python train/cycle.py ARGV`, run as a script in this process (no interpreter start-up): the exit
+    code it returns. The recipe is executed as users run it, never imported."""
+    saved, sys.argv = sys.argv, [str(RECIPE), *argv]
+    try:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 1
+    finally:
+        sys.argv = saved
+    return 0

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from cycle_runs import launch_command, run_cycle, run_launched, tiny_overrides
+from cycle_runs import run_cycle, run_recipe_in_process, tiny_overrides
 
 from data.shapes import all_scenes, render
 from train.cli import evaluate, export, generate, rerank
@@ -85,24 +84,19 @@ def _plant(run: Path, tmp_path: Path, name: str, *, torch_format: bool = False) 
     return copy, marker
 
 
-def _resume(argv: list[str], check: bool = False) -> subprocess.CompletedProcess:
-    """Resume the recipe as users do, in its own process (nothing imports the recipe)."""
-    return run_launched(
-        launch_command(
-            ["train/cycle.py", *argv, "train.max_train_steps=4", "train.resume_from_checkpoint=latest"]
-        ),
-        check=check,
-    )
+def _resume(argv: list[str]) -> int:
+    """Resume the recipe from the planted folder, as `python train/cycle.py` does."""
+    return run_recipe_in_process([*argv, "train.max_train_steps=4", "train.resume_from_checkpoint=latest"])
 
 
 @pytest.mark.parametrize("name", TRAINER_READS)
 def test_resume_refuses_a_planted_pickle_naming_the_file(
-    trained_run: Path, tmp_path: Path, tiny_models, name: str
+    trained_run: Path, tmp_path: Path, tiny_models, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run, marker = _plant(trained_run, tmp_path, f"checkpoint-2/{name}")
     argv = ["--config", str(run / "config.yaml"), *tiny_overrides(tiny_models, run)]
-    result = _resume(argv)
-    code, error = result.returncode, result.stderr
+    code = _resume(argv)
+    error = capsys.readouterr().err
     assert not marker.exists(), "the payload ran"
     if name == "manifest.json":  # no valid manifest: `latest` passes the folder over and starts afresh
         assert code == 0
@@ -118,7 +112,7 @@ def test_resume_never_reads_pickles_of_other_formats(trained_run: Path, tmp_path
         run / "checkpoint-2", json.loads((run / "checkpoint-2" / MANIFEST_NAME).read_text())["required"]
     )
     argv = ["--config", str(run / "config.yaml"), *tiny_overrides(tiny_models, run)]
-    _resume(argv, check=True)
+    assert _resume(argv) == 0
     assert not marker.exists(), "the payload ran"
     assert (run / "checkpoint-4").is_dir()
 
