@@ -22,23 +22,30 @@ from train.config import Config
 logger = logging.getLogger(__name__)
 
 
-def trackers_for(report_to: str) -> list[str]:
-    return {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"]}[
-        report_to
-    ]
+def trackers_for(report_to: str) -> list[str] | None:
+    """Accelerator's log_with for report_to; None (not []) for "none", which Accelerate takes without a warning."""
+    return {
+        "none": None,
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
+        "all": ["wandb", "tensorboard"],
+    }[report_to]
 
 
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {'train.max_train_steps': 20, ...}; lists become strings (TensorBoard hparams)."""
+def flatten(values: dict[str, Any], prefix: str = "", *, scalars_only: bool = False) -> dict[str, Any]:
+    """Nested config -> {'train.max_train_steps': 20, ...}. With scalars_only (TensorBoard's hparams take
+    numbers and strings only), lists become their repr and None "None"; otherwise values keep their types."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, list | tuple):
+            flat.update(flatten(value, f"{name}.", scalars_only=scalars_only))
+        elif scalars_only and isinstance(value, list | tuple):
             flat[name] = str(value)
+        elif scalars_only and value is None:
+            flat[name] = "None"
         else:
-            flat[name] = "None" if value is None else value
+            flat[name] = value
     return flat
 
 
@@ -48,9 +55,10 @@ def start_tracking(accelerator: Accelerator, config: Config, run_id: str | None)
     init_kwargs = {
         "wandb": {"id": run_id, "resume": "allow", "name": config.run_name, "dir": config.output_dir},
     }
-    accelerator.init_trackers(
-        config.tracker_project_name, config=flatten(config.model_dump(mode="json")), init_kwargs=init_kwargs
-    )
+    accelerator.init_trackers(config.tracker_project_name, init_kwargs=init_kwargs)
+    values = config.model_dump(mode="json")
+    for tracker in accelerator.trackers:  # main process only; W&B keeps lists as lists and None as null
+        tracker.store_init_configuration(flatten(values, scalars_only=tracker.name != "wandb"))
     return run_id
 
 

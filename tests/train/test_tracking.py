@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from accelerate import Accelerator
 
-from train.tracking import LoggingWindow
+from train.tracking import LoggingWindow, trackers_for
 
 
 def test_window_means_each_models_terms_over_its_own_updates_and_keeps_the_last_lr() -> None:
@@ -27,3 +30,12 @@ def test_window_keeps_tensors_on_their_device_until_the_summary() -> None:
     window.add("generator", {"denoise": torch.tensor(2.0), "weight": 0.5}, samples=1, lr=0.1, grad_norm=1.0)
     assert torch.is_tensor(window.sums["generator"]["denoise"])
     assert window.summary()["generator/weight"] == pytest.approx(0.5)
+
+
+def test_report_to_none_starts_no_tracker_and_warns_nothing() -> None:
+    """Accelerate warns about `log_with=[]` ("no supported trackers are installed"): none must pass None."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        accelerator = Accelerator(log_with=trackers_for("none"))
+    assert not [str(w.message) for w in caught if "log_with" in str(w.message)]
+    assert accelerator.log_with == []

@@ -104,6 +104,9 @@ def test_offline_wandb_run_holds_config_and_loss_series(finished_run) -> None:
     config = logged_config(run_file)
     assert config["train.max_train_steps"] == 4
     assert config["generator.lora.rank"] == 4
+    # Values keep their types in W&B (TensorBoard alone gets strings): a list stays a list, None is null.
+    assert config["train.schedule"] == ["captioner", "generator"]
+    assert config["captioner.revision"] is None
     rows = history(run_file)
     caption_losses = [row["captioner/caption_ce"] for row in rows if "captioner/caption_ce" in row]
     denoise_losses = [row["generator/denoise"] for row in rows if "generator/denoise" in row]
