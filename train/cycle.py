@@ -30,6 +30,7 @@ from train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from train.cli.help_format import HelpFormatter
 from train.config import PHASES, Config, ConfigError, check_model_sources, load_config
 from train.run import Run, build_run, resume_target, validate_on_main
 from train.run_dir import RunDir, write_config
@@ -41,9 +42,7 @@ logger = logging.getLogger("cycletune")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_train_steps=20")
     args = parser.parse_args(argv)

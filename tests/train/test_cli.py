@@ -318,3 +318,23 @@ def test_evaluate_defaults_to_the_shapes_metrics_only_on_shapes_data(tiny_models
     assert "shapes_image_accuracy" not in evaluate.default_metrics(
         coco
     ) and "fid" in evaluate.default_metrics(coco)
+
+
+@pytest.mark.parametrize(
+    ("parse_args", "argv", "shown"),
+    [
+        (generate.parse_args, ["images", "--help"], ["(default: 20)", "(default: 3.0)", "(default: 4)"]),
+        (generate.parse_args, ["captions", "--help"], ["(default: 0.9)", "(default: 3)"]),
+        (rerank.parse_args, ["captions", "--help"], ["(default: mse)", "(default: 0.9)", "(default: 20)"]),
+        (rerank.parse_args, ["report", "--help"], ["(default: 1000)", "(default: 0.95)"]),
+        (evaluate.parse_args, ["--help"], ["(default: 8)", "(default: 3)"]),
+    ],
+)
+def test_help_shows_every_default_and_no_empty_ones(
+    parse_args, argv: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    text = capsys.readouterr().out
+    assert all(default in text for default in shown), text
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from evaluation.demo_report import ContactSheet, format_table, write_demo_report
 from evaluation.shapes_split import PARTS, PairResults, TestSplit, evaluate_pair, load_test_split
 from models.sampling_settings import SamplingSettings
+from train.cli.help_format import HelpFormatter
 from train.cli.launch import launch_command, run_timed
 from train.config import Config, load_config
 from train.inference import ModelSources
@@ -60,9 +61,7 @@ SHEET_EXAMPLES_PER_PART = 4
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the cycle arm's config")
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="folder with captioner/, generator/")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))

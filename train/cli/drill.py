@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from train.cli.help_format import HelpFormatter
 from train.manifest import MANIFEST_NAME, manifest_problem
 from train.run_dir import RunDir, checkpoint_step, staging_step
 
@@ -265,9 +266,7 @@ def reference_run(models: Path, work: Path) -> tuple[dict[str, torch.Tensor], Ti
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seeds every kill point (printed)")
     parser.add_argument("--trials", type=int, default=20, help="half anywhere, half inside a save")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "drill", help="emptied first")

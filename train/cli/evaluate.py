@@ -33,6 +33,7 @@ from evaluation.sample_metrics import (
 from models.captioner import Captioner
 from models.generator import Generator
 from models.sampling_settings import SamplingSettings
+from train.cli.help_format import HelpFormatter
 from train.config import Config, ConfigError
 from train.inference import add_model_arguments, model_sources
 from train.queries import ImageQuery, config_records, image_queries
@@ -78,9 +79,7 @@ def format_table(results: dict[str, MetricResult]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. evaluation.lpips_net=vgg")
     parser.add_argument(

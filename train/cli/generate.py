@@ -25,6 +25,7 @@ from evaluation.rankings_file import save_png
 from models.captioner import Captioner
 from models.generator import Generator
 from models.sampling_settings import SamplingSettings
+from train.cli.help_format import HelpFormatter
 from train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
@@ -92,11 +93,11 @@ def draw_prompts(generator: Generator, queries: Sequence[TextQuery], args: argpa
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
-    captions = modes.add_parser("captions", help="caption every image of a folder")
+    captions = modes.add_parser(
+        "captions", formatter_class=HelpFormatter, help="caption every image of a folder"
+    )
     captions.add_argument(
         "--images", type=Path, required=True, help="folder of images (searched recursively)"
     )
@@ -109,7 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_caption_sampling_arguments(captions)
     captions.add_argument("--prompt", help="text every caption continues (stripped from the output)")
     captions.add_argument("--batch-size", type=int, default=8)
-    images = modes.add_parser("images", help="generate images for a prompts file")
+    images = modes.add_parser(
+        "images", formatter_class=HelpFormatter, help="generate images for a prompts file"
+    )
     images.add_argument(
         "--prompts", type=Path, required=True, help=".txt (one per line) or .jsonl ({'text': ...})"
     )

@@ -34,6 +34,7 @@ from evaluation.similarity import (
     text_similarity_measure,
 )
 from models.sampling_settings import SamplingSettings
+from train.cli.help_format import HelpFormatter
 from train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
@@ -68,12 +69,12 @@ def _evaluation_settings(args: argparse.Namespace, config: Config | None) -> Eva
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
 
-    captions = modes.add_parser("captions", help="rank candidate captions of each image")
+    captions = modes.add_parser(
+        "captions", formatter_class=HelpFormatter, help="rank candidate captions of each image"
+    )
     captions.add_argument(
         "--images", type=Path, help="image folder (with metadata.jsonl: captions as references)"
     )
@@ -89,7 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--score-timesteps", type=int, default=4, help="noise draws of the denoising-loss ranking"
     )
 
-    images = modes.add_parser("images", help="rank generated images of each prompt")
+    images = modes.add_parser(
+        "images", formatter_class=HelpFormatter, help="rank generated images of each prompt"
+    )
     images.add_argument("--prompts", type=Path, help=".txt (one per line) or .jsonl prompts")
     images.add_argument("--num-images", type=int, default=4, help="generated candidates per prompt")
     images.add_argument(
@@ -109,7 +112,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         add_model_arguments(subparser)
         _add_weight_arguments(subparser)
 
-    report = modes.add_parser("report", help="mean quality per rank, with bootstrap confidence intervals")
+    report = modes.add_parser(
+        "report",
+        formatter_class=HelpFormatter,
+        help="mean quality per rank, with bootstrap confidence intervals",
+    )
     report.add_argument("--rankings", type=Path, required=True, help="a rankings.jsonl written by this tool")
     report.add_argument(
         "--metric",

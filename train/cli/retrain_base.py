@@ -24,6 +24,7 @@ import diffusers
 import torch
 import transformers
 
+from train.cli.help_format import HelpFormatter
 from train.cli.launch import launch_command, run_timed
 from train.config import load_config
 from train.run_dir import RunDir
@@ -32,9 +33,7 @@ VALIDATION_METRICS = "shapes_caption_accuracy,shapes_image_accuracy"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/shapes_base.yaml"))
     parser.add_argument("--out", type=Path, default=Path("pretrained/shapes-base"))
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_train_steps=50")

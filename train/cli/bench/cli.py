@@ -35,6 +35,7 @@ from train.cli.bench.bench_report import machine_info, write_report
 from train.cli.bench.checks import acceptance
 from train.cli.bench.orchestrate import DEFAULT_PAIRS, DEFAULT_WARMUP, Plan, bench_architecture
 from train.cli.bench.reward_cost import reward_cost
+from train.cli.help_format import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[3]
 # The shapes demo's committed base generator (make base), scored by the reward-cost comparison.
@@ -92,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train.cli.bench",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", default=str(REPO / "runs" / "bench"), help="results, models and logs folder")
     parser.add_argument(
