@@ -13,6 +13,7 @@ import argparse
 import copy
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     return load_config(args.config, args.overrides), [args.config, *args.overrides]
 
 
-def record_step(run: Run, phase: str, result: PhaseStepResult, window: LoggingWindow) -> LoggingWindow:
+def record_step(
+    run: Run, phase: str, result: PhaseStepResult, started: float, window: LoggingWindow
+) -> LoggingWindow:
     """Count the step and its bad records (the same on every rank), log samples and, every
     train.logging_steps steps, each model's mean loss terms since the last log. Returns the open window."""
     state, config = run.state, run.config
@@ -65,7 +68,8 @@ def record_step(run: Run, phase: str, result: PhaseStepResult, window: LoggingWi
     if run.logs is not None:
         run.logs[0].append(state.step, phase=phase, ids=ids)
     lr = run.parts.schedulers[phase].get_last_lr()[0]
-    window.add(phase, result.terms, len(ids), lr=lr, grad_norm=result.grad_norm)
+    seconds = time.perf_counter() - started
+    window.add(phase, result.terms, len(ids), seconds, lr=lr, grad_norm=result.grad_norm)
     if state.step % config.train.logging_steps:
         return window
     logs: dict[str, Any] = window.summary() | {
@@ -94,6 +98,7 @@ def train(run: Run) -> bool:
     )
     window = LoggingWindow()
     while state.step < config.train.max_train_steps:
+        started = time.perf_counter()
         phase = config.train.schedule[state.step % len(config.train.schedule)]
 
         def next_batch(key: DrawKey, phase: str = phase) -> dict[str, Any]:
@@ -111,7 +116,7 @@ def train(run: Run) -> bool:
             bridge=run.bridge,
             stop_requested=preemption.received,
         )
-        window = record_step(run, phase, result, window)
+        window = record_step(run, phase, result, started, window)
         progress.update(1)
         if config.train.validation_steps and state.step % config.train.validation_steps == 0:
             validate_on_main(run, validation_batch)

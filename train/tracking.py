@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,16 +139,19 @@ class StepLog:
 @dataclass
 class LoggingWindow:
     """What happened since the last log: each model's loss terms summed over its updates, its last learning
-    rate and gradient norm, and the samples seen. A log every `train.logging_steps` steps then shows each
-    model's mean terms over the window, whichever phase the step itself ran."""
+    rate and gradient norm, and the samples seen and the seconds the steps took. A log every
+    `train.logging_steps` steps then shows each model's mean terms over the window, whichever phase the step
+    itself ran; samples_per_second counts the steps' own time, not validation or checkpoint saves between."""
 
-    started: float = field(default_factory=time.perf_counter)
     samples: int = 0
+    seconds: float = 0.0
     sums: dict[str, dict[str, torch.Tensor | float]] = field(default_factory=dict)
     updates: dict[str, int] = field(default_factory=dict)
     last: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def add(self, phase: str, terms: dict[str, torch.Tensor | float], samples: int, **last: float) -> None:
+    def add(
+        self, phase: str, terms: dict[str, torch.Tensor | float], samples: int, seconds: float, **last: float
+    ) -> None:
         """Sums stay on the device (no host sync per update); summary() reads them once per log."""
         sums = self.sums.setdefault(phase, {})
         for name, value in terms.items():
@@ -158,6 +160,7 @@ class LoggingWindow:
         self.updates[phase] = self.updates.get(phase, 0) + 1
         self.last[phase] = last
         self.samples += samples
+        self.seconds += seconds
 
     def summary(self) -> dict[str, float]:
         """{"captioner/caption_ce": mean, "captioner/lr": last, ..., "samples_per_second": ...}."""
@@ -165,5 +168,5 @@ class LoggingWindow:
         for phase, sums in self.sums.items():
             logs |= {f"{phase}/{name}": float(total) / self.updates[phase] for name, total in sums.items()}
             logs |= {f"{phase}/{name}": value for name, value in self.last[phase].items()}
-        logs["samples_per_second"] = self.samples / (time.perf_counter() - self.started)
+        logs["samples_per_second"] = self.samples / self.seconds
         return logs

@@ -13,21 +13,35 @@ from train.tracking import LoggingWindow, trackers_for
 
 def test_window_means_each_models_terms_over_its_own_updates_and_keeps_the_last_lr() -> None:
     window = LoggingWindow()
-    window.add("captioner", {"caption_ce": torch.tensor(1.0)}, samples=2, lr=0.1, grad_norm=5.0)
-    window.add("generator", {"denoise": torch.tensor(4.0)}, samples=2, lr=0.2, grad_norm=6.0)
-    window.add("captioner", {"caption_ce": torch.tensor(3.0)}, samples=2, lr=0.3, grad_norm=7.0)
+    window.add("captioner", {"caption_ce": torch.tensor(1.0)}, samples=2, seconds=0.5, lr=0.1, grad_norm=5.0)
+    window.add("generator", {"denoise": torch.tensor(4.0)}, samples=2, seconds=0.5, lr=0.2, grad_norm=6.0)
+    window.add("captioner", {"caption_ce": torch.tensor(3.0)}, samples=2, seconds=1.0, lr=0.3, grad_norm=7.0)
     logs = window.summary()
     assert logs["captioner/caption_ce"] == pytest.approx(2.0)
     assert logs["generator/denoise"] == pytest.approx(4.0)
     assert (logs["captioner/lr"], logs["captioner/grad_norm"]) == (0.3, 7.0)
-    assert logs["samples_per_second"] > 0
+    assert logs["samples_per_second"] == pytest.approx(6 / 2.0)  # the steps' own seconds only
 
 
 def test_window_keeps_tensors_on_their_device_until_the_summary() -> None:
     """No host sync per update: the sums stay tensors until summary() reads them."""
     window = LoggingWindow()
-    window.add("generator", {"denoise": torch.tensor(1.0), "weight": 0.5}, samples=1, lr=0.1, grad_norm=1.0)
-    window.add("generator", {"denoise": torch.tensor(2.0), "weight": 0.5}, samples=1, lr=0.1, grad_norm=1.0)
+    window.add(
+        "generator",
+        {"denoise": torch.tensor(1.0), "weight": 0.5},
+        samples=1,
+        seconds=1.0,
+        lr=0.1,
+        grad_norm=1.0,
+    )
+    window.add(
+        "generator",
+        {"denoise": torch.tensor(2.0), "weight": 0.5},
+        samples=1,
+        seconds=1.0,
+        lr=0.1,
+        grad_norm=1.0,
+    )
     assert torch.is_tensor(window.sums["generator"]["denoise"])
     assert window.summary()["generator/weight"] == pytest.approx(0.5)
 
