@@ -135,8 +135,12 @@ def soft(step: I2T2IStep, settings: I2T2ISettings) -> CycleOutput:
     captioner, batch = step.trained, step.batch
     tokens = captioner.tokenize(batch["captions"])
     logits = captioner.logits(batch["pixels"], tokens["input_ids"], tokens["attention_mask"]).float()
-    probs = soft_token_probs(logits, tokens["input_ids"], settings.temperature)
-    return _soft_caption_output(step, probs, tokens["attention_mask"], settings)
+    # From the prefix's last slot on: the start slot, then the caption (a prompt is not part of the caption).
+    caption_ids, caption_mask = (
+        captioner.caption_part(tokens[key]) for key in ("input_ids", "attention_mask")
+    )
+    probs = soft_token_probs(captioner.caption_part(logits), caption_ids, settings.temperature)
+    return _soft_caption_output(step, probs, caption_mask, settings)
 
 
 def gumbel_noise(

@@ -1,115 +1,23 @@
 """Captioner decoding: beam search / HF sampling, nucleus sampling from given uniforms, Gumbel-softmax decoding.
 
 Decoding is what validation, evaluation and the sampled cycle modes run on top of the training wrapper in
-models/captioner.py, which mixes CaptionDecoding in. The model-family specifics (which token starts
-decoding, how the text decoder is called) live in one small class per family; BLIP is implemented, GIT /
-BLIP-2 would add their own to DECODINGS.
+models/captioner.py, which mixes CaptionDecoding in. The model-family specifics (the prefix a caption
+continues, how the text decoder is called on cached keys/values) are the family's spec in models/captioners/.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PretrainedConfig
 
-from models.modes import gradient_checkpointing_off
+if TYPE_CHECKING:
+    from models.captioners.spec import CaptionerSpec
 
 IGNORE_INDEX = -100
-
-
-class BlipDecoding:
-    """BLIP: a ViT encodes the image, a BERT-style text decoder cross-attends to it.
-
-    The BLIP tokenizer starts every text with [CLS], but BlipForConditionalGeneration.generate overwrites
-    the first token with text_config.bos_token_id ("[DEC]") before decoding, while forward() uses input_ids
-    exactly as given. Training must therefore put "[DEC]" first itself, or it teaches a start token that
-    generation never uses.
-    """
-
-    def start_token_id(self, config: PretrainedConfig) -> int:
-        return config.text_config.bos_token_id
-
-    def logits(
-        self, model: torch.nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        return model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).logits
-
-    def generate(
-        self, model: torch.nn.Module, pixel_values: torch.Tensor, prefix_ids: torch.Tensor, **kwargs: Any
-    ) -> torch.Tensor:
-        """Token ids generated after prefix_ids ([start, prompt...]), one row per returned sequence."""
-        # BLIP's generate drops the last input token (it expects the tokenizer's trailing [SEP]), so add one.
-        sep_column = torch.full_like(prefix_ids[:, :1], model.config.text_config.sep_token_id)
-        input_ids = torch.cat([prefix_ids, sep_column], dim=1)
-        with gradient_checkpointing_off(model.text_decoder):  # keeps generate's cache (see text_logits)
-            sequences = model.generate(
-                pixel_values=pixel_values,
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                **kwargs,
-            )
-        return sequences[:, prefix_ids.shape[1] :]
-
-    def end_token_id(self, config: PretrainedConfig) -> int:
-        """The token generate() stops at ([SEP]); a caption ends with it."""
-        return config.text_config.sep_token_id
-
-    def image_states(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """What the text decoder cross-attends to; computed once per image for every decoding step."""
-        return model.vision_model(pixel_values=pixel_values).last_hidden_state
-
-    def word_embeddings(self, model: torch.nn.Module) -> torch.nn.Embedding:
-        return model.get_input_embeddings()
-
-    def text_logits(
-        self,
-        model: torch.nn.Module,
-        image_states: torch.Tensor,
-        *,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: Any = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, Any]:
-        """Decoder logits given precomputed image states, and the key/value cache to continue from.
-
-        The same call forward() makes after its vision encoder, so teacher-forced results agree with logits().
-        Note BlipTextEmbeddings adds position embeddings to `inputs_embeds` in place: pass a fresh tensor.
-
-        A cached call runs with the decoder's gradient checkpointing off. transformers drops the cache of a
-        checkpointed decoder in train mode (a recompute in backward would append the keys/values again), so
-        each step would see only its own token. The cost: each cached step's activations are kept for
-        backward rather than recomputed, about what one teacher-forced decoder pass over the decoded length
-        keeps without checkpointing (the keys/values themselves are in the cache either way); teacher-forced
-        calls and the vision encoder stay checkpointed.
-        """
-        with gradient_checkpointing_off(model.text_decoder) if use_cache else nullcontext():
-            outputs = model.text_decoder(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                encoder_hidden_states=image_states,
-                cache=cache,
-                use_cache=use_cache,
-            )
-        return outputs.logits, outputs.cache
-
-
-DECODINGS = {"blip": BlipDecoding()}
-
-
-def decoding_for(config: PretrainedConfig) -> BlipDecoding:
-    if config.model_type not in DECODINGS:
-        raise ValueError(
-            f"captioner model type {config.model_type!r} is not supported; supported: {sorted(DECODINGS)}"
-        )
-    return DECODINGS[config.model_type]
 
 
 def gumbel_softmax_relaxed(
@@ -180,7 +88,10 @@ class CaptionDecoding:
     tokenizer: Any
     device: torch.device
     vocab_size: int
-    _decoding: BlipDecoding
+    spec: CaptionerSpec
+    processor: Any
+    prefix_ids: Callable[..., torch.Tensor]
+    pad_token_id: int
     preprocess: Callable[[torch.Tensor], torch.Tensor]
     _image_states: Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -204,9 +115,9 @@ class CaptionDecoding:
                 f"(got num_beams={num_beams})"
             )
         pixel_values = self.preprocess(pixels01)
-        prefix = self._prefix_ids(prompt)
+        prefix = self.prefix_ids(prompt).to(self.device)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-        new_tokens = self._decoding.generate(
+        new_tokens = self.spec.generate(
             self.model,
             pixel_values,
             prefix.expand(pixel_values.shape[0], -1),
@@ -217,13 +128,6 @@ class CaptionDecoding:
             **sampling,
         )
         return self._texts_per_image(new_tokens, num_return_sequences)
-
-    def _prefix_ids(self, prompt: str | None) -> torch.Tensor:
-        """[start token, prompt tokens...]: what every generated caption continues."""
-        prompt_ids = self.tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
-        return torch.tensor(
-            [self._decoding.start_token_id(self.model.config), *prompt_ids], device=self.device
-        )
 
     def _texts_per_image(self, new_tokens: torch.Tensor, per_image: int) -> list[list[str]]:
         texts = [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -236,7 +140,7 @@ class CaptionDecoding:
 
         Each step's one-hot sample (gumbel_softmax_st of that step's logits and gumbel_noise[:, step]) is fed
         back as one-hot @ word embeddings, so a later position's gradient reaches every earlier step's logits.
-        Returns probs [B, L, V] (position 0 the start token's one-hot, then the sampled one-hots; float32) and
+        Returns probs [B, L, V] (position 0 the prefix's last token's one-hot, as in Captioner.caption_part, then the sampled one-hots; float32) and
         attention_mask [B, L] covering each row up to and including its first end token. L is max_length + 1,
         or less when every row has ended before. The cached steps run without gradient checkpointing, which
         would drop the cache (memory cost in BlipDecoding.text_logits).
@@ -248,12 +152,12 @@ class CaptionDecoding:
                 f"gumbel_noise shape {tuple(gumbel_noise.shape)} != (batch, max_length, vocab) "
                 f"= {(batch, max_length, vocab)}"
             )
-        embeddings = self._decoding.word_embeddings(self.model).weight
-        end = self._decoding.end_token_id(self.model.config)
+        embeddings = self.spec.word_embeddings(self.model).weight
+        end = self.spec.end_token_id(self.processor, self.model.config)
         image = self._image_states(pixels01, 1)
-        start = self._prefix_ids(None).expand(batch, -1)
-        logits, cache = self._decoding.text_logits(self.model, image, input_ids=start, use_cache=True)
-        samples = [F.one_hot(start[:, 0], vocab).float()]
+        start = self.prefix_ids().to(self.device).expand(batch, -1)
+        logits, cache = self.spec.text_logits(self.model, image, input_ids=start, use_cache=True)
+        samples = [F.one_hot(start[:, -1], vocab).float()]
         in_caption = [torch.ones(batch, dtype=torch.bool, device=start.device)]
         ended = torch.zeros(batch, dtype=torch.bool, device=start.device)
         for step in range(max_length):
@@ -265,7 +169,7 @@ class CaptionDecoding:
             if ended.all() or step == max_length - 1:
                 break
             next_embeds = (sample.to(embeddings.dtype) @ embeddings)[:, None]
-            logits, cache = self._decoding.text_logits(
+            logits, cache = self.spec.text_logits(
                 self.model, image, inputs_embeds=next_embeds, cache=cache, use_cache=True
             )
         return torch.stack(samples, dim=1), torch.stack(in_caption, dim=1).long()
@@ -293,10 +197,10 @@ class CaptionDecoding:
             )
         batch, copies, max_new_tokens = uniforms.shape
         config = self.model.config
-        end, pad = self._decoding.end_token_id(config), config.text_config.pad_token_id
-        prefix = self._prefix_ids(prompt).expand(batch * copies, -1)
+        end, pad = self.spec.end_token_id(self.processor, config), self.pad_token_id
+        prefix = self.prefix_ids(prompt).to(self.device).expand(batch * copies, -1)
         image = self._image_states(pixels01, copies)
-        logits, cache = self._decoding.text_logits(self.model, image, input_ids=prefix, use_cache=True)
+        logits, cache = self.spec.text_logits(self.model, image, input_ids=prefix, use_cache=True)
         row_uniforms = uniforms.reshape(batch * copies, max_new_tokens).to(self.device)
         ended = torch.zeros(batch * copies, dtype=torch.bool, device=self.device)
         new_tokens = []
@@ -307,7 +211,7 @@ class CaptionDecoding:
             ended = ended | (token == end)
             if ended.all() or step == max_new_tokens - 1:
                 break
-            logits, cache = self._decoding.text_logits(
+            logits, cache = self.spec.text_logits(
                 self.model, image, input_ids=token[:, None], cache=cache, use_cache=True
             )
         new_ids = torch.stack(new_tokens, dim=1)

@@ -1,8 +1,9 @@
 """Image captioner wrapper: differentiable preprocessing, teacher-forced logits, per-sample loss.
 
 Takes pixels01 ([B, 3, H, W] floats in [0, 1]) everywhere, so gradients from a generated image can flow into
-the captioner's loss. Decoding (generate, sampled and Gumbel-softmax captions) and the per-family decoder
-specifics are in models/caption_decoding.py, mixed into Captioner.
+the captioner's loss. Decoding (generate, sampled and Gumbel-softmax captions) is in
+models/caption_decoding.py, mixed into Captioner; what differs between model families (BLIP, GIT, BLIP-2,
+IDEFICS, SmolVLM) is in models/captioners/, one file per family.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from models.caption_decoding import IGNORE_INDEX, CaptionDecoding, decoding_for
+from models.caption_decoding import IGNORE_INDEX, CaptionDecoding
+from models.captioners import spec_for
 from models.device_transfer import to_device
 from models.forward_routing import RunsInForward
 
@@ -41,20 +43,20 @@ def _rows_per_image(rows: int, images: int) -> int:
 class Captioner(CaptionDecoding, RunsInForward):
     """A captioning model and its processor, speaking pixels01 and plain caption strings."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, *, max_length: int = 40) -> None:
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, *, max_length: int = 40, prompt: str | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.processor = processor
         self.max_length = max_length
-        self._decoding = decoding_for(model.config)
-        image_processor = processor.image_processor
-        size = image_processor.size
-        if size.get("height") is None or size.get("height") != size.get("width"):
-            raise ValueError(f"captioner image processor size {dict(size)} must be a square height/width")
-        self.image_size: int = size["height"]
+        self.spec = spec_for(model.config)
+        self.prompt = self.spec.default_prompt if prompt is None else prompt
+        geometry = self.spec.image_geometry(processor)
+        self.image_size: int = geometry.size
         channel_shape = (1, 3, 1, 1)
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(channel_shape)
-        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(channel_shape)
+        mean = torch.tensor(geometry.mean, dtype=torch.float32).view(channel_shape)
+        std = torch.tensor(geometry.std, dtype=torch.float32).view(channel_shape)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
@@ -64,17 +66,21 @@ class Captioner(CaptionDecoding, RunsInForward):
         name_or_path: str,
         *,
         max_length: int = 40,
+        prompt: str | None = None,
         revision: str | None = None,
         torch_dtype: torch.dtype | None = None,
     ) -> Captioner:
-        """Load a hub id or local folder holding a captioning model and its processor."""
+        """Load a hub id or local folder holding a captioning model and its processor (no remote code).
+
+        prompt: what captions continue; None: the family's default (models/captioners/).
+        """
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-        decoding_for(config)  # fail on unsupported families before loading weights
+        spec_for(config)  # fail on unsupported families before loading weights
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, revision=revision, dtype=torch_dtype
         )
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
-        return cls(model, processor, max_length=max_length)
+        return cls(model, processor, max_length=max_length, prompt=prompt)
 
     @property
     def tokenizer(self) -> Any:
@@ -107,37 +113,62 @@ class Captioner(CaptionDecoding, RunsInForward):
         return ((pixels - self.pixel_mean.float()) / self.pixel_std.float()).to(self.dtype)
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Decoder inputs and labels; position 0 holds the token generate() starts from."""
+        """Teacher-forcing rows: the prefix (start token, prompt...), the caption's tokens, the end token, padding.
+
+        Labels are the caption's tokens and the end token only. max_length counts the caption's tokens plus a
+        start and an end token (the caption is cut to max_length - 2 tokens), whatever the prefix's length.
+        """
         if not captions or not all(isinstance(caption, str) for caption in captions):
             raise ValueError(f"tokenize expects a non-empty list of caption strings, got {captions!r}")
-        encoded = self.tokenizer(
-            captions,
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        # The tokenizer's own leading special token ([CLS] for BLIP) is the slot for the decoder start token.
-        if not torch.isin(input_ids[:, 0], torch.tensor(self.tokenizer.all_special_ids)).all():
-            raise ValueError(
-                f"captioner tokenizer {type(self.tokenizer).__name__} does not start with a special token"
-            )
-        input_ids[:, 0] = self._decoding.start_token_id(self.model.config)
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        labels[:, 0] = IGNORE_INDEX
+        prefix = self.prefix_ids()
+        end, pad = self.spec.end_token_id(self.processor, self.model.config), self.pad_token_id
+        bodies = self.spec.caption_ids(self.tokenizer, captions, self.max_length - 2)
+        width = len(prefix) + max(len(body) for body in bodies) + 1
+        input_ids = torch.full((len(bodies), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, body in enumerate(bodies):
+            caption = torch.tensor([*body, end], dtype=torch.long)
+            length = len(prefix) + len(caption)
+            input_ids[row, : len(prefix)] = prefix
+            input_ids[row, len(prefix) : length] = caption
+            attention_mask[row, :length] = 1
+            labels[row, len(prefix) : length] = caption
         return {
             "input_ids": to_device(input_ids, self.device),
             "attention_mask": to_device(attention_mask, self.device),
             "labels": to_device(labels, self.device),
         }
 
+    def prefix_ids(self, prompt: str | None = None) -> torch.Tensor:
+        """[start token, prompt tokens...] (the family's layout): what every caption continues.
+
+        prompt None: the captioner's own (captioner.prompt, else the family's default).
+        """
+        ids = self.spec.prefix_ids(
+            self.processor, self.model.config, self.prompt if prompt is None else prompt
+        )
+        return torch.tensor(ids, dtype=torch.long)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.spec.pad_token_id(self.processor, self.model.config)
+
+    @property
+    def caption_start(self) -> int:
+        """Position of the prefix's last token in tokenize()'s rows: the slot whose logits predict the
+        caption's first token, and position 0 of a soft caption (see caption_part)."""
+        return len(self.prefix_ids()) - 1
+
+    def caption_part(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [B, L, ...] of tokenize()'s layout from caption_start on: one start slot, then the caption."""
+        return rows[:, self.caption_start :]
+
     def logits(
         self, pixels01: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Teacher-forced text-decoder logits [B, L, V]; logits[:, i] predicts token i + 1."""
-        return self._decoding.logits(self.model, self.preprocess(pixels01), input_ids, attention_mask)
+        return self.spec.logits(self.model, self.preprocess(pixels01), input_ids, attention_mask)
 
     def caption_loss(
         self,
@@ -159,11 +190,11 @@ class Captioner(CaptionDecoding, RunsInForward):
     @property
     def vocab_size(self) -> int:
         """Rows of the decoder's word embeddings: the last dimension of logits and of soft-token probs."""
-        return self._decoding.word_embeddings(self.model).num_embeddings
+        return self.spec.word_embeddings(self.model).num_embeddings
 
     def _image_states(self, pixels01: torch.Tensor, copies: int) -> torch.Tensor:
         """Encoder states per image, each repeated `copies` times for that many consecutive text rows."""
-        states = self._decoding.image_states(self.model, self.preprocess(pixels01))
+        states = self.spec.image_states(self.model, self.preprocess(pixels01))
         return states.repeat_interleave(copies, dim=0) if copies > 1 else states
 
     def sequence_logprobs(
@@ -179,7 +210,7 @@ class Captioner(CaptionDecoding, RunsInForward):
         the vision encoder then runs once per image rather than once per row.
         """
         copies = _rows_per_image(input_ids.shape[0], pixels01.shape[0])
-        logits, _ = self._decoding.text_logits(
+        logits, _ = self.spec.text_logits(
             self.model,
             self._image_states(pixels01, copies),
             input_ids=input_ids,

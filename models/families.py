@@ -4,8 +4,8 @@ tiny random-init stand-in.
 A family is recognised from the file at a model's root that names its architecture (transformers'
 config.json `model_type`, diffusers' model_index.json `_class_name`), read before any weights load, so an
 unsupported model fails with one message naming the folder, what it holds and the families supported. A new
-captioner or generator family is one more entry in CAPTIONERS or GENERATORS (plus, for a captioner family
-that the Captioner wrapper drives, its decoder specifics in models/caption_decoding.py's DECODINGS).
+captioner family is one more spec in models/captioners/ (the Captioner wrapper drives them all); a new
+generator family one more entry in GENERATORS.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Generic, TypeVar
 from huggingface_hub import hf_hub_download
 
 from models.captioner import Captioner
+from models.captioners import SPECS
 from models.forward_routing import RunsInForward
 from models.generator import Generator
 from models.locate import hub_offline
-from models.tiny import save_tiny_captioner, save_tiny_generator
+from models.tiny import save_tiny_generator
 
 Wrapper = TypeVar("Wrapper", bound=RunsInForward)
 
@@ -59,8 +60,8 @@ class Family(Generic[Wrapper]):
         return f"{self.name} ({self.field.file} {self.field.key} {values})"
 
 
-CAPTIONERS: tuple[Family[Captioner], ...] = (
-    Family("blip", Captioner, MODEL_TYPE, ("blip",), save_tiny_captioner),
+CAPTIONERS: tuple[Family[Captioner], ...] = tuple(
+    Family(spec.name, Captioner, MODEL_TYPE, spec.model_types, spec.save_tiny) for spec in SPECS
 )
 # Stable Diffusion 1.x and 2.x share the pipeline class (2.x differs in the text encoder's size and the
 # scheduler's prediction_type, which the wrapper reads from the parts).

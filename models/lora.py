@@ -30,15 +30,6 @@ if TYPE_CHECKING:
     from models.captioner import Captioner
     from models.generator import Generator
 
-# BLIP's text decoder (a BERT with cross-attention): self- and cross-attention query/key/value and each
-# attention block's output projection. A regex string (peft full-matches it against module names) so the
-# vision encoder's `self_attn.qkv` / `projection` and the decoder's feed-forward stay untouched.
-# BLIP-2 has no `text_decoder`: its language model is OPT (`language_model.model.decoder.layers.N.self_attn.
-# {q,k,v,out}_proj`) or Flan-T5 (`language_model....SelfAttention.{q,k,v,o}`); pass such a pattern instead.
-CAPTIONER_LORA_TARGETS = (
-    r"text_decoder\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\."
-    r"(self\.(query|key|value)|output\.dense)"
-)
 GENERATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 TrainMode = Literal["lora", "full"]
@@ -84,7 +75,7 @@ def add_captioner_lora(captioner: Captioner, **shape: Unpack[LoraShape]) -> None
 
     No task_type: peft's CAUSAL_LM wrapper would reroute forward() to arguments BLIP does not take.
     """
-    config = _lora_config(CAPTIONER_LORA_TARGETS, {}, **shape)
+    config = _lora_config(captioner.spec.lora_targets, {}, **shape)
     captioner.model = get_peft_model(captioner.model, config, adapter_name=ADAPTER_NAME)
 
 

@@ -2,11 +2,12 @@
 
 Nothing can be downloaded in this project's build and test environments, so tests and the demo build these
 models from small configs, save them with save_pretrained, and load them back with the same from_pretrained
-code that users run on hub ids. Both tokenizers are written from a word list here, in the formats the real
-models ship (BERT WordPiece vocab.txt for BLIP, CLIP byte-level BPE vocab.json + merges.txt for Stable
-Diffusion), so every code path that reads token strings or ids is exercised for real.
+code that users run on hub ids. Every tokenizer is written from one word list, in the format the real models
+ship (CLIP byte-level BPE vocab.json + merges.txt for Stable Diffusion here; each captioner family's own kind
+in models/captioners/), so every code path that reads token strings or ids is exercised for real.
 
-CLI: ``python -m models.tiny --out DIR`` writes DIR/captioner and DIR/generator.
+CLI: ``python -m models.tiny --out DIR [--captioner FAMILY]`` writes DIR/captioner (BLIP unless FAMILY names
+another family of models/captioners/) and DIR/generator.
 """
 
 from __future__ import annotations
@@ -15,178 +16,19 @@ import argparse
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import torch
+from models.captioners import SPECS
+from models.captioners.blip import BlipSpec
+from models.tiny_vocabulary import check_vocab_size, clean_words, seeded
 
-SHAPES_WORDS: tuple[str, ...] = (
-    "circle", "square", "triangle", "shape", "shapes",
-    "red", "green", "blue", "yellow", "purple", "orange",
-    "small", "large", "big", "little", "tiny", "huge",
-    "top", "bottom", "left", "right", "center", "centre", "middle", "corner", "side", "upper", "lower",
-    "background", "white", "black", "gray", "grey", "colored", "coloured",
-    # The rest of the shapes grammar's words (data/shapes.py WORDS), which tests/models/test_tiny.py checks
-    # this tuple covers: listed here so that models/ does not import data/.
-    "a", "an", "and", "at", "image", "in", "is", "of", "picture", "the", "there",
-)  # fmt: skip
-
-COMMON_CAPTION_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "of", "in", "on", "at", "with", "and", "is", "are", "there", "here", "this", "that",
-    "it", "its", "to", "for", "from", "by", "near", "next", "behind", "front", "over", "under", "above",
-    "below", "beside", "between", "inside", "outside", "into", "through", "around", "while", "as", "up",
-    "down", "out", "some", "two", "three", "one", "four", "several", "many", "other", "each", "his", "her",
-    "their", "has", "have", "who", "which", "very", "all", "no", "not", "be", "being", "close",
-    "picture", "image", "photo", "photograph", "view", "shot", "drawing", "painting", "scene",
-    "man", "woman", "men", "women", "person", "people", "boy", "girl", "child", "children", "kid", "baby",
-    "player", "group", "couple", "dog", "cat", "horse", "bird", "cow", "sheep", "elephant", "bear",
-    "zebra", "giraffe", "animal", "sitting", "standing", "walking", "running", "riding", "holding",
-    "playing", "eating", "looking", "lying", "laying", "flying", "wearing", "carrying", "talking",
-    "watching", "waiting", "parked", "covered", "filled", "made", "street", "road", "city", "building",
-    "house", "room", "kitchen", "bathroom", "bedroom", "table", "chair", "bench", "couch", "bed", "desk",
-    "window", "door", "wall", "floor", "sign", "car", "bus", "truck", "train", "bike", "bicycle",
-    "motorcycle", "boat", "plane", "airplane", "water", "beach", "ocean", "sea", "lake", "river", "snow",
-    "grass", "field", "tree", "trees", "park", "sky", "mountain", "hill", "food", "pizza", "plate", "bowl",
-    "cake", "sandwich", "fruit", "banana", "apple", "cup", "glass", "bottle", "ball", "frisbee",
-    "umbrella", "kite", "phone", "computer", "laptop", "keyboard", "book", "clock", "light", "toilet",
-    "sink", "shirt", "hat", "tennis", "baseball", "skateboard", "surfboard", "board", "game", "bat",
-    "racket", "wave", "day", "night", "old", "young", "new", "open", "empty", "full", "tall", "long",
-    "short", "wooden", "dark", "bright", "pink", "brown", "silver",
-)  # fmt: skip
-
-# A few WordPiece continuations, so that plural and verb forms of vocabulary words tokenize as pieces.
-_WORDPIECE_SUFFIXES = ("##s", "##es", "##ing", "##ed", "##er", "##ly", "##y")
-_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-_PUNCTUATION = tuple(".,;:!?'\"()-/&")
-_LETTERS = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
-# The real BLIP tokenizer (Salesforce/blip-image-captioning-*) adds "[DEC]" as bos; generation starts from it.
-BLIP_DECODER_START = "[DEC]"
 _CLIP_BOS, _CLIP_EOS, _CLIP_WORD_END = "<|startoftext|>", "<|endoftext|>", "</w>"
 _CLIP_MAX_LENGTH = 77
 # CLIP's pre-tokenizer splits text into letter runs, single digits and punctuation runs before BPE.
 _CLIP_PRETOKEN = re.compile(r"[^\W\d_]+|\d|[^\s\w]+")
-
-
-def default_vocabulary() -> tuple[str, ...]:
-    """Shapes-world words (the shapes grammar's included) and common caption words."""
-    return tuple(dict.fromkeys((*SHAPES_WORDS, *COMMON_CAPTION_WORDS)))
-
-
-def _clean_words(vocab_words: Sequence[str] | None) -> list[str]:
-    """Lower-cased, de-duplicated words; a clear error for entries that cannot be vocabulary words."""
-    words = default_vocabulary() if vocab_words is None else vocab_words
-    cleaned: list[str] = []
-    for position, word in enumerate(words):
-        if not isinstance(word, str) or not word.strip() or any(ch.isspace() for ch in word.strip()):
-            raise ValueError(f"vocab_words[{position}] = {word!r}: each entry must be one non-empty word")
-        cleaned.append(word.strip().lower())
-    return list(dict.fromkeys(cleaned))
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG for weight init without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _check_vocab_size(vocab_size: int, tokens: int, model: str) -> None:
-    """An embedding smaller than the tokenizer would index past its end on the first rare token."""
-    if vocab_size < tokens:
-        raise ValueError(
-            f"{model} text_options vocab_size={vocab_size} is below the tokenizer's {tokens} tokens"
-        )
-
-
-# ---------------------------------------------------------------------------------------------- captioner
-
-
-def _write_bert_vocab(words: Sequence[str], folder: Path) -> dict[str, int]:
-    """vocab.txt in BERT's layout: specials first, then whole words, characters and ## continuations.
-
-    Single letters and their ## forms let any lower-case ASCII word split into pieces instead of [UNK].
-    """
-    pieces = [*_BERT_SPECIALS, *_PUNCTUATION, *words, *_LETTERS, *(f"##{ch}" for ch in _LETTERS)]
-    pieces = list(dict.fromkeys([*pieces, *_WORDPIECE_SUFFIXES]))
-    (folder / "vocab.txt").write_text("\n".join(pieces) + "\n", encoding="utf-8")
-    return {piece: index for index, piece in enumerate(pieces)}
-
-
-def save_tiny_captioner(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    image_size: int = 32,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    vocab_words: Sequence[str] | None = None,
-    vision_options: dict[str, Any] | None = None,
-    text_options: dict[str, Any] | None = None,
-) -> Path:
-    """Random-init BlipForConditionalGeneration + BlipProcessor saved into out_dir; returns out_dir.
-
-    `vision_options` and `text_options` override BlipVisionConfig and BlipTextConfig arguments (widths,
-    heads, patch size, a text vocabulary larger than the tokenizer's), for stand-ins of real sizes.
-    """
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = _write_bert_vocab(_clean_words(vocab_words), out_dir)
-    tokenizer = BertTokenizer(vocab=vocab, model_max_length=64)
-    tokenizer.add_special_tokens({"bos_token": BLIP_DECODER_START})
-
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 64,
-        "bos_token_id": tokenizer.bos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "sep_token_id": tokenizer.sep_token_id,
-        "eos_token_id": tokenizer.sep_token_id,
-    } | (text_options or {})
-    _check_vocab_size(text_config["vocab_size"], len(tokenizer), "captioner")
-    config = BlipConfig(
-        vision_config={
-            "image_size": image_size,
-            "patch_size": 8,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 2,
-            # BlipVisionConfig defaults to 1e-10 (weights expected from a checkpoint): random init would be
-            # near-constant and the captioner could not tell images apart.
-            "initializer_range": 0.02,
-        }
-        | (vision_options or {}),
-        text_config=text_config,
-        projection_dim=hidden_size,
-        image_text_hidden_size=hidden_size,
-    )
-    with _seeded(seed):
-        model = BlipForConditionalGeneration(config)
-    image_processor = BlipImageProcessor(
-        size={"height": image_size, "width": image_size},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
-    model.save_pretrained(out_dir)
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
-    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------- generator
@@ -296,7 +138,7 @@ def save_tiny_generator(
         raise ValueError(f"resolution={resolution} must be a multiple of {vae_downscale * 2}")
     out_dir = Path(out_dir)
     tokenizer_dir = out_dir / "tokenizer"
-    vocab, merges = _write_clip_bpe(_clean_words(vocab_words), tokenizer_dir)
+    vocab, merges = _write_clip_bpe(clean_words(vocab_words), tokenizer_dir)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_CLIP_MAX_LENGTH)
 
     text_arguments = {
@@ -311,10 +153,10 @@ def save_tiny_generator(
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     } | (text_options or {})
-    _check_vocab_size(text_arguments["vocab_size"], len(tokenizer), "generator")
+    check_vocab_size(text_arguments["vocab_size"], len(tokenizer), "generator")
     text_config = CLIPTextConfig(**text_arguments)
     image_channels = 4 if with_vae else 3
-    with _seeded(seed):
+    with seeded(seed):
         text_encoder = CLIPTextModel(text_config)
         unet_arguments = {
             "layers_per_block": 1,
@@ -434,20 +276,37 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def save_preset(out_dir: Path, preset: str, *, seed: int = 0) -> tuple[Path, Path]:
-    """out_dir/captioner and out_dir/generator of one PRESETS architecture; returns their folders."""
+def save_preset(
+    out_dir: Path, preset: str, *, seed: int = 0, captioner: str = BlipSpec.name
+) -> tuple[Path, Path]:
+    """out_dir/captioner and out_dir/generator of one PRESETS architecture; returns their folders.
+
+    The presets size BLIP; another captioner family (a SPECS name) is written at its own tiny size, with the
+    "test" preset only.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny-model preset {preset!r}; choose from {sorted(PRESETS)}")
+    specs = {spec.name: spec for spec in SPECS}
+    if captioner not in specs:
+        raise ValueError(f"unknown captioner family {captioner!r}; choose from {sorted(specs)}")
     captioner_options, generator_options = PRESETS[preset]
+    if captioner != BlipSpec.name and captioner_options:
+        raise ValueError(f"preset {preset!r} sizes a BLIP captioner; use --preset test with {captioner}")
     out_dir = Path(out_dir)
     return (
-        save_tiny_captioner(out_dir / "captioner", seed=seed, **captioner_options),
+        specs[captioner].save_tiny(out_dir / "captioner", seed=seed, **captioner_options),
         save_tiny_generator(out_dir / "generator", seed=seed, **generator_options),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random-init captioner and generator.")
+    parser.add_argument(
+        "--captioner",
+        choices=[spec.name for spec in SPECS],
+        default=BlipSpec.name,
+        help="captioner family, written with a tokenizer of its own kind",
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="folder that receives captioner/ and generator/"
     )
@@ -456,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--preset", choices=sorted(PRESETS), default="test", help="architecture (see PRESETS)"
     )
     args = parser.parse_args(argv)
-    for folder in save_preset(args.out, args.preset, seed=args.seed):
+    for folder in save_preset(args.out, args.preset, seed=args.seed, captioner=args.captioner):
         print(folder)
 
 

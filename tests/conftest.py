@@ -51,11 +51,12 @@ class TinyModels:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    from models.tiny import save_tiny_captioner, save_tiny_generator
+    from models.captioners.blip import BlipSpec
+    from models.tiny import save_tiny_generator
 
     root = tmp_path_factory.mktemp("tiny_models")
     return TinyModels(
-        captioner=save_tiny_captioner(root / "captioner"),
+        captioner=BlipSpec.save_tiny(root / "captioner"),
         generator=save_tiny_generator(root / "generator"),
         pixel_generator=save_tiny_generator(root / "pixel_generator", with_vae=False),
     )

@@ -42,7 +42,10 @@ def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") ->
     check_model_source(settings, "captioner")
     family = captioner_family(settings.pretrained_model_name_or_path, revision=settings.revision)
     captioner = family.wrapper.from_pretrained(
-        settings.pretrained_model_name_or_path, revision=settings.revision, max_length=settings.max_length
+        settings.pretrained_model_name_or_path,
+        revision=settings.revision,
+        max_length=settings.max_length,
+        prompt=settings.prompt,
     )
     if settings.train_mode == "lora":
         add_captioner_lora(captioner, **_lora_kwargs(settings))
@@ -209,7 +212,7 @@ def build_bridge(
     bridge = VocabularyBridge.build(
         captioner.tokenizer,
         generator.tokenizer,
-        start_token_id=int(captioner.tokenize([""])["input_ids"][0, 0]),  # the decoder start token
+        start_token_id=int(captioner.prefix_ids()[-1]),  # the start slot of a soft caption
         max_length=generator.tokenizer.model_max_length,
         source_vocab_size=captioner.vocab_size,
     )

@@ -69,7 +69,11 @@ class ModelSettings(Strict):
 
 
 class CaptionerModelSettings(ModelSettings):
+    # Caption tokens plus a start and an end token (a prompt comes on top).
     max_length: int = Field(40, ge=4)
+    # What every caption continues, in training and generation; None: the family's default (a chat VLM's
+    # captioning request, none for BLIP and GIT; models/captioners/).
+    prompt: str | None = None
 
 
 class CaptionerSettings(CaptionLossSettings, CaptionerModelSettings):

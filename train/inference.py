@@ -111,7 +111,10 @@ class ModelSources:
     def _captioner(self) -> Captioner:
         adapter = self._adapter("captioner", self.captioner_adapter)
         settings = None if self.config is None else self.config.captioner
-        max_length = {} if settings is None else {"max_length": settings.max_length}
+        # The run's caption length and prompt: captions continue the prefix they were trained after.
+        max_length = (
+            {} if settings is None else {"max_length": settings.max_length, "prompt": settings.prompt}
+        )
         if adapter is not None and (adapter / "config.json").is_file():  # a full model (train_mode full)
             with _loading(adapter):
                 return Captioner.from_pretrained(str(adapter), **max_length)

@@ -18,9 +18,10 @@ from evaluation.rankings_file import RankingWriter, read_rankings
 from evaluation.similarity import image_similarity, text_similarity_measure, token_f1
 from evaluation.text import TextMetricOptions
 from models.captioner import Captioner
+from models.captioners.blip import BlipSpec
 from models.generator import Generator
 from models.sampling_settings import SamplingSettings
-from models.tiny import save_tiny_captioner, save_tiny_generator
+from models.tiny import save_tiny_generator
 
 CAPTIONS = ["a red picture", "a blue square"]
 
@@ -81,7 +82,7 @@ def test_a_generator_that_learnt_two_pairs_ranks_the_right_caption_first_by_both
 
 
 def test_a_captioner_that_learnt_two_pairs_ranks_the_right_image_first_by_both_rankings(tmp_path) -> None:
-    captioner = Captioner.from_pretrained(str(save_tiny_captioner(tmp_path / "captioner")))
+    captioner = Captioner.from_pretrained(str(BlipSpec.save_tiny(tmp_path / "captioner")))
     pixels01 = _red_and_blue(32)
     tokens = captioner.tokenize(CAPTIONS)
     _fit(captioner, lambda: captioner.caption_loss(pixels01, **tokens).mean(), steps=100)

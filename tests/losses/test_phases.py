@@ -6,70 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from cycle_runs import tiny_config
 from lora_weights import perturb_lora
+from phase_runs import CAPTIONS, build_models, phase_batch, phase_config, run_phase
 
 from losses.i2t2i import I2T2I_MODES, candidate_rewards
-from losses.phases import captioner_phase, cycle_ramp, generator_phase
+from losses.phases import cycle_ramp
 from losses.supervised import caption_terms, denoise_terms, drop_captions
 from losses.t2i2t import T2I2T_MODES
-from models.lora import frozen, save_merged_captioner, save_merged_generator
+from models.lora import save_merged_captioner, save_merged_generator
 from models.randomness import DrawKey
 from models.tiny import save_tiny_generator
-from train.builders import build_bridge, build_captioner, build_generator
+from train.builders import build_captioner
 from train.config import Config
-
-CAPTIONS = ["a small red circle in the top left", "a large blue square in the center"]
-
-
-def _config(tiny_models, *overrides: str) -> Config:
-    return tiny_config(
-        tiny_models, "cycle.i2t2i.num_candidates=2", "cycle.t2i2t.num_inference_steps=3", *overrides
-    )
-
-
-def _batch(kind: str = "paired") -> dict:
-    generator = torch.Generator().manual_seed(3)
-    batch = {
-        "kind": kind,
-        "ids": ["a", "b"],
-        "captions": CAPTIONS,
-        "pixels": torch.rand(2, 3, 32, 32, generator=generator),
-    }
-    if kind == "image_only":
-        del batch["captions"]
-    if kind == "text_only":
-        del batch["pixels"]
-    return batch
-
-
-def _models(config: Config):
-    torch.manual_seed(0)
-    captioner, captioner_names = build_captioner(config.captioner)
-    generator, generator_names = build_generator(config.generator)
-    return (
-        captioner,
-        captioner_names,
-        generator,
-        generator_names,
-        build_bridge(config, captioner, generator, "cpu"),
-    )
-
-
-def _phase(phase: str, models, config: Config, batch: dict, step: int = 0):
-    captioner, _, generator, _, bridge = models
-    trained, partner, function = (
-        (captioner, generator, captioner_phase)
-        if phase == "captioner"
-        else (generator, captioner, generator_phase)
-    )
-    with frozen(partner):
-        return trained(
-            lambda model: function(
-                model, partner=partner, batch=batch, config=config, key=DrawKey(0, step), bridge=bridge
-            )
-        )
-
 
 # Every registered mode on every batch kind it declares: a new mode is covered when it is registered.
 ROUTES = [
@@ -84,8 +32,10 @@ ROUTES = [
 def test_only_the_cycle_path_carries_gradient_and_only_to_the_trained_model(
     tiny_models, phase: str, mode: str, kind: str
 ) -> None:
-    config = _config(tiny_models, mode, "captioner.caption_loss_weight=0", "generator.denoise_loss_weight=0")
-    models = _models(config)
+    config = phase_config(
+        tiny_models, mode, "captioner.caption_loss_weight=0", "generator.denoise_loss_weight=0"
+    )
+    models = build_models(config)
     captioner, captioner_names, generator, generator_names, _ = models
     perturb_lora(captioner, captioner_names, seed=5, scale=0.05, replace=False)
     perturb_lora(generator, generator_names, seed=5, scale=0.05, replace=False)
@@ -97,7 +47,7 @@ def test_only_the_cycle_path_carries_gradient_and_only_to_the_trained_model(
     # Every partner weight can take a gradient (as a full fine-tune's can), so only frozen() in _phase keeps
     # gradient out of the partner; the trainer's optimizer then has nothing of the partner's to apply.
     partner.requires_grad_(True)
-    output = _phase(phase, models, config, _batch(kind))
+    output = run_phase(phase, models, config, phase_batch(kind))
     cycle_terms = [name for name in output.terms if name.startswith(("i2t2i_", "t2i2t_"))]
     assert len(cycle_terms) == 1, output.terms.keys()
     sum(output.terms.values()).backward()
@@ -114,10 +64,10 @@ def test_shared_one_step_decodes_the_denoising_calls_own_prediction(tiny_models)
     """share_denoise_pass: one UNet call; the cycle term is the caption loss of that call's x0 estimate,
     averaged over the samples that kept their caption and drew a timestep below max_timestep."""
     shared = ("cycle.t2i2t.mode=one_step", "cycle.t2i2t.share_denoise_pass=true")
-    config = _config(
+    config = phase_config(
         tiny_models, *shared, "cycle.t2i2t.max_timestep=500", "generator.caption_dropout=0.4", "seed=2"
     )
-    captioner, _, generator, generator_names, _ = models = _models(config)
+    captioner, _, generator, generator_names, _ = models = build_models(config)
     perturb_lora(generator, generator_names, seed=5, scale=0.05, replace=False)
     captions = [
         f"a {size} {color} circle" for size in ("small", "large") for color in ("red", "blue", "green")
@@ -130,7 +80,7 @@ def test_shared_one_step_decodes_the_denoising_calls_own_prediction(tiny_models)
     }
     calls = []
     hook = generator.unet.register_forward_hook(lambda module, args, out: calls.append((args, out.sample)))
-    output = _phase("generator", models, config, batch)
+    output = run_phase("generator", models, config, batch)
     hook.remove()
     [((noisy, timesteps, _), prediction)] = calls
     seen = drop_captions(captions, batch["ids"], 0.4, DrawKey(2, 0))
@@ -144,34 +94,42 @@ def test_shared_one_step_decodes_the_denoising_calls_own_prediction(tiny_models)
     output.terms["t2i2t_one_step"].backward()
     assert any(param.grad is not None and param.grad.abs().sum() > 0 for param in generator.parameters())
     # Without sharing, the cycle term makes its own UNet call.
-    separate = _config(tiny_models, "cycle.t2i2t.mode=one_step")
+    separate = phase_config(tiny_models, "cycle.t2i2t.mode=one_step")
     hook = generator.unet.register_forward_hook(lambda module, args, out: calls.append(args))
     calls.clear()
-    _phase("generator", models, separate, batch)
+    run_phase("generator", models, separate, batch)
     hook.remove()
     assert len(calls) == 2
 
 
 def test_supervised_terms_only_on_paired_batches_and_never_twice(tiny_models) -> None:
-    config = _config(tiny_models, "cycle.i2t2i.mode=gumbel", "cycle.t2i2t.mode=sample")
-    models = _models(config)
-    assert set(_phase("captioner", models, config, _batch("paired")).terms) == {"caption_ce", "i2t2i_gumbel"}
-    assert set(_phase("captioner", models, config, _batch("image_only")).terms) == {"i2t2i_gumbel"}
-    assert set(_phase("generator", models, config, _batch("paired")).terms) == {"denoise", "t2i2t_sample"}
-    assert set(_phase("generator", models, config, _batch("text_only")).terms) == {"t2i2t_sample"}
-    plain = _config(tiny_models)
-    assert set(_phase("captioner", models, plain, _batch()).terms) == {"caption_ce"}
-    assert set(_phase("generator", models, plain, _batch()).terms) == {"denoise"}
+    config = phase_config(tiny_models, "cycle.i2t2i.mode=gumbel", "cycle.t2i2t.mode=sample")
+    models = build_models(config)
+    assert set(run_phase("captioner", models, config, phase_batch("paired")).terms) == {
+        "caption_ce",
+        "i2t2i_gumbel",
+    }
+    assert set(run_phase("captioner", models, config, phase_batch("image_only")).terms) == {"i2t2i_gumbel"}
+    assert set(run_phase("generator", models, config, phase_batch("paired")).terms) == {
+        "denoise",
+        "t2i2t_sample",
+    }
+    assert set(run_phase("generator", models, config, phase_batch("text_only")).terms) == {"t2i2t_sample"}
+    plain = phase_config(tiny_models)
+    assert set(run_phase("captioner", models, plain, phase_batch()).terms) == {"caption_ce"}
+    assert set(run_phase("generator", models, plain, phase_batch()).terms) == {"denoise"}
 
 
 def test_cycle_weight_warms_up_linearly(tiny_models) -> None:
-    config = _config(tiny_models, "cycle.warmup_steps=4", "cycle.i2t2i.mode=soft", "cycle.i2t2i.weight=2")
+    config = phase_config(
+        tiny_models, "cycle.warmup_steps=4", "cycle.i2t2i.mode=soft", "cycle.i2t2i.weight=2"
+    )
     assert [cycle_ramp(config, update) for update in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0]
-    models = _models(config)
-    plain = _config(tiny_models, "cycle.i2t2i.mode=soft")
+    models = build_models(config)
+    plain = phase_config(tiny_models, "cycle.i2t2i.mode=soft")
     for update, ramp in ((2, 0.5), (4, 1.0)):
-        warming = _phase("captioner", models, config, _batch(), step=update).terms["i2t2i_soft"]
-        unweighted = _phase("captioner", models, plain, _batch(), step=update).terms["i2t2i_soft"]
+        warming = run_phase("captioner", models, config, phase_batch(), step=update).terms["i2t2i_soft"]
+        unweighted = run_phase("captioner", models, plain, phase_batch(), step=update).terms["i2t2i_soft"]
         torch.testing.assert_close(warming, 2 * ramp * unweighted)
 
 
@@ -195,7 +153,7 @@ def warm_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
     """
     folder = tmp_path_factory.mktemp("warm")
     pixel_generator = save_tiny_generator(folder / "pixel_base", resolution=8, with_vae=False)
-    config = _config(
+    config = phase_config(
         tiny_models,
         f"generator.pretrained_model_name_or_path={pixel_generator}",
         "generator.prediction_type=v_prediction",
@@ -203,7 +161,7 @@ def warm_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
         "captioner.train_mode=full",
         "generator.train_mode=full",
     )
-    captioner, _, generator, _, _ = _models(config)
+    captioner, _, generator, _, _ = build_models(config)
     undecided, _ = build_captioner(config.captioner)
     batch = _distinct_batch()
     batch4 = {**batch, "ids": [f"{i}-{j}" for j in range(4) for i in batch["ids"]]}
@@ -239,7 +197,9 @@ def _train_arm(phase: str, models, config: Config, batch: dict, *, fresh_draws: 
         [param for name, param in trained.named_parameters() if name in names], lr=3e-3
     )
     for update in range(15):
-        sum(_phase(phase, models, config, batch, step=update if fresh_draws else 0).terms.values()).backward()
+        sum(
+            run_phase(phase, models, config, batch, step=update if fresh_draws else 0).terms.values()
+        ).backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -247,7 +207,7 @@ def _train_arm(phase: str, models, config: Config, batch: dict, *, fresh_draws: 
 def _cycle_measure(phase: str, models, config: Config) -> float:
     """The cycle term on the fixed evaluation batch with fixed noise."""
     with torch.no_grad():
-        output = _phase(phase, models, config, _distinct_batch(), step=0)
+        output = run_phase(phase, models, config, _distinct_batch(), step=0)
     return next(value for name, value in output.terms.items() if name.startswith(("i2t2i_", "t2i2t_"))).item()
 
 
@@ -277,12 +237,12 @@ def test_cycle_training_lowers_the_cycle_term_against_a_weight_zero_control(
     weight_key = "cycle.i2t2i.weight" if phase == "captioner" else "cycle.t2i2t.weight"
     measured = {}
     for weight in (0.0, 1.0):
-        config = _config(tiny_models, *start, f"{weight_key}={weight}")
-        models = _models(config)
+        config = phase_config(tiny_models, *start, f"{weight_key}={weight}")
+        models = build_models(config)
         # Fixed batch and fixed noise (update 0 every time): the test is that the cycle gradient
         # descends the cycle term, measured against the same run without it.
         _train_arm(phase, models, config, _distinct_batch(), fresh_draws=False)
-        measured[weight] = _cycle_measure(phase, models, _config(tiny_models, *start))
+        measured[weight] = _cycle_measure(phase, models, phase_config(tiny_models, *start))
     # At least 1% lower (seen here: 1.5% for one_step, 5-87% for the others).
     assert measured[1.0] < 0.99 * measured[0.0], measured
 
@@ -325,8 +285,8 @@ def test_reward_training_prefers_the_caption_the_generator_reconstructs_against_
     red = {"kind": "image_only", "ids": ["red-0", "red-1"], "pixels": _distinct_batch()["pixels"][[0, 0]]}
     measured = {}
     for weight in (0.0, 1.0):
-        config = _config(tiny_models, *start, f"cycle.i2t2i.weight={weight}")
-        models = _models(config)
+        config = phase_config(tiny_models, *start, f"cycle.i2t2i.weight={weight}")
+        models = build_models(config)
         _train_arm("captioner", models, config, red, fresh_draws=True)
         measured[weight] = _expected_reconstruction_loss(models, config)
     # Over training keys of seeds 0-3 (each a different set of candidates, as another CPU's rounding would

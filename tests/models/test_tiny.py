@@ -12,15 +12,10 @@ from safetensors.torch import load_file
 
 from data import shapes
 from models.captioner import Captioner
+from models.captioners.blip import BlipSpec
 from models.generator import Generator
-from models.tiny import (
-    SHAPES_WORDS,
-    default_vocabulary,
-    main,
-    save_preset,
-    save_tiny_captioner,
-    save_tiny_generator,
-)
+from models.tiny import main, save_preset, save_tiny_generator
+from models.tiny_vocabulary import SHAPES_WORDS, default_vocabulary
 
 SHAPES_CAPTIONS = [
     "a small red circle at the top left",
@@ -154,17 +149,17 @@ def test_saving_leaves_the_callers_random_state_alone(tmp_path) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    save_tiny_captioner(tmp_path / "captioner", seed=7)
+    BlipSpec.save_tiny(tmp_path / "captioner", seed=7)
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_custom_vocabulary_and_bad_words(tmp_path) -> None:
     from transformers import BertTokenizer
 
-    folder = save_tiny_captioner(tmp_path / "custom", vocab_words=["Quokka", "wombat"])
+    folder = BlipSpec.save_tiny(tmp_path / "custom", vocab_words=["Quokka", "wombat"])
     assert BertTokenizer.from_pretrained(folder).tokenize("quokka wombat") == ["quokka", "wombat"]
     with pytest.raises(ValueError, match=r"vocab_words\[1\] = 'two words'"):
-        save_tiny_captioner(tmp_path / "bad", vocab_words=["fine", "two words"])
+        BlipSpec.save_tiny(tmp_path / "bad", vocab_words=["fine", "two words"])
 
 
 def test_default_vocabulary_includes_the_shapes_grammar() -> None:
@@ -207,7 +202,7 @@ def test_size_options_that_cannot_work_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="generator text_options vocab_size=10 is below the tokenizer's"):
         save_tiny_generator(tmp_path / "generator", text_options={"vocab_size": 10})
     with pytest.raises(ValueError, match="captioner text_options vocab_size=10 is below the tokenizer's"):
-        save_tiny_captioner(tmp_path / "captioner", text_options={"vocab_size": 10})
+        BlipSpec.save_tiny(tmp_path / "captioner", text_options={"vocab_size": 10})
     with pytest.raises(ValueError, match="vae_options given with with_vae=False"):
         save_tiny_generator(tmp_path / "pixels", with_vae=False, vae_options={"layers_per_block": 2})
     with pytest.raises(ValueError, match="unknown tiny-model preset 'huge'"):

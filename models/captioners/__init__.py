@@ -1,0 +1,20 @@
+"""The captioner families, one file each; SPECS is the list the Captioner wrapper and the family registry
+(models/families.py) read. A new family is one more file here and one more entry in SPECS."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from models.captioners.blip import BlipSpec
+from models.captioners.spec import CaptionerSpec
+
+SPECS: tuple[CaptionerSpec, ...] = (BlipSpec(),)
+
+
+def spec_for(config: PretrainedConfig) -> CaptionerSpec:
+    """The family spec of a loaded config; a ValueError naming the supported model types otherwise."""
+    for spec in SPECS:
+        if config.model_type in spec.model_types:
+            return spec
+    supported = sorted(model_type for spec in SPECS for model_type in spec.model_types)
+    raise ValueError(f"captioner model type {config.model_type!r} is not supported; supported: {supported}")
