@@ -2,30 +2,40 @@
 
 The image->text->image cycle lets the generator read a caption the captioner has not committed to: one
 probability distribution over the captioner's vocabulary per position. The two models tokenize differently
-(BLIP: BERT WordPiece, 30,524 tokens incl. "[DEC]"; Stable Diffusion: CLIP byte-level BPE, 49,408 tokens), so
-every captioner token gets a fixed recipe of generator tokens, and a position's embedding is the
-probability-weighted sum of its tokens' recipes, read from the text encoder's CURRENT embedding matrix.
+(BLIP, GIT: BERT WordPiece; BLIP-2 OPT, SmolVLM: byte-level BPE; IDEFICS: SentencePiece BPE; Stable Diffusion:
+CLIP's BPE, 49,408 tokens), so every captioner token gets a fixed recipe of generator tokens, and a position's
+embedding is the probability-weighted sum of its tokens' recipes, read from the text encoder's CURRENT
+embedding matrix.
 
 Mapping rules
-- Subword markers are normalised away before matching: WordPiece marks a word-INNER continuation with a
-  "##" prefix, CLIP BPE marks a word-FINAL piece with a "</w>" suffix. A token's text (marker stripped, then
-  the generator tokenizer's normaliser and pre-tokenizer: NFC, lower case, byte-level alphabet) maps to the
-  generator token with the same string plus "</w>" (word-final) or without it (word-inner): an exact match.
-- Whether a WordPiece token ends its word depends on the NEXT position: a following "##" continuation makes
-  it word-inner. So each captioner token has a word-final and a word-inner recipe, and position i mixes them
-  as (1 - q) * final + q * inner, where q = q_{i+1} is the probability mass of "##" tokens at position i + 1
-  (0 after the last valid position). A CLIP-BPE source (the identity bridge) carries finality in its own
-  token strings, so its two recipes coincide.
+- Reading (models/token_pieces.py): each tokenizer kind's word marker turns a token string into text and says
+  whether it continues the word before it. WordPiece: "##" continues. Byte-level BPE ("Ġ") and SentencePiece
+  ("▁"): the marker starts a word and a piece without it continues, unless the generator's pre-tokenizer
+  would split it off anyway (",", ".", a digit, "'s" after a word: "dog," is "dog</w>" ",</w>" in CLIP).
+  CLIP BPE ("</w>" ends a word, the identity bridge): the token's own finality. Byte pieces that are not whole
+  UTF-8 and <0xNN> byte fallbacks other than printable ASCII have no text: unmappable.
+- The text (the generator tokenizer's normaliser and pre-tokenizer: NFC, lower case, byte-level alphabet)
+  maps to the generator token with the same string plus "</w>" (word-final) or without it (word-inner): an
+  exact match.
+- Whether a token ends its word depends on the NEXT position: a following continuation makes it word-inner.
+  So each captioner token has a word-final and a word-inner recipe, and position i mixes them as
+  (1 - q) * final + q * inner, where q = q_{i+1} is the probability mass of continuing tokens at position
+  i + 1 (0 after the last valid position). A CLIP-BPE source carries finality in its own token strings, so its
+  two recipes coincide.
 - A token with no exact match maps to the MEAN embedding of the pieces the generator's own BPE splits it
   into (its inner recipe leaves "</w>" off the last piece): one captioner position stays one position, and
   nothing collapses onto [UNK] (the paper's exact-match-or-[UNK] table lost 58% of CLIP's vocabulary).
-- Special tokens: the decoder start token (BLIP's "[DEC]"), [CLS] and bos -> CLIP's bos "<|startoftext|>";
-  [SEP] and eos -> CLIP's eos "<|endoftext|>"; [PAD] -> the generator tokenizer's pad token; [UNK], every
-  other special ([MASK], "[ENC]") and unmappable tokens -> the generator's unk token. Unmappable: BERT's
-  "[unused17]" placeholders (the captioner's own pre-tokenizer splits them, so no text ever yields them)
-  and characters outside the generator's alphabet.
-- Positions: probs[:, 0] is the start token, so the output starts with bos. Positions beyond the attention
-  mask get the pad embedding. The output has max_length positions (77 for SD): a longer caption is
+- Special tokens: bos and [CLS] -> CLIP's bos "<|startoftext|>"; eos, [SEP] and the captioner's caption-end
+  token -> CLIP's eos "<|endoftext|>" (eos wins where one token plays both, like OPT's "</s>": inside a caption
+  it can only end it); [PAD] -> the generator tokenizer's pad token; [UNK], every other special ([MASK],
+  image placeholders) and unmappable tokens -> the generator's unk token. Added tokens that are not special
+  are read by their text, as a word of their own. Also unmappable: BERT's "[unused17]" placeholders (the
+  captioner's own pre-tokenizer splits them, so no text ever yields them), whitespace-only pieces and
+  characters outside the generator's alphabet.
+- Positions: probs[:, 0] is the start slot (BLIP's "[DEC]", or the last token of a prompt or a chat turn
+  header, e.g. ":" of "Assistant:", an ordinary token elsewhere), so the output's position 0 is the exact
+  bos embedding whatever its distribution, as CLIP's tokenizer starts every text. Positions beyond the
+  attention mask get the pad embedding. The output has max_length positions (77 for SD): a longer caption is
   truncated with eos in the last slot, as CLIP's tokenizer truncates; a shorter one is padded.
 - Storage: recipes are [V_source, P] index and weight tables (P = most pieces of any token; unused slots
   weigh 0), never a dense [V_source, V_target] matrix (30k x 49k floats would be 6 GB). `embed` turns them
@@ -35,142 +45,39 @@ Mapping rules
 
 from __future__ import annotations
 
-import json
 from itertools import chain
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
-from tokenizers.models import BPE, WordPiece
 from torch import nn
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from models.token_pieces import Reading, TargetPieces, added_beyond_model, source_reader
 
+if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from models.generator import Generator
 
-Finality = Literal["by_next", "final", "inner"]
-
-
-class _Reading(NamedTuple):
-    """A source token as text in the target's alphabet, and what decides whether it ends a word."""
-
-    words: tuple[str, ...]  # the target pre-tokenizer's words; empty: unmappable
-    finality: Finality  # "by_next": the next position decides (WordPiece); else fixed by the token itself
-    continues_word: bool  # a WordPiece "##" continuation: makes the PREVIOUS position word-inner
-
-
-def _backend(tokenizer: PreTrainedTokenizerBase, role: str) -> Tokenizer:
-    """The `tokenizers` object behind a transformers tokenizer: it exposes the model, merges and markers."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise ValueError(
-            f"{role} tokenizer {type(tokenizer).__name__} has no `tokenizers` backend (backend_tokenizer); "
-            "the bridge reads subword markers and BPE merges from it"
-        )
-    return backend
-
-
-class _TargetPieces:
-    """The generator tokenizer's pieces for a text: exact vocabulary match first, its own BPE otherwise."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        backend = _backend(tokenizer, "generator")
-        model = backend.model
-        if not isinstance(model, BPE) or not model.end_of_word_suffix:
-            raise ValueError(
-                f"generator tokenizer {type(tokenizer).__name__} must be a BPE marking word ends with a "
-                f"suffix like CLIP's '</w>'; got {type(model).__name__}"
-            )
-        self.suffix: str = model.end_of_word_suffix
-        self.vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
-        self.unk_id = self.vocab.get(model.unk_token) if model.unk_token else None
-        self.final_model = model
-        # The same merges without the end-of-word suffix give the pieces of a word that continues.
-        config = json.loads(backend.to_str())
-        config["model"]["end_of_word_suffix"] = None
-        self.inner_model = Tokenizer.from_str(json.dumps(config)).model
-        self.normalizer = backend.normalizer
-        self.pre_tokenizer = backend.pre_tokenizer
-
-    def words(self, text: str) -> tuple[str, ...]:
-        """Text -> the words BPE sees: normalised, split like the tokenizer splits, in its byte alphabet."""
-        if self.normalizer is not None:
-            text = self.normalizer.normalize_str(text)
-        if self.pre_tokenizer is None:
-            return (text,) if text else ()
-        return tuple(word for word, _ in self.pre_tokenizer.pre_tokenize_str(text) if word)
-
-    def pieces(self, words: tuple[str, ...], *, final: bool) -> list[int] | None:
-        """Target ids for the words; every word but the last ends. None if any piece is unknown."""
-        ids = [
-            piece
-            for position, word in enumerate(words)
-            for piece in self._word_pieces(word, final=final or position < len(words) - 1)
-        ]
-        if not ids or self.unk_id in ids:
-            return None
-        return ids
-
-    def _word_pieces(self, word: str, *, final: bool) -> list[int]:
-        exact = self.vocab.get(word + self.suffix if final else word)
-        if exact is not None:
-            return [exact]
-        model = self.final_model if final else self.inner_model
-        return [token.id for token in model.tokenize(word)]
-
-
-def _source_reader(tokenizer: PreTrainedTokenizerBase, target: _TargetPieces) -> Callable[[str], _Reading]:
-    """How to read one source token string, by the source tokenizer's subword convention."""
-    backend = _backend(tokenizer, "captioner")
-    model = backend.model
-    if isinstance(model, WordPiece):
-        prefix: str = model.continuing_subword_prefix
-        source_pre_tokenizer = backend.pre_tokenizer
-
-        def read_wordpiece(token: str) -> _Reading:
-            continues = token.startswith(prefix) and len(token) > len(prefix)
-            text = token[len(prefix) :] if continues else token
-            # BERT's "[unused17]" pre-tokenizes into "[", "unused17", "]": no text yields it, so it maps to unk.
-            splits = (
-                source_pre_tokenizer is not None and len(source_pre_tokenizer.pre_tokenize_str(text)) != 1
-            )
-            return _Reading(() if splits else target.words(text), "by_next", continues)
-
-        return read_wordpiece
-    if isinstance(model, BPE) and model.end_of_word_suffix:
-        suffix: str = model.end_of_word_suffix
-
-        def read_bpe(token: str) -> _Reading:
-            # Already in the byte alphabet a CLIP-style target shares: match the string as it is.
-            ends = token.endswith(suffix) and len(token) > len(suffix)
-            text = token[: -len(suffix)] if ends else token
-            return _Reading((text,), "final" if ends else "inner", False)
-
-        return read_bpe
-    raise ValueError(
-        f"captioner tokenizer {type(tokenizer).__name__} uses {type(model).__name__}; the bridge reads "
-        "WordPiece ('##' continuations) or BPE with an end-of-word suffix (CLIP)"
-    )
-
 
 def _special_targets(
-    source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, start_token_id: int
+    source: PreTrainedTokenizerBase,
+    target: PreTrainedTokenizerBase,
+    added_special: set[int],
+    end_token_id: int | None,
 ) -> dict[int, int | None]:
     """Source special-token id -> target id by role; None: no counterpart (maps to the target's unk)."""
     roles = {"bos": target.bos_token_id, "eos": target.eos_token_id, "pad": target.pad_token_id}
     missing = [role for role, token_id in {**roles, "unk": target.unk_token_id}.items() if token_id is None]
     if missing:
         raise ValueError(f"generator tokenizer has no {', '.join(missing)} token")
-    targets: dict[int, int | None] = dict.fromkeys(source.all_special_ids)
-    # Later roles win where one token plays several (CLIP's "<|endoftext|>" is its eos, pad and unk).
+    targets: dict[int, int | None] = dict.fromkeys([*source.all_special_ids, *added_special])
+    # Later roles win where one token plays several: a source eos that is also its bos or pad (OPT's "</s>",
+    # GPT-2's pad) ends a caption wherever it has mass, since position 0 is bos regardless.
     for source_ids, target_id in (
         ((source.pad_token_id,), roles["pad"]),
-        ((source.sep_token_id, source.eos_token_id), roles["eos"]),
-        ((start_token_id, source.cls_token_id, source.bos_token_id), roles["bos"]),
+        ((source.cls_token_id, source.bos_token_id), roles["bos"]),
+        ((source.sep_token_id, source.eos_token_id, end_token_id), roles["eos"]),
     ):
         targets.update((token_id, target_id) for token_id in source_ids if token_id is not None)
     return targets
@@ -198,6 +105,7 @@ class VocabularyBridge(nn.Module):
         inner_recipes: list[list[int]],
         continuation: list[bool],
         unmapped: list[bool],
+        bos_id: int,
         pad_id: int,
         eos_id: int,
         max_length: int,
@@ -207,7 +115,7 @@ class VocabularyBridge(nn.Module):
         if max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for bos and eos")
         self.source_vocab_size = len(final_recipes)
-        self.pad_id, self.eos_id, self.max_length = pad_id, eos_id, max_length
+        self.bos_id, self.pad_id, self.eos_id, self.max_length = bos_id, pad_id, eos_id, max_length
         self._coverage = dict(coverage)
         # Rebuilt from the tokenizers by `build`, so kept out of checkpoints (persistent=False).
         for name, recipes in (("final", final_recipes), ("inner", inner_recipes)):
@@ -225,14 +133,17 @@ class VocabularyBridge(nn.Module):
         captioner_tokenizer: PreTrainedTokenizerBase,
         generator_tokenizer: PreTrainedTokenizerBase,
         *,
-        start_token_id: int,
+        end_token_id: int | None = None,
         max_length: int = 77,
         source_vocab_size: int | None = None,
     ) -> VocabularyBridge:
-        """Read both vocabularies in one pass (1-3 s for a 30k WordPiece -> 49k CLIP pair on one CPU core).
+        """Read both vocabularies in one pass (CPU seconds on one core: about 1 for BERT's 30k WordPiece ->
+        CLIP's 49k BPE, about 4 for a 150k byte-level vocabulary).
 
-        `source_vocab_size` is the captioner's logit count when its embedding matrix is padded beyond the
-        tokenizer (common: sizes rounded up to a multiple of 64); those ids have no text and stay unmapped.
+        `end_token_id`: the token that ends the captioner's captions (e.g. BLIP-2 OPT's "Ċ"), mapped to the
+        generator's eos like the captioner's own eos. `source_vocab_size` is the captioner's logit count when its embedding matrix is
+        padded beyond the tokenizer (common: sizes rounded up to a multiple of 64); those ids have no text
+        and stay unmapped.
         """
         source_size = len(captioner_tokenizer) if source_vocab_size is None else source_vocab_size
         if source_size < len(captioner_tokenizer):
@@ -240,13 +151,14 @@ class VocabularyBridge(nn.Module):
                 f"source_vocab_size={source_size} is smaller than the captioner tokenizer "
                 f"({len(captioner_tokenizer)} tokens)"
             )
-        if not 0 <= start_token_id < source_size:
+        if end_token_id is not None and not 0 <= end_token_id < source_size:
             raise ValueError(
-                f"start_token_id {start_token_id} is outside the captioner vocabulary [0, {source_size})"
+                f"end_token_id {end_token_id} is outside the captioner vocabulary [0, {source_size})"
             )
-        target = _TargetPieces(generator_tokenizer)
-        read = _source_reader(captioner_tokenizer, target)
-        specials = _special_targets(captioner_tokenizer, generator_tokenizer, start_token_id)
+        target = TargetPieces(generator_tokenizer)
+        read = source_reader(captioner_tokenizer, target)
+        added_special, added_text = added_beyond_model(captioner_tokenizer)
+        specials = _special_targets(captioner_tokenizer, generator_tokenizer, added_special, end_token_id)
         unk_id: int = generator_tokenizer.unk_token_id
         final_recipes: list[list[int]] = []
         inner_recipes: list[list[int]] = []
@@ -260,7 +172,10 @@ class VocabularyBridge(nn.Module):
                 final_recipes.append([unk_id if target_id is None else target_id])
                 inner_recipes.append(final_recipes[-1])
                 continue
-            reading = read(token)
+            if token_id in added_text:  # matched whole, before any subword rule: a word of its own
+                reading = Reading(target.words(added_text[token_id]), "by_next", False)
+            else:
+                reading = read(token)
             continuation[token_id] = reading.continues_word
             final = target.pieces(reading.words, final=reading.finality != "inner")
             inner = target.pieces(reading.words, final=reading.finality == "final")
@@ -275,6 +190,7 @@ class VocabularyBridge(nn.Module):
             inner_recipes=inner_recipes,
             continuation=continuation,
             unmapped=unmapped,
+            bos_id=generator_tokenizer.bos_token_id,
             pad_id=generator_tokenizer.pad_token_id,
             eos_id=generator_tokenizer.eos_token_id,
             max_length=max_length,
@@ -303,24 +219,28 @@ class VocabularyBridge(nn.Module):
         valid = self._check_inputs(probs, attention_mask)
         embedding_weight = token_embedding.weight
         dtype = torch.promote_types(torch.promote_types(probs.dtype, embedding_weight.dtype), torch.float32)
-        probs, weight = probs.to(dtype), embedding_weight.to(dtype)
-        continuation_mass = probs[:, 1:] @ self.continuation.to(dtype)
-        next_continues = F.pad(continuation_mass * valid[:, 1:], (0, 1)).unsqueeze(-1)
-        final, inner = (probs @ self._recipe_embeddings(weight)).chunk(2, dim=-1)
+        # Position 0 is the start slot, whose token means nothing to the generator: it becomes bos below.
+        caption, weight = probs[:, 1:].to(dtype), embedding_weight.to(dtype)
+        continuation_mass = caption[:, 1:] @ self.continuation.to(dtype)
+        next_continues = F.pad(continuation_mass * valid[:, 2:], (0, 1)).unsqueeze(-1)
+        final, inner = (caption @ self._recipe_embeddings(weight)).chunk(2, dim=-1)
         # (1 - q) * final + q * inner is exact at q = 0 and q = 1, so one-hot input reproduces hard tokens.
-        embeds = (1 - next_continues) * final + next_continues * inner
+        mixed = (1 - next_continues) * final + next_continues * inner
+        bos = weight[self.bos_id].expand(len(probs), 1, -1)
+        embeds = torch.cat([bos, mixed], dim=1)
         return self._fit_length(embeds, valid, weight).to(embedding_weight.dtype)
 
     @torch.no_grad()
     def mass_coverage(self, probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Share of the batch's probability mass (valid positions) on tokens that do NOT map to unk.
 
-        A 0-dim tensor, detached, computed without boolean indexing (which would wait for the GPU).
+        The start slot (position 0) always becomes bos, so its mass counts as mapped. A 0-dim tensor,
+        detached, computed without boolean indexing (which would wait for the GPU).
         """
         valid = self._check_inputs(probs, attention_mask)
         probs = probs.detach().to(torch.promote_types(probs.dtype, torch.float32))
         weights = valid.to(probs.dtype)
-        unk_mass = ((probs @ self.unmapped.to(probs.dtype)) * weights).sum()
+        unk_mass = ((probs[:, 1:] @ self.unmapped.to(probs.dtype)) * weights[:, 1:]).sum()
         return 1 - unk_mass / (probs.sum(dim=-1) * weights).sum()
 
     def _check_inputs(self, probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -395,6 +315,13 @@ def _coverage(
     }
     shares["target_reached"] = len(reached) / target_size
     return shares
+
+
+def pair_coverage(
+    captioner_tokenizer: PreTrainedTokenizerBase, generator_tokenizer: PreTrainedTokenizerBase
+) -> dict[str, float]:
+    """`VocabularyBridge.coverage` of a captioner -> generator tokenizer pair, e.g. to quote per family."""
+    return VocabularyBridge.build(captioner_tokenizer, generator_tokenizer).coverage()
 
 
 def encode_token_embeddings(generator: Generator, token_embeds: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,10 @@ class CaptionDecoding:
         pixel_values = self.preprocess(pixels01)
         prefix = self.prefix_ids(prompt).to(self.device)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        sampling |= {
+            "eos_token_id": self.spec.end_token_id(self.processor, self.model.config),
+            "pad_token_id": self.pad_token_id,
+        }
         new_tokens = self.spec.generate(
             self.model,
             pixel_values,
@@ -152,7 +156,7 @@ class CaptionDecoding:
                 f"gumbel_noise shape {tuple(gumbel_noise.shape)} != (batch, max_length, vocab) "
                 f"= {(batch, max_length, vocab)}"
             )
-        embeddings = self.spec.word_embeddings(self.model).weight
+        embeddings = self.spec.word_embedding_matrix(self.model)
         end = self.spec.end_token_id(self.processor, self.model.config)
         image = self._image_states(pixels01, 1)
         start = self.prefix_ids().to(self.device).expand(batch, -1)

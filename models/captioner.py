@@ -122,7 +122,7 @@ class Captioner(CaptionDecoding, RunsInForward):
             raise ValueError(f"tokenize expects a non-empty list of caption strings, got {captions!r}")
         prefix = self.prefix_ids()
         end, pad = self.spec.end_token_id(self.processor, self.model.config), self.pad_token_id
-        bodies = self.spec.caption_ids(self.tokenizer, captions, self.max_length - 2)
+        bodies = self.spec.caption_ids(self.tokenizer, captions, self.max_length - 2, self.prompt)
         width = len(prefix) + max(len(body) for body in bodies) + 1
         input_ids = torch.full((len(bodies), width), pad, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -190,7 +190,7 @@ class Captioner(CaptionDecoding, RunsInForward):
     @property
     def vocab_size(self) -> int:
         """Rows of the decoder's word embeddings: the last dimension of logits and of soft-token probs."""
-        return self.spec.word_embeddings(self.model).num_embeddings
+        return self.spec.word_embedding_matrix(self.model).shape[0]
 
     def _image_states(self, pixels01: torch.Tensor, copies: int) -> torch.Tensor:
         """Encoder states per image, each repeated `copies` times for that many consecutive text rows."""

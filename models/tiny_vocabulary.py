@@ -9,6 +9,7 @@ ends a word) is written by models/tiny.py for the generator.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,4 +140,10 @@ def sentencepiece_bpe(words: Sequence[str], special_tokens: Sequence[str]) -> To
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    return _train_bpe(tokenizer, words, [*special_tokens, *byte_tokens])
+    trained = json.loads(_train_bpe(tokenizer, words, [*special_tokens, *byte_tokens]).to_str())
+    # Trained in as specials to get Llama's ids (right after the specials), but Llama keeps the byte pieces
+    # as ordinary vocabulary: decode(skip_special_tokens=True) must not drop the characters they spell.
+    trained["added_tokens"] = [
+        token for token in trained["added_tokens"] if token["content"] not in byte_tokens
+    ]
+    return Tokenizer.from_str(json.dumps(trained))

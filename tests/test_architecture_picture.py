@@ -19,6 +19,7 @@ from import_graph import PACKAGES, ROOT, import_edges, package_of, project_modul
 from data.source_types import SOURCE_TYPES
 from losses.i2t2i import I2T2I_MODES
 from losses.t2i2t import T2I2T_MODES
+from models.captioners import SPECS
 from models.families import CAPTIONERS, GENERATORS
 
 README = ROOT / "README.md"
@@ -53,7 +54,10 @@ def box_lines() -> dict[str, list[str]]:
         for table in (I2T2I_MODES, T2I2T_MODES)
     }
     families = {
-        "captioner families": grouped({family.name: family.wrapper for family in CAPTIONERS}),
+        # One file per captioner family, all in one folder.
+        "captioner families": [
+            f"{', '.join(spec.name for spec in SPECS)}: {Path(where(type(SPECS[0]))).parent.as_posix()}/"
+        ],
         "generator families": grouped({family.name: family.wrapper for family in GENERATORS}),
     }
     sources = {"data source types": grouped({name: kind.reader for name, kind in SOURCE_TYPES.items()})}

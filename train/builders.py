@@ -212,7 +212,7 @@ def build_bridge(
     bridge = VocabularyBridge.build(
         captioner.tokenizer,
         generator.tokenizer,
-        start_token_id=int(captioner.prefix_ids()[-1]),  # the start slot of a soft caption
+        end_token_id=captioner.spec.end_token_id(captioner.processor, captioner.model.config),
         max_length=generator.tokenizer.model_max_length,
         source_vocab_size=captioner.vocab_size,
     )

@@ -6,15 +6,20 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from models.captioners.blip import BlipSpec
+from models.captioners.blip2 import Blip2Spec
+from models.captioners.git import GitSpec
+from models.captioners.idefics import IdeficsSpec
+from models.captioners.smolvlm import SmolVLMSpec
 from models.captioners.spec import CaptionerSpec
 
-SPECS: tuple[CaptionerSpec, ...] = (BlipSpec(),)
+SPECS: tuple[CaptionerSpec, ...] = (BlipSpec(), Blip2Spec(), GitSpec(), SmolVLMSpec(), IdeficsSpec())
 
 
 def spec_for(config: PretrainedConfig) -> CaptionerSpec:
     """The family spec of a loaded config; a ValueError naming the supported model types otherwise."""
     for spec in SPECS:
         if config.model_type in spec.model_types:
+            spec.check_config(config)
             return spec
     supported = sorted(model_type for spec in SPECS for model_type in spec.model_types)
     raise ValueError(f"captioner model type {config.model_type!r} is not supported; supported: {supported}")

@@ -55,6 +55,8 @@ class BlipSpec(CaptionerSpec):
     def generate(
         self, model: nn.Module, pixel_values: torch.Tensor, prefix_ids: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
+        # BLIP's generate sets eos ([SEP]) and pad itself, the ids end_token_id and pad_token_id give.
+        del kwargs["eos_token_id"], kwargs["pad_token_id"]
         # BLIP's generate drops the last input token (it expects the tokenizer's trailing [SEP]), so add one.
         sep_column = torch.full_like(prefix_ids[:, :1], model.config.text_config.sep_token_id)
         input_ids = torch.cat([prefix_ids, sep_column], dim=1)

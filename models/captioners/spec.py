@@ -43,6 +43,11 @@ class CaptionerSpec(ABC):
     # What the caption follows when the config sets no captioner.prompt (None: no prompt).
     default_prompt: ClassVar[str | None] = None
 
+    def check_config(self, config: PretrainedConfig) -> None:
+        """Refuse, with a ValueError naming why, a config of this model type the spec cannot drive; called
+        before any weight loads. The default accepts every config of model_types."""
+        return
+
     def image_geometry(self, processor: Any) -> ImageGeometry:
         """Read from the processor; the default is an image processor with a square height/width size."""
         image_processor = processor.image_processor
@@ -57,8 +62,11 @@ class CaptionerSpec(ABC):
     def prefix_ids(self, processor: Any, config: PretrainedConfig, prompt: str | None) -> list[int]:
         """The token ids every caption of this family continues, for one image and this prompt."""
 
-    def caption_ids(self, tokenizer: Any, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
-        """Each caption's own tokens (no specials), at most max_tokens."""
+    def caption_ids(
+        self, tokenizer: Any, captions: Sequence[str], max_tokens: int, prompt: str | None
+    ) -> list[list[int]]:
+        """Each caption's own tokens (no specials), at most max_tokens, as they follow the prefix built for
+        `prompt` (a family may tokenize a caption differently after a prompt: a leading space, say)."""
         return tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=max_tokens)[
             "input_ids"
         ]
@@ -71,9 +79,9 @@ class CaptionerSpec(ABC):
         """What fills a row after its end token (never attended to, never a label)."""
         return processor.tokenizer.pad_token_id
 
-    def word_embeddings(self, model: nn.Module) -> nn.Embedding:
-        """The embedding the text decoder reads its tokens from (one-hot @ weight for soft tokens)."""
-        return model.get_input_embeddings()
+    def word_embedding_matrix(self, model: nn.Module) -> torch.Tensor:
+        """[V, D]: the rows the text decoder reads its tokens from, one per logit (soft tokens multiply it)."""
+        return model.get_input_embeddings().weight
 
     @abstractmethod
     def image_states(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -104,11 +112,23 @@ class CaptionerSpec(ABC):
             model, self.image_states(model, pixel_values), input_ids=input_ids, attention_mask=mask
         )[0]
 
-    @abstractmethod
     def generate(
         self, model: nn.Module, pixel_values: torch.Tensor, prefix_ids: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        """Token ids generated after prefix_ids (HF generate: beams, sampling), one row per sequence."""
+        """Token ids generated after prefix_ids (HF generate: beams, sampling), one row per sequence.
+
+        kwargs include eos_token_id and pad_token_id (end_token_id and pad_token_id), so that generation
+        stops where training ends captions whatever the checkpoint's generation_config says. The default is
+        the model's own generate on pixel_values and the prefix, which returns the prefix before the new
+        tokens.
+        """
+        sequences = model.generate(
+            pixel_values=pixel_values,
+            input_ids=prefix_ids,
+            attention_mask=torch.ones_like(prefix_ids),
+            **kwargs,
+        )
+        return sequences[:, prefix_ids.shape[1] :]
 
     @staticmethod
     @abstractmethod

@@ -21,6 +21,7 @@ from losses.i2t2i import (
 from models.bridge import VocabularyBridge
 from models.caption_decoding import IGNORE_INDEX
 from models.captioner import Captioner
+from models.captioners.smolvlm import SmolVLMSpec
 from models.generator import Generator
 from models.lora import add_captioner_lora, frozen, prepare_trainable
 from models.randomness import DrawKey
@@ -58,11 +59,7 @@ def captioner(tiny_models) -> Captioner:
 
 @pytest.fixture(scope="module")
 def bridge(frozen_captioner: Captioner, frozen_generator: Generator) -> VocabularyBridge:
-    return VocabularyBridge.build(
-        frozen_captioner.tokenizer,
-        frozen_generator.tokenizer,
-        start_token_id=frozen_captioner.model.config.text_config.bos_token_id,
-    )
+    return VocabularyBridge.build(frozen_captioner.tokenizer, frozen_generator.tokenizer)
 
 
 def _batch(size: int) -> dict:
@@ -93,31 +90,42 @@ def _lora_grads(captioner: Captioner) -> dict[str, torch.Tensor | None]:
     return {name: param.grad for name, param in captioner.named_parameters() if "lora_" in name}
 
 
-def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models, captioner, bridge) -> None:
+@pytest.fixture(scope="module")
+def smolvlm_folder(tmp_path_factory: pytest.TempPathFactory):
+    return SmolVLMSpec.save_tiny(tmp_path_factory.mktemp("smolvlm"))
+
+
+@pytest.mark.parametrize("family", ["blip", "smolvlm"])
+def test_soft_loss_gradient_matches_finite_differences_in_its_logits(
+    request: pytest.FixtureRequest, tiny_models, family: str
+) -> None:
     """float64 gradcheck of the soft cycle loss w.r.t. the captioner's logits, every random draw fixed by the key.
 
     The whole path (softmax, bridge, text encoder, UNet, MSE) runs in float64. A full Jacobian over all V * L
     logits would take thousands of UNet calls, so the check perturbs 12 of them (the 4 likeliest tokens at
-    3 caption positions, where the gradient is largest) and holds the rest fixed.
+    3 caption positions, where the gradient is largest) and holds the rest fixed. SmolVLM's rows start with
+    a chat-template prefix of image tokens and a prompt, and its pieces are byte-level BPE (`Ġ` starts a
+    word): the soft caption is the rows from the prefix's last slot on.
     """
+    folder = tiny_models.captioner if family == "blip" else request.getfixturevalue("smolvlm_folder")
+    captioner = Captioner.from_pretrained(str(folder), max_length=12)
     generator = Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False).double()
+    bridge = VocabularyBridge.build(
+        captioner.tokenizer, generator.tokenizer, source_vocab_size=captioner.vocab_size
+    )
     batch, temperature = _batch(2), 0.8
     tokens = captioner.tokenize(batch["captions"])
     logits = (
         captioner.logits(batch["pixels"], tokens["input_ids"], tokens["attention_mask"]).detach().double()
     )
+    caption_ids, caption_mask = (
+        captioner.caption_part(tokens[key]) for key in ("input_ids", "attention_mask")
+    )
 
     def loss_of(logits: torch.Tensor) -> torch.Tensor:
-        probs = soft_token_probs(logits, tokens["input_ids"], temperature)
+        probs = soft_token_probs(captioner.caption_part(logits), caption_ids, temperature)
         return reconstruction_loss(
-            generator,
-            bridge,
-            batch["pixels"],
-            batch["ids"],
-            probs,
-            tokens["attention_mask"],
-            num_timesteps=2,
-            key=KEY,
+            generator, bridge, batch["pixels"], batch["ids"], probs, caption_mask, num_timesteps=2, key=KEY
         ).mean()
 
     # soft() is exactly this function of the captioner's teacher-forced logits.
@@ -126,7 +134,7 @@ def test_soft_loss_gradient_matches_finite_differences_in_its_logits(tiny_models
     )
     assert torch.allclose(output.loss.double(), loss_of(logits), atol=1e-6)
 
-    positions = torch.tensor([1, 2, 3])
+    positions = captioner.caption_start + torch.tensor([1, 2, 3])
     vocab = logits[0, positions].topk(4, dim=-1).indices  # [3, 4]
     rows, columns = positions[:, None].expand_as(vocab), vocab
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertTokenizer, CLIPTokenizer
+from tokenizers import AddedToken
+from transformers import BertTokenizer, CLIPTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from models.bridge import VocabularyBridge, encode_token_embeddings
+from models.bridge import VocabularyBridge, encode_token_embeddings, pair_coverage
 from models.captioner import Captioner
 from models.generator import Generator
+from models.tiny_vocabulary import byte_level_bpe, default_vocabulary, sentencepiece_bpe, write_bert_vocab
 
 # Every word exists whole in both tiny vocabularies (models/tiny.py writes both from one word list).
 CAPTIONS = ["a red circle on the left of a blue square", "a small green triangle"]
@@ -29,17 +34,9 @@ CLIP_MERGES = (
 CLIP_ALPHABET = tuple("abcdefghijklmnopqrstuvwxyz0123456789.!")
 
 
-def _start_token_id(captioner: Captioner) -> int:
-    return captioner.model.config.text_config.bos_token_id
-
-
 @pytest.fixture(scope="module")
 def tiny_bridge(frozen_captioner: Captioner, frozen_generator: Generator) -> VocabularyBridge:
-    return VocabularyBridge.build(
-        frozen_captioner.tokenizer,
-        frozen_generator.tokenizer,
-        start_token_id=_start_token_id(frozen_captioner),
-    )
+    return VocabularyBridge.build(frozen_captioner.tokenizer, frozen_generator.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +57,7 @@ def clip() -> CLIPTokenizer:
 
 @pytest.fixture(scope="module")
 def hand_bridge(wordpiece: BertTokenizer, clip: CLIPTokenizer) -> VocabularyBridge:
-    return VocabularyBridge.build(wordpiece, clip, start_token_id=wordpiece.bos_token_id, max_length=8)
+    return VocabularyBridge.build(wordpiece, clip, max_length=8)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +131,7 @@ def test_truncation_keeps_eos_and_padding_fills_like_clip(
     token_embedding = frozen_generator.text_encoder.get_input_embeddings()
     for max_length in (6, 9):
         bridge = VocabularyBridge.build(
-            frozen_captioner.tokenizer,
-            frozen_generator.tokenizer,
-            start_token_id=_start_token_id(frozen_captioner),
-            max_length=max_length,
+            frozen_captioner.tokenizer, frozen_generator.tokenizer, max_length=max_length
         )
         hard_ids = frozen_generator.tokenizer(
             CAPTIONS, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
@@ -152,7 +146,7 @@ def test_truncation_keeps_eos_and_padding_fills_like_clip(
 def test_identity_for_one_tokenizer_on_both_sides(frozen_generator: Generator) -> None:
     """CLIP BPE -> the same CLIP BPE: every token maps to itself, "</w>" finality read from the token."""
     tokenizer = frozen_generator.tokenizer
-    bridge = VocabularyBridge.build(tokenizer, tokenizer, start_token_id=tokenizer.bos_token_id)
+    bridge = VocabularyBridge.build(tokenizer, tokenizer)
     every_token = torch.arange(len(tokenizer))
     for table in ("final", "inner"):
         assert getattr(bridge, f"{table}_index").shape == (len(tokenizer), 1)
@@ -274,10 +268,11 @@ def test_tiny_pair_coverage(
 def test_mass_coverage_counts_unk_mass_at_valid_positions(
     wordpiece: BertTokenizer, hand_bridge: VocabularyBridge
 ) -> None:
+    """The start slot's mass counts as mapped even on an unk token: it becomes bos whatever it holds."""
     probs = _soft(
         wordpiece,
         [
-            {"[DEC]": 1.0},
+            {"[MASK]": 1.0},
             {"dog": 0.5, "[UNK]": 0.5},
             {"über": 0.25, "##s": 0.75},
             {"[SEP]": 1.0},
@@ -297,8 +292,10 @@ def test_gradient_reaches_probs_through_the_frozen_encoder(
     )
     encode_token_embeddings(frozen_generator, embeds).square().sum().backward()
     gradient_norms = logits.grad.norm(dim=-1)
-    assert (gradient_norms[tokens["attention_mask"].bool()] > 0).all()
-    assert (gradient_norms[~tokens["attention_mask"].bool()] == 0).all()  # masked positions read pad
+    caption = tokens["attention_mask"].bool()
+    caption[:, 0] = False  # the start slot always reads bos
+    assert (gradient_norms[caption] > 0).all()
+    assert (gradient_norms[~caption] == 0).all()  # masked positions read pad
     assert all(parameter.grad is None for parameter in frozen_generator.text_encoder.parameters())
 
 
@@ -328,9 +325,9 @@ def test_bad_inputs_are_named(
     with pytest.raises(ValueError, match="right-padded"):
         hand_bridge.embed(probs, torch.tensor([[0, 1]]), hand_embedding)
     with pytest.raises(ValueError, match="generator tokenizer BertTokenizer must be a BPE"):
-        VocabularyBridge.build(wordpiece, wordpiece, start_token_id=wordpiece.bos_token_id)
+        VocabularyBridge.build(wordpiece, wordpiece)
     with pytest.raises(ValueError, match="outside the captioner vocabulary"):
-        VocabularyBridge.build(wordpiece, clip, start_token_id=len(wordpiece))
+        VocabularyBridge.build(wordpiece, clip, end_token_id=len(wordpiece))
 
 
 def test_a_captioner_embedding_padded_beyond_its_tokenizer_gets_unmapped_extra_ids(
@@ -341,13 +338,7 @@ def test_a_captioner_embedding_padded_beyond_its_tokenizer_gets_unmapped_extra_i
 ) -> None:
     """Models often round their vocabulary up (BLIP-2 OPT: 50272 logits, 50265 tokens): the bridge takes the
     logit count, maps the extra ids to unk, and leaves every real token's recipe unchanged."""
-    padded = VocabularyBridge.build(
-        wordpiece,
-        clip,
-        start_token_id=wordpiece.bos_token_id,
-        max_length=8,
-        source_vocab_size=len(wordpiece) + 3,
-    )
+    padded = VocabularyBridge.build(wordpiece, clip, max_length=8, source_vocab_size=len(wordpiece) + 3)
     assert padded.source_vocab_size == len(wordpiece) + 3
     assert padded.unmapped[-3:].tolist() == [1.0, 1.0, 1.0]
     probs = _soft(wordpiece, [{"[DEC]": 1.0}, {"dog": 1.0}])
@@ -357,6 +348,200 @@ def test_a_captioner_embedding_padded_beyond_its_tokenizer_gets_unmapped_extra_i
         hand_bridge.embed(probs, torch.ones(1, 2), hand_embedding),
     )
     with pytest.raises(ValueError, match="smaller than the captioner tokenizer"):
-        VocabularyBridge.build(
-            wordpiece, clip, start_token_id=wordpiece.bos_token_id, source_vocab_size=len(wordpiece) - 1
-        )
+        VocabularyBridge.build(wordpiece, clip, source_vocab_size=len(wordpiece) - 1)
+
+
+# ------------------------------------------------------------------------------ every source tokenizer kind
+
+KINDS = ("wordpiece", "byte_level", "sentencepiece", "clip")
+BPE_SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+HAND_WORDS = ("a", "dog", "sun", "flower", "run")
+
+
+def _source_tokenizer(
+    kind: str, words: Sequence[str], folder: Path, clip: CLIPTokenizer
+) -> PreTrainedTokenizerBase:
+    """The kind's tokenizer over `words`, built as the tiny captioners build theirs; "clip" is the target."""
+    if kind == "wordpiece":
+        return BertTokenizer(vocab=write_bert_vocab(words, folder))
+    if kind == "clip":
+        return clip
+    build = byte_level_bpe if kind == "byte_level" else sentencepiece_bpe
+    return PreTrainedTokenizerFast(tokenizer_object=build(words, list(BPE_SPECIALS.values())), **BPE_SPECIALS)
+
+
+def _caption_rows(
+    tokenizer: PreTrainedTokenizerBase, captions: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captioner.tokenize's caption part: a start slot (the ":" of a chat turn "Assistant:"), the caption's
+    tokens, the end token (eos, BERT's [SEP]), then pad."""
+    start = tokenizer("Assistant:", add_special_tokens=False)["input_ids"][-1]
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    bodies = tokenizer(captions, add_special_tokens=False)["input_ids"]
+    ids = torch.full((len(bodies), max(map(len, bodies)) + 2), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, body in enumerate(bodies):
+        ids[row, : len(body) + 2] = torch.tensor([start, *body, end])
+        mask[row, : len(body) + 2] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(
+    frozen_generator: Generator, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[PreTrainedTokenizerBase, VocabularyBridge]]:
+    """Each kind's tokenizer over the tiny generator's own word list, and its bridge to that generator."""
+    folder, target = tmp_path_factory.mktemp("wordpiece"), frozen_generator.tokenizer
+    sources = {kind: _source_tokenizer(kind, default_vocabulary(), folder, target) for kind in KINDS}
+    return {kind: (source, VocabularyBridge.build(source, target)) for kind, source in sources.items()}
+
+
+@pytest.fixture(scope="module")
+def hand_sources(
+    clip: CLIPTokenizer, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[PreTrainedTokenizerBase, VocabularyBridge]]:
+    """Each kind's tokenizer over a few words, and its bridge to the hand-written CLIP vocabulary."""
+    folder = tmp_path_factory.mktemp("hand_wordpiece")
+    sources = {kind: _source_tokenizer(kind, HAND_WORDS, folder, clip) for kind in KINDS}
+    return {
+        kind: (source, VocabularyBridge.build(source, clip, max_length=8)) for kind, source in sources.items()
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_one_hot_equals_the_generator_on_its_own_tokens(
+    kind: str, tiny_sources: dict, frozen_generator: Generator
+) -> None:
+    """Words in both vocabularies, one-hot through the bridge == the generator's tokenize + encode, bit for bit."""
+    source, bridge = tiny_sources[kind]
+    ids, mask = _caption_rows(source, CAPTIONS)
+    assert not mask.all()  # the shorter caption is padded
+    token_embedding = frozen_generator.text_encoder.get_input_embeddings()
+    embeds = bridge.embed(_one_hot(ids, bridge), mask, token_embedding)
+    hard_ids = frozen_generator.tokenize(CAPTIONS)
+    assert torch.equal(embeds, token_embedding(hard_ids))
+    assert torch.equal(
+        encode_token_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
+    )
+
+
+# "dogs" is two pieces in every kind ("dog" continues, CLIP's "dog" "s</w>"); "." follows a word without a
+# space or a start marker, but CLIP splits it off as ".</w>", so "run" stays word-final.
+MULTI_PIECE_CAPTION = "a dogs run."
+MULTI_PIECE_TOKENS = {
+    "wordpiece": ["a", "dog", "##s", "run", "."],
+    "byte_level": ["a", "Ġdog", "s", "Ġrun", "."],
+    "sentencepiece": ["▁a", "▁dog", "s", "▁run", "<0x2E>"],  # "." is not in its alphabet: a byte fallback
+    "clip": ["a</w>", "dog", "s</w>", "run</w>", ".</w>"],
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multi_piece_words_and_punctuation_follow_each_kinds_word_marker(
+    kind: str, hand_sources: dict, clip: CLIPTokenizer, hand_embedding: torch.nn.Embedding
+) -> None:
+    source, bridge = hand_sources[kind]
+    ids, mask = _caption_rows(source, [MULTI_PIECE_CAPTION])
+    assert source.convert_ids_to_tokens(ids[0, 1:-1].tolist()) == MULTI_PIECE_TOKENS[kind]
+    embeds = bridge.embed(_one_hot(ids, bridge), mask, hand_embedding)
+    hard_ids = clip([MULTI_PIECE_CAPTION], padding="max_length", max_length=8, return_tensors="pt").input_ids
+    assert clip.convert_ids_to_tokens(hard_ids[0, 1:6].tolist()) == MULTI_PIECE_TOKENS["clip"]
+    assert torch.equal(embeds, hand_embedding(hard_ids))
+    # Byte-level BPE writes a text's first word without "Ġ": it "continues" the start slot, which is bos anyway.
+    expected_continues = {"byte_level": [1, 0, 1, 0, 0], "clip": [0, 0, 0, 0, 0]}.get(kind, [0, 0, 1, 0, 0])
+    assert bridge.continuation[ids[0, 1:-1]].tolist() == expected_continues
+
+
+def _unmapped_tokens(
+    source: PreTrainedTokenizerBase, bridge: VocabularyBridge, tokens: list[str]
+) -> list[bool]:
+    return [bool(bridge.unmapped[source.convert_tokens_to_ids(token)]) for token in tokens]
+
+
+def test_partial_utf8_and_non_ascii_byte_fallbacks_are_unmappable(
+    frozen_generator: Generator, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """ "über" is "Ã" "¼" (0xC3 0xBC) in byte-level pieces and <0xC3> <0xBC> in byte fallbacks: half a
+    character each. Whole characters map, also outside ASCII: "ĠÃ¼ber" is one learnt byte-level piece."""
+    target = frozen_generator.tokenizer
+    folder = tmp_path_factory.mktemp("utf8")
+    byte_level = _source_tokenizer("byte_level", [*HAND_WORDS, "über"], folder, target)
+    sentencepiece = _source_tokenizer("sentencepiece", HAND_WORDS, folder, target)
+    byte_bridge = VocabularyBridge.build(byte_level, target)
+    assert _unmapped_tokens(byte_level, byte_bridge, ["Ã", "¼", "Ġ", "ĠÃ¼ber", "Ġdog", "."]) == [
+        *(True, True, True),
+        *(False, False, False),
+    ]
+    uber = byte_level.convert_tokens_to_ids("ĠÃ¼ber")
+    assert target.decode(byte_bridge.final_index[uber][byte_bridge.final_weight[uber] > 0]) == "über"
+    sentencepiece_bridge = VocabularyBridge.build(sentencepiece, target)
+    byte_pieces = ["<0xC3>", "<0xBC>", "<0x0A>", "<0x20>", "<0x2E>", "<0x41>", "▁"]
+    assert _unmapped_tokens(sentencepiece, sentencepiece_bridge, byte_pieces) == [
+        *(True, True, True, True),  # half characters, a newline, a space: no text CLIP keeps
+        *(False, False),  # "." and "A" (lower-cased by CLIP's normaliser)
+        True,  # "▁" alone is a space
+    ]
+    for piece, text in (("<0x2E>", ".</w>"), ("<0x41>", "a</w>")):
+        token_id = sentencepiece.convert_tokens_to_ids(piece)
+        assert target.convert_ids_to_tokens(sentencepiece_bridge.final_index[token_id, :1].tolist()) == [text]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_position_zero_is_bos_whatever_the_start_slot_holds(
+    kind: str, tiny_sources: dict, frozen_generator: Generator
+) -> None:
+    """An ordinary token (":" of "Assistant:"), a special, an unmapped id or a soft mix: always bos, no gradient."""
+    source, bridge = tiny_sources[kind]
+    token_embedding = frozen_generator.text_encoder.get_input_embeddings()
+    bos = token_embedding.weight[frozen_generator.tokenizer.bos_token_id]
+    ids, mask = _caption_rows(source, CAPTIONS[:1])
+    probs = _one_hot(ids, bridge).repeat(4, 1, 1)
+    probs[1, 0] = _one_hot(torch.tensor(source.pad_token_id), bridge)
+    probs[2, 0] = _one_hot(torch.tensor(source.convert_tokens_to_ids(source.unk_token)), bridge)
+    probs[3, 0] = torch.rand(bridge.source_vocab_size, generator=torch.Generator().manual_seed(0)).softmax(0)
+    probs.requires_grad_()
+    embeds = bridge.embed(probs, mask.repeat(4, 1), token_embedding)
+    assert all(torch.equal(row, bos) for row in embeds[:, 0])
+    assert torch.equal(embeds[1:, 1:], embeds[:1, 1:].expand(3, -1, -1))
+    embeds.square().sum().backward()
+    assert (probs.grad[:, 0] == 0).all() and (probs.grad[:, 1:].abs().sum(-1) > 0).all()
+
+
+def test_end_token_specials_and_added_tokens(clip: CLIPTokenizer) -> None:
+    """A caption-end token maps to eos; an eos that is also bos (OPT's "</s>") is eos; added special tokens
+    (image placeholders, declared or only flagged special) map to unk; other added tokens are read by their
+    text, as a word of their own."""
+    source = PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_bpe(HAND_WORDS, ["</s>", "<pad>"]),
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>", "<end_of_utterance>"],
+    )
+    source.add_tokens(["sunflower", AddedToken("<row_1_col_1>", special=True)])
+    bridge = VocabularyBridge.build(
+        source, clip, end_token_id=source.convert_tokens_to_ids("<end_of_utterance>")
+    )
+
+    def final_recipe(token: str) -> list[str]:
+        return _recipe(bridge, "final", source.convert_tokens_to_ids(token), clip)
+
+    assert final_recipe("</s>") == final_recipe("<end_of_utterance>") == ["<|endoftext|>"]
+    assert not bridge.unmapped[source.convert_tokens_to_ids("<end_of_utterance>")]  # eos by role, not unk
+    assert final_recipe("<pad>") == ["!"]
+    for placeholder in ("<image>", "<row_1_col_1>"):
+        assert final_recipe(placeholder) == [clip.unk_token]
+        assert bridge.unmapped[source.convert_tokens_to_ids(placeholder)]
+    assert final_recipe("sunflower") == ["sun", "flower</w>"]
+    assert _recipe(bridge, "inner", source.convert_tokens_to_ids("sunflower"), clip) == [
+        "sun",
+        "flow",
+        "e",
+        "r",
+    ]
+
+
+def test_pair_coverage_is_the_bridges_coverage(
+    frozen_captioner: Captioner, frozen_generator: Generator, tiny_bridge: VocabularyBridge
+) -> None:
+    assert pair_coverage(frozen_captioner.tokenizer, frozen_generator.tokenizer) == tiny_bridge.coverage()

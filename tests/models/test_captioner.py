@@ -37,10 +37,10 @@ def test_loads_with_processor_settings(tiny_models) -> None:
 
 
 def test_unsupported_model_family_is_named(tmp_path) -> None:
-    from transformers import GitConfig
+    from transformers import PaliGemmaConfig
 
-    GitConfig().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'git' is not supported"):
+    PaliGemmaConfig().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'paligemma' is not supported"):
         Captioner.from_pretrained(str(tmp_path))
 
 

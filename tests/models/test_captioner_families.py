@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from losses.i2t2i import I2T2I_MODES
 from models.captioner import Captioner
 from models.captioners import SPECS
-from train.cli import evaluate, generate, rerank
+from train.cli import evaluate, export, generate, rerank
 from train.run_dir import RunDir
 
 FAMILIES = [spec.name for spec in SPECS]
@@ -53,6 +53,10 @@ def family_models(tiny_models, tmp_path_factory) -> dict[str, SimpleNamespace]:
     }
 
 
+def _inputs(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
 def _solid_images(colours: list[tuple[float, float, float]], size: int = 32) -> torch.Tensor:
     return torch.tensor(colours, dtype=torch.float32)[:, :, None, None].expand(-1, -1, size, size).clone()
 
@@ -76,6 +80,32 @@ def test_the_recipe_trains_each_i2t2i_mode_and_one_step_with_the_family(
     adapter = load_file(str(RunDir(output_dir).export_dir / "captioner" / "adapter_model.safetensors"))
     lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
     assert lora_b and any(tensor.abs().sum() > 0 for tensor in lora_b), "the captioner's LoRA never moved"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_fine_tuning_exports_a_model_that_loads_on_its_own(
+    family_models, tmp_path: Path, family: str
+) -> None:
+    output_dir = tmp_path / "run"
+    overrides = [
+        *tiny_overrides(family_models[family], output_dir),
+        "captioner.train_mode=full",
+        "cycle.i2t2i.mode=soft",
+        "train.max_train_steps=2",
+        "train.checkpointing_steps=2",
+    ]
+    assert run_recipe_in_process(["--config", "configs/tiny.yaml", *overrides]) == 0
+    base = Captioner.from_pretrained(str(family_models[family].captioner))
+    trained = Captioner.from_pretrained(str(RunDir(output_dir).export_dir / "captioner"))
+    assert type(trained.model) is type(base.model)
+    changed = [
+        name
+        for (name, before), after in zip(
+            base.model.state_dict().items(), trained.model.state_dict().values(), strict=True
+        )
+        if not torch.equal(before, after)
+    ]
+    assert changed, "full fine-tuning changed no captioner weight"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -163,13 +193,29 @@ def test_the_exported_adapter_loads_in_peft_and_changes_the_captions_and_every_c
         model_class.from_pretrained(str(family_models[family].captioner)),
         str(RunDir(output_dir).export_dir / "captioner"),
     )
-    after = Captioner(adapted.eval(), base.processor).generate(images)
+    adapted_captioner = Captioner(adapted.eval(), base.processor)
+    after = adapted_captioner.generate(images)
     assert after != before
+    # --merge: a standalone model that plain from_pretrained loads, deciding as the adapter does.
+    merged_out = tmp_path / "merged"
+    assert (
+        export.main(["--checkpoint", str(output_dir / "checkpoint-4"), "--merge", "--out", str(merged_out)])
+        == 0
+    )
+    merged = Captioner.from_pretrained(str(merged_out / "captioner_merged")).eval()
+    tokens = merged.tokenize(list(MEMORY))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.logits(images, **_inputs(tokens)),
+            adapted_captioner.logits(images, **_inputs(tokens)),
+            atol=1e-4,
+            rtol=0,
+        )
 
-    export = str(RunDir(output_dir).export_dir)
+    export_dir = str(RunDir(output_dir).export_dir)
     images_dir, prompts = inputs
     out = tmp_path / "cli"
-    common = ["--checkpoint", export, "--batch-size", "2"]
+    common = ["--checkpoint", export_dir, "--batch-size", "2"]
     assert (
         generate.main(["captions", *common, "--images", str(images_dir), "--out", f"{out}/captions.jsonl"])
         == 0
@@ -189,6 +235,6 @@ def test_the_exported_adapter_loads_in_peft_and_changes_the_captions_and_every_c
     )
     for folder in ("rc", "ri"):
         assert (out / folder / "rankings.jsonl").read_text().strip()
-    evaluated = ["--config", str(RunDir(output_dir).config_file), "--checkpoint", export, "--limit", "2"]
+    evaluated = ["--config", str(RunDir(output_dir).config_file), "--checkpoint", export_dir, "--limit", "2"]
     assert evaluate.main([*evaluated, "--metrics", "bleu_4,psnr", "--out", f"{out}/metrics.json"]) == 0
     assert set(json.loads((out / "metrics.json").read_text())["metrics"]) >= {"bleu_4", "psnr"}

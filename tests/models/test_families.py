@@ -43,13 +43,13 @@ def test_family_names_are_unique() -> None:
 
 
 def test_an_unknown_model_type_is_refused_naming_folder_type_and_supported_families(tmp_path: Path) -> None:
-    from transformers import GitConfig
+    from transformers import PaliGemmaConfig
 
-    GitConfig().save_pretrained(tmp_path)
+    PaliGemmaConfig().save_pretrained(tmp_path)
     with pytest.raises(UnsupportedFamilyError) as refused:
         captioner_family(str(tmp_path))
     message = str(refused.value)
-    assert str(tmp_path) in message and "model_type 'git'" in message
+    assert str(tmp_path) in message and "model_type 'paligemma'" in message
     assert all(family.name in message for family in CAPTIONERS)
 
 
