@@ -317,6 +317,15 @@ def _coverage(
     return shares
 
 
+def describe_coverage(coverage: dict[str, float]) -> str:
+    """VocabularyBridge.coverage as one line for a log, both directions named."""
+    return (
+        f"captioner tokens -> generator: exact {coverage['source_exact']:.1%}, mean of pieces "
+        f"{coverage['source_pieces']:.1%}, unk {coverage['source_unk']:.1%} (word-inner exact "
+        f"{coverage['source_inner_exact']:.1%}); generator tokens reached {coverage['target_reached']:.1%}"
+    )
+
+
 def pair_coverage(
     captioner_tokenizer: PreTrainedTokenizerBase, generator_tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, float]:

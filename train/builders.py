@@ -16,7 +16,7 @@ from data.skips import SkipLedger
 from data.source_types import SOURCE_TYPES
 from data.sources import Record, SourceSettings
 from data.streams import Stream
-from models.bridge import VocabularyBridge
+from models.bridge import VocabularyBridge, describe_coverage
 from models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from models.captioner import Captioner
 from models.families import captioner_family, generator_family
@@ -216,7 +216,7 @@ def build_bridge(
         max_length=generator.tokenizer.model_max_length,
         source_vocab_size=captioner.vocab_size,
     )
-    logger.info("vocabulary bridge coverage: %s", bridge.coverage())
+    logger.info("vocabulary bridge coverage: %s", describe_coverage(bridge.coverage()))
     return bridge.to(device)
 
 

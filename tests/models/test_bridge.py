@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tokenizers import AddedToken
 from transformers import BertTokenizer, CLIPTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from models.bridge import VocabularyBridge, encode_token_embeddings, pair_coverage
+from models.bridge import VocabularyBridge, describe_coverage, encode_token_embeddings, pair_coverage
 from models.captioner import Captioner
 from models.generator import Generator
 from models.tiny_vocabulary import byte_level_bpe, default_vocabulary, sentencepiece_bpe, write_bert_vocab
@@ -231,6 +231,13 @@ def test_hand_pair_coverage(hand_bridge: VocabularyBridge, clip: CLIPTokenizer) 
             "source_inner_pieces": 4 / 12,  # sunflower ##ning ##flower 1990
             "target_reached": len(reached) / len(clip),
         }
+    )
+
+
+def test_the_logged_coverage_names_both_directions(hand_bridge: VocabularyBridge) -> None:
+    assert describe_coverage(hand_bridge.coverage()).startswith(
+        "captioner tokens -> generator: exact 66.7%, mean of pieces 16.7%, unk 16.7% (word-inner exact 50.0%); "
+        "generator tokens reached "
     )
 
 
