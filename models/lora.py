@@ -245,17 +245,34 @@ def _kohya_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     return kohya
 
 
+def _scale_folded(unet: nn.Module, peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft_state with every layer's lora_B multiplied by its scale (alpha / rank), so that alpha = rank
+    reproduces the trained layer."""
+    folded = dict(peft_state)
+    for name, layer in unet.named_modules():
+        if isinstance(layer, LoraLayer):
+            key = f"{name}.lora_B.weight"
+            if key not in folded:
+                raise RuntimeError(f"the UNet's LoRA state dict has no {key}; peft's key layout changed")
+            folded[key] = folded[key] * layer.scaling[ADAPTER_NAME]
+    return folded
+
+
 def save_generator_lora(generator: Generator, out_dir: Path, *, kohya: bool = False) -> Path:
     """diffusers `pytorch_lora_weights.safetensors` (and a kohya/A1111 file if asked) for load_lora_weights.
 
-    The LoraConfig travels as the file's adapter metadata: without it diffusers infers lora_alpha = rank.
-    Identical runs write byte-identical files (sorted sets, canonical headers).
+    Each layer's alpha / rank scale is folded into its lora_B weights and the file says alpha = rank: a loader
+    that drops the safetensors metadata (which carries the LoraConfig) infers alpha = rank, so it applies the
+    LoRA at full strength too, instead of at rank / alpha of it. Identical runs write byte-identical files
+    (sorted sets, canonical headers).
     """
     config = _require_generator_lora(generator)
     out_dir = Path(out_dir)
-    peft_state = get_peft_model_state_dict(generator.unet, adapter_name=ADAPTER_NAME)
+    peft_state = _scale_folded(
+        generator.unet, get_peft_model_state_dict(generator.unet, adapter_name=ADAPTER_NAME)
+    )
     with _sets_sorted(config):
-        metadata = config.to_dict()
+        metadata = config.to_dict() | {"lora_alpha": config.r, "alpha_pattern": dict(config.rank_pattern)}
     StableDiffusionPipeline.save_lora_weights(
         out_dir,
         unet_lora_layers=convert_state_dict_to_diffusers(peft_state),

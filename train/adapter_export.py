@@ -12,11 +12,14 @@ Layout of an export folder:
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 from models.captioner import Captioner
 from models.generator import Generator
 from models.lora import (
+    DIFFUSERS_LORA_FILE,
     load_trainable_state_dict,
     save_captioner_adapter,
     save_generator_lora,
@@ -29,37 +32,97 @@ from train.checkpoint import CheckpointError, read_config, read_tensors, verify_
 from train.config import Config
 from train.run_dir import trainable_weights_file
 
+# What each export folder is for the Hugging Face Hub's model-card metadata.
+PIPELINE_TAGS = {"captioner": "image-to-text", "generator": "text-to-image"}
+
 
 def model_card(
     config: Config, part: str, library: str, step: int, command: list[str], how_to_load: str
 ) -> str:
-    """A short README: what was trained on what, for how long, by which command, and how to load it.
+    """A README with the Hub's YAML metadata: what was trained on what, for how long, by which command, and a
+    snippet (imports included) that loads it from any working directory.
 
     No export date: an identical run must export identical bytes (the file's own time says when)."""
-    is_captioner = part.startswith("captioner")
-    settings = config.captioner if is_captioner else config.generator
-    lora = settings.lora
+    role = "captioner" if part.startswith("captioner") else "generator"
+    settings = config.captioner if role == "captioner" else config.generator
+    lora = settings.train_mode == "lora" and not part.endswith("_merged")
     weights = (
-        f"LoRA rank {lora.rank}, alpha {lora.alpha}" if settings.train_mode == "lora" else "full finetune"
+        f"LoRA rank {settings.lora.rank}, alpha {settings.lora.alpha}"
+        if settings.train_mode == "lora"
+        else "full finetune"
     )
     data = ", ".join(str(source.model_dump()) for source in config.data.paired)
+    tags = ["cycletune", PIPELINE_TAGS[role], *(["lora"] if lora else [])]
     return f"""---
-base_model: {settings.pretrained_model_name_or_path}
+license: other
+base_model: {json.dumps(settings.pretrained_model_name_or_path)}
 library_name: {library}
-tags: [cycletune, {"image-to-text" if is_captioner else "text-to-image"}]
+pipeline_tag: {PIPELINE_TAGS[role]}
+tags: {json.dumps(tags)}
 ---
 # CycleTune {part}
 
-- Base model: `{settings.pretrained_model_name_or_path}`
+- Base model: `{settings.pretrained_model_name_or_path}` (its license applies)
 - Weights: {weights}, after {step} updates (phases alternating as {config.train.schedule})
 - Paired data: {data}
-- Command: `{" ".join(command)}`
+
+## Trained with
+```bash
+{shlex.join(command)}
+```
 
 ## Load
 ```python
 {how_to_load}
 ```
 """
+
+
+def _load_snippets(config: Config, out_dir: Path, *, merge: bool) -> dict[str, tuple[str, str]]:
+    """Per export folder: its library and a snippet that loads it, paths absolute (hub ids as they are)."""
+    folder = {name: json.dumps(str((out_dir / name).resolve())) for name in ("captioner", "generator")}
+    base_captioner = json.dumps(config.captioner.pretrained_model_name_or_path)
+    base_generator = json.dumps(config.generator.pretrained_model_name_or_path)
+    transformers = "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+    diffusers = "from diffusers import StableDiffusionPipeline\n"
+
+    def whole_captioner(path: str) -> tuple[str, str]:
+        loads = f"model = AutoModelForImageTextToText.from_pretrained({path})\n"
+        return "transformers", f"{transformers}{loads}processor = AutoProcessor.from_pretrained({path})"
+
+    def whole_generator(path: str) -> tuple[str, str]:
+        return "diffusers", f"{diffusers}pipe = StableDiffusionPipeline.from_pretrained({path})"
+
+    snippets = {
+        "captioner": (
+            (
+                "peft",
+                f"from peft import PeftModel\n{transformers}"
+                f"base = AutoModelForImageTextToText.from_pretrained({base_captioner})\n"
+                f"model = PeftModel.from_pretrained(base, {folder['captioner']})\n"
+                f"processor = AutoProcessor.from_pretrained({base_captioner})",
+            )
+            if config.captioner.train_mode == "lora"
+            else whole_captioner(folder["captioner"])
+        ),
+        "generator": (
+            (
+                "diffusers",
+                f"{diffusers}pipe = StableDiffusionPipeline.from_pretrained({base_generator})\n"
+                f'pipe.load_lora_weights({folder["generator"]}, weight_name="{DIFFUSERS_LORA_FILE}")',
+            )
+            if config.generator.train_mode == "lora"
+            else whole_generator(folder["generator"])
+        ),
+    }
+    if merge:
+        snippets["captioner_merged"] = whole_captioner(
+            json.dumps(str((out_dir / "captioner_merged").resolve()))
+        )
+        snippets["generator_merged"] = whole_generator(
+            json.dumps(str((out_dir / "generator_merged").resolve()))
+        )
+    return snippets
 
 
 def export_run(
@@ -77,42 +140,18 @@ def export_run(
     whole_models = merge or "full" in (config.captioner.train_mode, config.generator.train_mode)
     if whole_models and config.mixed_precision != "no":
         captioner, generator = full_precision_copies(captioner, generator, config)
-    base_captioner = config.captioner.pretrained_model_name_or_path
-    base_generator = config.generator.pretrained_model_name_or_path
-    cards: dict[str, tuple[str, str]] = {}  # folder name -> (library, how to load)
-    folder = out_dir / "captioner"
     if config.captioner.train_mode == "lora":
-        save_captioner_adapter(captioner, folder)
-        base = f'BlipForConditionalGeneration.from_pretrained("{base_captioner}")'
-        cards["captioner"] = ("peft", f'model = PeftModel.from_pretrained({base}, "{folder}")')
+        save_captioner_adapter(captioner, out_dir / "captioner")
     else:
-        save_merged_captioner(captioner, folder)
-        cards["captioner"] = (
-            "transformers",
-            f'model = BlipForConditionalGeneration.from_pretrained("{folder}")',
-        )
-    folder = out_dir / "generator"
+        save_merged_captioner(captioner, out_dir / "captioner")
     if config.generator.train_mode == "lora":
-        save_generator_lora(generator, folder, kohya=kohya)
-        load = (
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_generator}")\n'
-            f'pipe.load_lora_weights("{folder}", weight_name="pytorch_lora_weights.safetensors")'
-        )
-        cards["generator"] = ("diffusers", load)
+        save_generator_lora(generator, out_dir / "generator", kohya=kohya)
     else:
-        save_merged_generator(generator, folder)
-        cards["generator"] = ("diffusers", f'pipe = StableDiffusionPipeline.from_pretrained("{folder}")')
+        save_merged_generator(generator, out_dir / "generator")
     if merge:
-        folder = out_dir / "captioner_merged"
-        save_merged_captioner(captioner, folder)
-        cards[folder.name] = (
-            "transformers",
-            f'model = BlipForConditionalGeneration.from_pretrained("{folder}")',
-        )
-        folder = out_dir / "generator_merged"
-        save_merged_generator(generator, folder)
-        cards[folder.name] = ("diffusers", f'pipe = StableDiffusionPipeline.from_pretrained("{folder}")')
-    for part, (library, how_to_load) in cards.items():
+        save_merged_captioner(captioner, out_dir / "captioner_merged")
+        save_merged_generator(generator, out_dir / "generator_merged")
+    for part, (library, how_to_load) in _load_snippets(config, out_dir, merge=merge).items():
         (out_dir / part / "README.md").write_text(
             model_card(config, part, library, step, command, how_to_load)
         )

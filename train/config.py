@@ -11,12 +11,13 @@ checkpointing_steps, resume_from_checkpoint, report_to, ...) so users feel at ho
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from data.source_types import ROLES, SOURCE_TYPES, types_feeding
 from evaluation.metric_settings import EvaluationSettings
@@ -66,6 +67,15 @@ class ModelSettings(Strict):
     lora: LoraSettings = LoraSettings()
     optimizer: OptimizerSettings = OptimizerSettings()
     gradient_checkpointing: bool = False
+
+    @field_validator("pretrained_model_name_or_path")
+    @classmethod
+    def _local_folder_made_absolute(cls, name_or_path: str) -> str:
+        """An existing local folder becomes its absolute path, so the run's config.yaml, the exported adapter
+        configs and the model cards load from any working directory; hub ids (and folders that do not exist,
+        which check_model_source names) stay as given."""
+        folder = Path(name_or_path).expanduser()
+        return os.path.abspath(folder) if folder.is_dir() else name_or_path  # symlinks kept as named
 
 
 class CaptionerModelSettings(ModelSettings):

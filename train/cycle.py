@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_train_steps=20")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides), [args.config, *args.overrides]
+    command = ["accelerate", "launch", "train/cycle.py", "--config", args.config, *args.overrides]
+    return load_config(args.config, args.overrides), command
 
 
 def record_step(

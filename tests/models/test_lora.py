@@ -238,6 +238,11 @@ def test_generator_exports_reproduce_trained_unet(tiny_models, tmp_path: Path, f
             msg=lambda m, name=weight_name: f"{name}: {m}",
         )
 
+    # A loader that drops the file's metadata (so infers alpha = rank) still gets the trained strength.
+    pipeline = _load_pipeline(source, generator)
+    pipeline.load_lora_weights(safetensors.torch.load_file(lora_dir / DIFFUSERS_LORA_FILE))
+    torch.testing.assert_close(_unet_output(pipeline.unet), trained, atol=ATOL, rtol=0)
+
     merged = _load_pipeline(save_merged_generator(generator, tmp_path / "merged"), generator)
     assert not _lora_module_names(merged.unet) and (merged.vae is None) == (generator.vae is None)
     torch.testing.assert_close(_unet_output(merged.unet), trained, atol=ATOL, rtol=0)
