@@ -173,6 +173,16 @@ class TrainSettings(Strict):
         return self
 
 
+class ExportSettings(Strict):
+    """What the run's final export writes besides the adapters (train/adapter_export.py), as the export
+    command's --kohya and --merge flags do."""
+
+    # The UNet LoRA also as a kohya / A1111 file.
+    kohya: bool = False
+    # Standalone models with the adapters merged (captioner_merged/, generator_merged/).
+    merge: bool = False
+
+
 class Config(Strict):
     output_dir: str
     seed: int = 0
@@ -186,6 +196,7 @@ class Config(Strict):
     train: TrainSettings
     cycle: CycleSettings = CycleSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    export: ExportSettings = ExportSettings()
 
     @model_validator(mode="after")
     def _unpaired_data_has_a_loss(self) -> Config:

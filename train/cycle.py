@@ -36,7 +36,14 @@ from train.config import PHASES, Config, ConfigError, check_model_sources, load_
 from train.run import Run, build_run, resume_target, validate_on_main
 from train.run_dir import RunDir, write_config
 from train.step import PhaseStepResult, phase_step
-from train.tracking import LoggingWindow, StepLog, start_tracking, trackers_for, wandb_run_dir
+from train.tracking import (
+    LoggingWindow,
+    StepLog,
+    log_export_artifact,
+    start_tracking,
+    trackers_for,
+    wandb_run_dir,
+)
 from train.validation import check_validation_metrics
 
 logger = logging.getLogger("cycletune")
@@ -142,8 +149,16 @@ def finish(run: Run, command: list[str]) -> None:
         return
     captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
     export_dir = export_run(
-        captioner, generator, run.config, run_dir.export_dir, step=state.step, command=command
+        captioner,
+        generator,
+        run.config,
+        run_dir.export_dir,
+        step=state.step,
+        command=command,
+        kohya=run.config.export.kohya,
+        merge=run.config.export.merge,
     )
+    log_export_artifact(accelerator, export_dir, step=state.step)
     wandb_run = wandb_run_dir(accelerator)
     print(f"{'run folder:':<19}{run_dir.root.resolve()}")
     print(f"{'exported adapters:':<19}{export_dir.resolve()}")

@@ -61,6 +61,18 @@ def start_tracking(accelerator: Accelerator, config: Config, run_id: str | None)
     return run_id
 
 
+def log_export_artifact(accelerator: Accelerator, export_dir: Path, *, step: int) -> None:
+    """The export folder as a W&B model artifact of the run (when W&B tracks it), so the adapters a run
+    produced are versioned beside its curves and can be pulled with `run.use_artifact`."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb  # here, not at the top: every CLI imports this module, few log artifacts
+
+            artifact = wandb.Artifact(f"{tracker.run.id}-export", type="model", metadata={"step": step})
+            artifact.add_dir(str(export_dir))
+            tracker.run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+
+
 def wandb_run_dir(accelerator: Accelerator) -> Path | None:
     """Where the (possibly offline) W&B run lives, to tell the user; None without a W&B tracker."""
     for tracker in accelerator.trackers:

@@ -28,7 +28,7 @@ from cycle_runs import (
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from wandb_offline import history, logged_config
+from wandb_offline import history, logged_config, records
 
 from data.shapes import all_scenes, describe, render
 from models.captioner import Captioner
@@ -58,6 +58,8 @@ def finished_run(tiny_models, tmp_path_factory) -> tuple[Path, subprocess.Comple
             "train.checkpoints_total_limit=1",
             "train.validation_steps=4",
             "train.logging_steps=2",
+            "export.kohya=true",
+            "export.merge=true",
         ]
     )
     return output_dir, result
@@ -77,6 +79,9 @@ def test_run_trains_both_phases_prunes_exports_and_says_where(finished_run) -> N
         "captioner/adapter_config.json",
         "captioner/README.md",
         "generator/README.md",
+        "generator/pytorch_lora_weights_kohya.safetensors",  # export.kohya
+        "captioner_merged/config.json",  # export.merge
+        "generator_merged/model_index.json",
     ):
         assert (output_dir / "export" / relative).is_file(), relative
     assert "base_model:" in (output_dir / "export" / "generator" / "README.md").read_text()
@@ -115,6 +120,14 @@ def test_offline_wandb_run_holds_config_and_loss_series(finished_run) -> None:
     tables = [row for row in rows if row.get("validation/samples/_type") == "table-file"]
     assert tables and tables[0]["validation/samples/nrows"] == 2, "the validation table was not logged"
     assert any("validation/caption_ce" in row for row in rows)
+    artifacts = [
+        record.artifact
+        for record in records(run_file)
+        if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model"
+    ]
+    assert [artifact.name.endswith("-export") for artifact in artifacts] == [True]
+    files = {entry.path for artifact in artifacts for entry in artifact.manifest.contents}
+    assert {"captioner/adapter_model.safetensors", "generator/pytorch_lora_weights.safetensors"} <= files
 
 
 def test_resume_refuses_a_config_that_changes_the_lora_shape(finished_run, tiny_models) -> None:
