@@ -11,7 +11,7 @@ shapes_image_accuracy.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,23 +164,29 @@ def compute_metrics(
     batches: Iterable[SampleBatch],
     settings: EvaluationSettings,
     device: str | torch.device = "cpu",
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, MetricResult]:
     """Every requested metric over all batches; batches must carry what MetricNeeds.of(names) asks for.
 
     Shapes metrics add one result per attribute (shapes_caption_accuracy_colour, ...) after the all-correct
-    one.
+    one. `announce` is told which metrics are being computed before each group starts (some take minutes:
+    the batches are drawn and captioned while the image metrics stream, CIDEr-D and SPICE run afterwards).
     """
     names = check_metric_names(names, VALIDATION_METRICS)
+    announce = announce or (lambda message: None)
     collected = _Collected(read_images="shapes_image_accuracy" in names)
     pairs = (collected.add(batch) for batch in batches)  # collects the texts as the pixels stream past
     image_names = [name for name in names if name in IMAGE_METRICS]
     results: dict[str, MetricResult] = {}
     if image_names:
+        announce(f"computing {', '.join(image_names)} as the batches are made")
         results.update(image_metrics(pairs, image_options(settings, device), image_names))
     else:
+        announce("making the batches")
         deque(pairs, maxlen=0)
     caption_names = [name for name in names if name in CAPTION_METRICS]
     if caption_names:
+        announce(f"computing {', '.join(caption_names)}")
         results.update(
             caption_metrics(
                 dict(enumerate(collected.references)), dict(enumerate(collected.captions)), caption_names
@@ -188,6 +194,7 @@ def compute_metrics(
         )
     text_names = [name for name in names if name in TEXT_RECONSTRUCTION_METRICS]
     if text_names:
+        announce(f"computing {', '.join(text_names)}")
         text_results = text_metrics(
             collected.prompts,
             collected.recaptions,

@@ -219,6 +219,8 @@ def test_evaluate_prints_metrics_and_names_the_option_of_every_skipped_one(
         command, cwd=REPO, env=environment(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # It says what it is computing (some metric groups take minutes).
+    assert "computing bleu_4, cider_d" in result.stderr and "computing psnr, ssim" in result.stderr
     table, _, reasons = result.stdout.partition("\nskipped:\n")
     values = dict(line.split() for line in table.splitlines() if len(line.split()) == 2)
     assert all(float(values[name]) >= 0 for name in measured)

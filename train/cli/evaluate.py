@@ -19,6 +19,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from data.batching import batched
 from data.images import load_pixels
 from evaluation.availability import MetricResult, check_metric_names
@@ -96,6 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, help="default: the config's seed")
     parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar, no line per metric group (the bar is off when not a TTY)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="metrics JSON (default: <checkpoint or output_dir>/metrics.json)"
     )
     return parser.parse_args(argv)
@@ -132,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             resolution=config.data.resolution,
             batch_size=args.batch_size,
         )
-        results = compute_metrics(names, batches, config.evaluation, args.device)
+        total = -(-len(queries) // args.batch_size)
+        progress = tqdm(
+            batches, desc="batches", unit="batch", total=total, disable=True if args.quiet else None
+        )
+        say = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+        results = compute_metrics(names, progress, config.evaluation, args.device, announce=say)
     except (ValueError, FileNotFoundError) as error:  # bad input, named in the message
         print(f"error: {error}", file=sys.stderr)
         return 2
