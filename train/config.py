@@ -342,6 +342,26 @@ def check_model_sources(config: Config) -> None:
         check_model_source(config.phase_settings(phase), phase)
 
 
+def flags_as_overrides(argv: Sequence[str], keep: Sequence[str] = ()) -> list[str]:
+    """argv with each `--key value` / `--key=value` (a config key spelt as a flag, as diffusers' scripts take
+    --output_dir) turned into the dotted override `key=value`; the flags in `keep` and -h/--help stay."""
+    converted: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        name, equals, value = argument.partition("=")
+        if not name.startswith("--") or name in (*keep, "--help"):
+            converted.append(argument)
+            if name in keep and not equals:
+                converted.append(next(arguments, ""))
+            continue
+        if not equals:
+            value = next(arguments, None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"flag {name} needs a value (it stands for the override {name[2:]}=VALUE)")
+        converted.append(f"{name[2:]}={value}")
+    return converted
+
+
 def save_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 

@@ -32,7 +32,7 @@ from train.checkpoint import (
     save_checkpoint,
 )
 from train.cli.help_format import HelpFormatter
-from train.config import PHASES, Config, ConfigError, check_model_sources, load_config
+from train.config import PHASES, Config, ConfigError, check_model_sources, flags_as_overrides, load_config
 from train.run import Run, build_run, resume_target, validate_on_main
 from train.run_dir import RunDir, write_config
 from train.step import PhaseStepResult, phase_step
@@ -52,8 +52,12 @@ logger = logging.getLogger("cycletune")
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_train_steps=20")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.max_train_steps=20; --output_dir X (any key as a flag) means output_dir=X",
+    )
+    args = parser.parse_args(flags_as_overrides(sys.argv[1:] if argv is None else argv, keep=("--config",)))
     command = ["accelerate", "launch", "train/cycle.py", "--config", args.config, *args.overrides]
     return load_config(args.config, args.overrides), command
 

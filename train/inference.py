@@ -206,7 +206,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "one beside an export folder)",
     )
     group.add_argument("--captioner", help="base captioner, a hub id or folder (default: the config's)")
-    group.add_argument("--generator", help="base generator, a hub id or folder (default: the config's)")
+    group.add_argument(
+        "--generator",
+        "--pretrained_model_name_or_path",
+        dest="generator",
+        help="base generator, a hub id or folder (default: the config's)",
+    )
     group.add_argument("--captioner-adapter", type=Path, help="a PEFT adapter folder for the base captioner")
     group.add_argument(
         "--generator-lora", type=Path, help="a diffusers LoRA .safetensors file, or the folder holding it"

@@ -107,6 +107,13 @@ def test_export_folder_and_checkpoint_folder_load_the_same_trained_models(traine
         assert (untrained - trained).abs().max() > 1e-5  # the adapters did change the outputs
 
 
+def test_diffusers_flag_names_and_our_earlier_ones_parse_alike() -> None:
+    ours = ["images", "--prompts", "p.txt", "--out", "o", "--inference-steps", "3", "--guidance-scale", "2"]
+    diffusers = ["images", "--prompts", "p.txt", "--output_dir", "o", "--num_inference_steps", "3"]
+    diffusers += ["--guidance_scale", "2", "--pretrained_model_name_or_path", "g"]
+    assert vars(generate.parse_args(diffusers)) == vars(generate.parse_args([*ours, "--generator", "g"]))
+
+
 def _argv(mode: str, **flags: object) -> list[str]:
     """Command-line arguments from keywords: num_images=2 -> --num-images 2."""
     argv = [mode]

@@ -11,6 +11,7 @@ from train.config import (
     ConfigError,
     apply_override,
     fingerprint_differences,
+    flags_as_overrides,
     load_config,
     model_fingerprint,
     save_config,
@@ -160,3 +161,17 @@ def test_fingerprint_reports_what_changes_the_weights() -> None:
     assert fingerprint_differences(model_fingerprint(base), model_fingerprint(other_rank)) == [
         "generator.lora.rank: checkpoint has 4, config has 8"
     ]
+
+
+def test_config_keys_as_flags_become_dotted_overrides() -> None:
+    argv = ["--config", "c.yaml", "--output_dir", "runs/x", "--train.max_train_steps=3", "seed=2", "--help"]
+    assert flags_as_overrides(argv, keep=("--config",)) == [
+        "--config",
+        "c.yaml",
+        "output_dir=runs/x",
+        "train.max_train_steps=3",
+        "seed=2",
+        "--help",
+    ]
+    with pytest.raises(ConfigError, match="flag --seed needs a value"):
+        flags_as_overrides(["--seed", "--output_dir", "x"])

@@ -29,7 +29,7 @@ def export_from_elsewhere(tiny_models, tmp_path_factory: pytest.TempPathFactory)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         overrides = [
-            "output_dir=run",
+            *("--output_dir", "run"),  # a config key as a flag, as diffusers' scripts take it
             "captioner.pretrained_model_name_or_path=models/captioner",
             "generator.pretrained_model_name_or_path=models/generator",
             "train.max_train_steps=2",

@@ -36,6 +36,7 @@ from models.captioner import Captioner
 from models.generator import Generator
 from models.sampling_settings import SamplingSettings
 from train.cli.help_format import HelpFormatter
+from train.cli.sampling_arguments import add_output_argument, add_steps_and_guidance_arguments
 from train.config import Config, ConfigError
 from train.inference import add_model_arguments, model_sources
 from train.queries import ImageQuery, config_records, image_queries
@@ -90,11 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="evaluate only the first N validation images")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-beams", type=int, default=SamplingSettings.num_beams)
-    parser.add_argument(
-        "--inference-steps", type=int, help="default: the config's train.validation_inference_steps"
-    )
-    parser.add_argument(
-        "--guidance-scale", type=float, help="default: the config's train.validation_guidance_scale"
+    add_steps_and_guidance_arguments(
+        parser,
+        steps_default=None,
+        guidance_default=None,
+        steps_help="default: the config's train.validation_inference_steps",
+        guidance_help="default: the config's train.validation_guidance_scale",
     )
     parser.add_argument("--seed", type=int, help="default: the config's seed")
     parser.add_argument(
@@ -102,8 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="no progress bar, no line per metric group (the bar is off when not a TTY)",
     )
-    parser.add_argument(
-        "--out", type=Path, help="metrics JSON (default: <checkpoint or output_dir>/metrics.json)"
+    add_output_argument(
+        parser, required=False, help="metrics JSON (default: <checkpoint or output_dir>/metrics.json)"
     )
     return parser.parse_args(argv)
 

@@ -15,13 +15,14 @@ from train import adapter_export
 from train.adapter_export import export_run, load_checkpoint_models
 from train.checkpoint import CheckpointError
 from train.cli.help_format import HelpFormatter
+from train.cli.sampling_arguments import add_output_argument
 from train.run_dir import EXPORT_FOLDER
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=adapter_export.__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint-N folder of a run")
-    parser.add_argument("--out", type=Path, help="export folder (default: <checkpoint>/export)")
+    add_output_argument(parser, required=False, help="export folder (default: <checkpoint>/export)")
     parser.add_argument("--kohya", action="store_true", help="also write the UNet LoRA in kohya format")
     parser.add_argument("--merge", action="store_true", help="also write standalone models with LoRA merged")
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ from train.cli.help_format import HelpFormatter
 from train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
+    add_output_argument,
     add_seed_argument,
 )
 from train.inference import add_model_arguments, model_sources
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     captions.add_argument(
         "--images", type=Path, required=True, help="folder of images (searched recursively)"
     )
-    captions.add_argument("--out", type=Path, required=True, help="JSONL file: one row per image")
+    add_output_argument(captions, required=True, help="JSONL file: one row per image")
     captions.add_argument("--num-beams", type=int, default=SamplingSettings.num_beams)
     captions.add_argument("--num-captions", type=int, default=1, help="captions per image")
     captions.add_argument(
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     images.add_argument(
         "--prompts", type=Path, required=True, help=".txt (one per line) or .jsonl ({'text': ...})"
     )
-    images.add_argument("--out", type=Path, required=True, help="folder for the PNGs and images.jsonl")
+    add_output_argument(images, required=True, help="folder for the PNGs and images.jsonl")
     images.add_argument("--num-images", type=int, default=1, help="images per prompt")
     images.add_argument("--batch-size", type=int, default=4, help="prompts per sampling batch")
     add_image_sampling_arguments(images)

@@ -38,6 +38,7 @@ from train.cli.help_format import HelpFormatter
 from train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
+    add_output_argument,
     add_seed_argument,
 )
 from train.config import Config, ConfigError
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     images.add_argument("--recaption-beams", type=int, default=SamplingSettings.num_beams)
 
     for subparser in (captions, images):
-        subparser.add_argument("--out", type=Path, required=True, help="output folder")
+        add_output_argument(subparser, required=True, help="output folder")
         subparser.add_argument("--limit", type=int, help="rank only the first N queries")
         subparser.add_argument("--batch-size", type=int, default=4, help="queries per batch")
         add_image_sampling_arguments(subparser)
@@ -124,8 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted({*CAPTION_QUALITY, *IMAGE_QUALITY}),
         help=f"captions runs: {', '.join(CAPTION_QUALITY)}; images runs: {', '.join(IMAGE_QUALITY)}",
     )
-    report.add_argument(
-        "--out", type=Path, help="report folder (default: report_<metric>/ beside the rankings)"
+    add_output_argument(
+        report, required=False, help="report folder (default: report_<metric>/ beside the rankings)"
     )
     report.add_argument("--bootstrap-samples", type=int, default=1000)
     report.add_argument("--confidence", type=float, default=0.95)

@@ -1,13 +1,16 @@
 """The sampling flags the generate and rerank CLIs share, with their defaults from the settings types.
 
---inference-steps, --guidance-scale and --seed draw images (models/sampling_settings.py); --top-p,
+--num_inference_steps, --guidance_scale and --seed draw images (models/sampling_settings.py); --top-p,
 --temperature and --max-new-tokens sample captions (evaluation/candidates.py). One definition keeps the
-flags' names, types and defaults the same in every tool.
+flags' names, types and defaults the same in every tool. Where a flag means what a diffusers script's flag
+means, it has that name first (--num_inference_steps, --guidance_scale, --output_dir,
+--pretrained_model_name_or_path), our earlier spelling kept as an alias.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from evaluation.candidates import CaptionSampling
 from models.sampling_settings import SamplingSettings
@@ -20,8 +23,47 @@ def add_seed_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_image_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inference-steps", type=int, default=SamplingSettings.num_inference_steps)
-    parser.add_argument("--guidance-scale", type=float, default=SamplingSettings.guidance_scale)
+    add_steps_and_guidance_arguments(
+        parser,
+        steps_default=SamplingSettings.num_inference_steps,
+        guidance_default=SamplingSettings.guidance_scale,
+    )
+
+
+def add_steps_and_guidance_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    steps_default: int | None,
+    guidance_default: float | None,
+    steps_help: str | None = None,
+    guidance_help: str | None = None,
+) -> None:
+    """--num_inference_steps (alias --inference-steps) and --guidance_scale (alias --guidance-scale)."""
+    parser.add_argument(
+        "--num_inference_steps",
+        "--inference-steps",
+        dest="inference_steps",
+        type=int,
+        default=steps_default,
+        help=steps_help,
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        "--guidance-scale",
+        dest="guidance_scale",
+        type=float,
+        default=guidance_default,
+        help=guidance_help,
+    )
+
+
+def add_output_argument(
+    parser: argparse.ArgumentParser, *, required: bool, help: str, **options: object
+) -> None:
+    """--output_dir (diffusers' name), alias --out."""
+    parser.add_argument(
+        "--output_dir", "--out", dest="out", type=Path, required=required, help=help, **options
+    )
 
 
 def add_caption_sampling_arguments(parser: argparse.ArgumentParser) -> None:
