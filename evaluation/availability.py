@@ -8,6 +8,7 @@ The loading the image and text metrics share (a tower of a local CLIP checkpoint
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,20 @@ if TYPE_CHECKING:
 
 PathLike = str | os.PathLike[str]
 Prepared = TypeVar("Prepared")
+
+
+# The packages of the [eval] extra: training runs without them, and the metrics they compute are skipped.
+EVAL_EXTRA_PACKAGES = frozenset(
+    {
+        "pycocoevalcap",
+        "torchmetrics",
+        "lpips",
+        "torch_fidelity",
+        "sentence_transformers",
+        "scipy",
+        "matplotlib",
+    }
+)
 
 
 class MetricUnavailable(RuntimeError):
@@ -36,6 +51,12 @@ class MetricResult:
     @property
     def skipped(self) -> bool:
         return self.value is None
+
+
+def require_package(name: str) -> None:
+    """Import a package of the [eval] extra up front, while the metric is prepared: absent, it makes prepare()
+    skip the metric, instead of failing later, mid-evaluation, where the metric first imports it."""
+    importlib.import_module(name)
 
 
 def option_path(option: str, value: PathLike | None, wanted: str) -> Path:
@@ -78,13 +99,19 @@ def check_metric_names(requested: Sequence[str], known: Sequence[str]) -> list[s
 def prepare(
     names: Iterable[str], build: Callable[[str], Prepared]
 ) -> tuple[dict[str, Prepared], dict[str, MetricResult]]:
-    """Build what each metric needs; a metric whose build raises MetricUnavailable becomes a skipped result."""
+    """Build what each metric needs; a metric whose build raises MetricUnavailable, or needs a package of the
+    [eval] extra that is not installed, becomes a skipped result."""
     ready: dict[str, Prepared] = {}
     skipped: dict[str, MetricResult] = {}
     for name in names:
         try:
             ready[name] = build(name)
         except MetricUnavailable as reason:
+            skipped[name] = MetricResult(name, None, f"{name} skipped: {reason}")
+        except ModuleNotFoundError as missing:
+            if (missing.name or "").split(".")[0] not in EVAL_EXTRA_PACKAGES:
+                raise
+            reason = f"needs {missing.name.split('.')[0]}: pip install 'cycletune[eval]'"
             skipped[name] = MetricResult(name, None, f"{name} skipped: {reason}")
     return ready, skipped
 

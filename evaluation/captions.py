@@ -3,7 +3,8 @@
 pycocoevalcap does the work: the Stanford PTB tokenizer (lower-case, punctuation removed), BLEU-1..4 (corpus
 level, "closest" reference length), METEOR 1.5, ROUGE-L, CIDEr-D (pycocoevalcap's `Cider` is CIDEr-D: clipped
 n-gram counts and a Gaussian length penalty, scaled by 10) and SPICE. Scores keep pycocoevalcap's scale
-(fractions; CIDEr-D in [0, 10]); papers print them multiplied by 100.
+(fractions; CIDEr-D in [0, 10]); papers print them multiplied by 100. pycocoevalcap is imported where it
+is used: it belongs to the [eval] extra, and without it these metrics are skipped, not the run.
 """
 
 from __future__ import annotations
@@ -12,14 +13,6 @@ import os
 import shutil
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-
-import pycocoevalcap.spice
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.spice.spice import Spice
-from pycocoevalcap.tokenizer import ptbtokenizer
 
 from evaluation.availability import MetricResult, MetricUnavailable, check_metric_names, prepare
 
@@ -46,21 +39,23 @@ def caption_metrics(
             raise TypeError(
                 f"candidate caption for id {sample_id!r} must be a str, got {type(candidate).__name__}"
             )
-    references_tokens, candidate_tokens = _tokenize_pairs(
-        references, {key: [c] for key, c in candidates.items()}
-    )
     families = dict.fromkeys(_family(name) for name in names)
     scorers, skipped = prepare(families, _scorer)
     scores: dict[str, float] = {}
-    for scorer in scorers.values():
-        scores.update(scorer(references_tokens, candidate_tokens))
+    if scorers:
+        references_tokens, candidate_tokens = _tokenize_pairs(
+            references, {key: [c] for key, c in candidates.items()}
+        )
+        for scorer in scorers.values():
+            scores.update(scorer(references_tokens, candidate_tokens))
     results = {}
     for name in names:
         family = _family(name)
         if family in scorers:
             results[name] = MetricResult(name, scores[name])
         else:
-            results[name] = MetricResult(name, None, skipped[family].skipped_reason)
+            why = skipped[family].skipped_reason.partition(" skipped: ")[2]  # said of the family ("bleu")
+            results[name] = MetricResult(name, None, f"{name} skipped: {why}")
     return results
 
 
@@ -74,6 +69,8 @@ def per_sample_cider(
     whatever the number of candidates per sample. Samples with fewer candidates get a placeholder in later
     rounds, whose score is dropped.
     """
+    from pycocoevalcap.cider.cider import Cider
+
     _require_cider_corpus(len(references))
     references_tokens, candidate_tokens = _tokenize_pairs(references, candidates)
     scores: dict[Hashable, list[float]] = {key: [] for key in references_tokens}
@@ -92,6 +89,8 @@ def per_sample_cider(
 
 def spice_jars_missing() -> list[Path]:
     """The CoreNLP jars SPICE needs that are absent from pycocoevalcap's spice/lib (empty when SPICE can run)."""
+    import pycocoevalcap.spice
+
     lib = Path(pycocoevalcap.spice.__file__).parent / "lib"
     return [lib / jar for jar in SPICE_CORENLP_JARS if not (lib / jar).exists()]
 
@@ -108,6 +107,8 @@ def _family(name: str) -> str:
 
 
 def _scorer(family: str) -> CaptionScorer:
+    import pycocoevalcap  # noqa: F401  (absent without the [eval] extra: prepare() then skips the metric)
+
     if family == "spice":
         missing = spice_jars_missing()
         if missing:
@@ -120,27 +121,37 @@ def _scorer(family: str) -> CaptionScorer:
 
 
 def _bleu(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+
     scores, _ = Bleu(4).compute_score(references, candidates, verbose=0)
     return {f"bleu_{n}": float(score) for n, score in enumerate(scores, start=1)}
 
 
 def _meteor(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    from pycocoevalcap.meteor.meteor import Meteor
+
     score, _ = Meteor().compute_score(references, candidates)
     return {"meteor": float(score)}
 
 
 def _rouge_l(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    from pycocoevalcap.rouge.rouge import Rouge
+
     score, _ = Rouge().compute_score(references, candidates)
     return {"rouge_l": float(score)}
 
 
 def _cider_d(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    from pycocoevalcap.cider.cider import Cider
+
     _require_cider_corpus(len(references))
     score, _ = Cider().compute_score(references, candidates)
     return {"cider_d": float(score)}
 
 
 def _spice(references: Tokenized, candidates: Tokenized) -> dict[str, float]:
+    from pycocoevalcap.spice.spice import Spice
+
     score, _ = Spice().compute_score(references, candidates)
     return {"spice": float(score)}
 
@@ -201,6 +212,8 @@ def _ptb_tokenize(groups: Mapping[Hashable, Sequence[str]]) -> Tokenized:
     pycocoevalcap replaces only '\\n' before handing one caption per line to Java; a '\\r' or other line
     separator inside a caption would split it into two lines and shift every later caption onto the wrong id.
     """
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
     if shutil.which("java") is None:
         raise RuntimeError(
             "caption metrics run pycocoevalcap's Java tools (PTB tokenizer, METEOR, SPICE): "

@@ -26,6 +26,7 @@ from evaluation.availability import (
     load_clip_tower,
     option_path,
     prepare,
+    require_package,
 )
 
 IMAGE_METRICS = ("fid", "kid", "clip_image_similarity", "dino_similarity", "lpips", "psnr", "ssim")
@@ -331,20 +332,31 @@ class _Pixels01ToUint8(nn.Module):
 def _accumulator_builders(options: ImageMetricOptions) -> dict[str, Callable[[], _Accumulator]]:
     """How to build each metric; FID and KID share one feature collector, built at most once."""
     set_features = functools.cache(lambda: _SetFeatures(_fid_network(options), options))
+
+    def with_package(package: str, build: Callable[[], _Accumulator]) -> Callable[[], _Accumulator]:
+        def checked() -> _Accumulator:
+            require_package(package)
+            return build()
+
+        return checked
+
     return {
-        "fid": set_features,
-        "kid": set_features,
+        "fid": with_package("torchmetrics", set_features),
+        "kid": with_package("torchmetrics", set_features),
         "clip_image_similarity": lambda: _PairMean(
             embedding_similarity(_image_encoder(options, "clip_image_encoder"))
         ),
         "dino_similarity": lambda: _PairMean(
             embedding_similarity(_image_encoder(options, "dino_image_encoder"))
         ),
-        "lpips": lambda: _PairMean(
-            lpips_distance(load_lpips(options.lpips_backbone_weights, options.lpips_net, options.device))
+        "lpips": with_package(
+            "lpips",
+            lambda: _PairMean(
+                lpips_distance(load_lpips(options.lpips_backbone_weights, options.lpips_net, options.device))
+            ),
         ),
-        "psnr": lambda: _PairMean(psnr),
-        "ssim": lambda: _PairMean(ssim),
+        "psnr": with_package("torchmetrics", lambda: _PairMean(psnr)),
+        "ssim": with_package("torchmetrics", lambda: _PairMean(ssim)),
     }
 
 
