@@ -186,7 +186,9 @@ class ExportSettings(Strict):
 class Config(Strict):
     output_dir: str
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # None: the launcher's (accelerate launch --mixed_precision, else accelerate config's, else no); set here,
+    # it wins over the launcher's, as Accelerator(mixed_precision=...) does. The run logs which one it used.
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     report_to: Literal["none", "wandb", "tensorboard", "all"] = "wandb"
     tracker_project_name: str = "cycletune"
     run_name: str | None = None

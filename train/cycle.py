@@ -33,7 +33,7 @@ from train.checkpoint import (
 )
 from train.cli.help_format import HelpFormatter
 from train.config import PHASES, Config, ConfigError, check_model_sources, flags_as_overrides, load_config
-from train.run import Run, build_run, resume_target, validate_on_main
+from train.run import Run, build_run, resume_target, validate_on_main, with_launcher_precision
 from train.run_dir import RunDir, write_config
 from train.step import PhaseStepResult, phase_step
 from train.tracking import (
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    try:
+        config = with_launcher_precision(config, accelerator)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     set_seed(config.seed)
     try:
         resume_dir = resume_target(config)

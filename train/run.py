@@ -7,6 +7,8 @@ recipe.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,13 @@ from train.builders import (
     phase_update_counts,
 )
 from train.checkpoint import CheckpointError, TrainingParts, read_config, resolve_resume
-from train.config import PHASES, Config, fingerprint_differences, model_fingerprint
+from train.config import PHASES, Config, ConfigError, fingerprint_differences, model_fingerprint
 from train.state import TrainerState
 from train.step import batch_to_device
 from train.tracking import StepLog, log_validation_table
 from train.validation import validate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,10 +65,30 @@ def resume_target(config: Config) -> Path | None:
     return resume_dir
 
 
+def with_launcher_precision(config: Config, accelerator: Accelerator) -> Config:
+    """The config with the mixed precision the accelerator runs in (the config's own, else the launcher's),
+    said once in the log, so the saved config, the exports and a resume all know it."""
+    precision = accelerator.mixed_precision
+    if precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(
+            f"mixed precision {precision!r} from the launcher is not supported; use no, fp16 or bf16"
+        )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if config.mixed_precision is None:
+        logger.info("mixed precision: %s (the launcher's: accelerate launch / accelerate config)", precision)
+    elif launcher != precision:
+        logger.info(
+            "mixed precision: %s (the config's mixed_precision, over the launcher's %s)", precision, launcher
+        )
+    else:
+        logger.info("mixed precision: %s (the config's mixed_precision)", precision)
+    return config.model_copy(update={"mixed_precision": precision})
+
+
 def build_run(config: Config, accelerator: Accelerator) -> Run:
     """Models (trained one in train mode), optimizers, per-model LR schedules, data streams, bridge."""
-    captioner, captioner_names = build_captioner(config.captioner, config.mixed_precision)
-    generator, generator_names = build_generator(config.generator, config.mixed_precision)
+    captioner, captioner_names = build_captioner(config.captioner, accelerator.mixed_precision)
+    generator, generator_names = build_generator(config.generator, accelerator.mixed_precision)
     generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
     modules = {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
     updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)

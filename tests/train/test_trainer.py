@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from cycle_runs import (
     EXPORTED,
     REPO,
@@ -166,18 +167,22 @@ def test_resumed_run_continues_the_same_wandb_run(finished_run, tiny_models, tmp
 
 
 def test_full_mode_bf16_run_exports_whole_models_and_logs_to_tensorboard(tiny_models, tmp_path: Path) -> None:
+    """bf16 comes from the launcher (accelerate launch --mixed_precision sets this variable): the config
+    leaves mixed_precision unset, so the launcher's setting holds, and the run says so and records it."""
     output_dir = tmp_path / "full"
-    run_cycle(
+    result = run_cycle(
         [
             *tiny_overrides(tiny_models, output_dir),
             "captioner.train_mode=full",
             "generator.train_mode=full",
-            "mixed_precision=bf16",
             "report_to=tensorboard",
             "train.max_train_steps=2",
             "train.validation_steps=2",
-        ]
+        ],
+        ACCELERATE_MIXED_PRECISION="bf16",
     )
+    assert "mixed precision: bf16 (the launcher's" in result.stderr
+    assert yaml.safe_load((output_dir / "config.yaml").read_text())["mixed_precision"] == "bf16"
     trained = load_file(str(output_dir / "checkpoint-2" / "captioner_trainable.safetensors"))
     exported = Captioner.from_pretrained(str(output_dir / "export" / "captioner"))
     exported_params = dict(exported.named_parameters())
