@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,7 +77,10 @@ def add_captioner_lora(captioner: Captioner, **shape: Unpack[LoraShape]) -> None
     No task_type: peft's CAUSAL_LM wrapper would reroute forward() to arguments BLIP does not take.
     """
     config = _lora_config(captioner.spec.lora_targets, {}, **shape)
-    captioner.model = get_peft_model(captioner.model, config, adapter_name=ADAPTER_NAME)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` here: noise with nothing to act on.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        captioner.model = get_peft_model(captioner.model, config, adapter_name=ADAPTER_NAME)
 
 
 def add_generator_lora(generator: Generator, **shape: Unpack[LoraShape]) -> None:

@@ -71,6 +71,7 @@ def test_run_trains_both_phases_prunes_exports_and_says_where(finished_run) -> N
     assert f"run folder:        {output_dir.resolve()}" in result.stdout
     assert f"exported adapters: {(output_dir / 'export').resolve()}" in result.stdout
     assert "W&B run:" in result.stdout
+    assert "Warning" not in result.stderr, "a normal run (W&B, validation, exports) prints no warnings"
     assert [entry["phase"] for entry in sample_log(output_dir)] == ["captioner", "generator"] * 2
     assert [step for step, _ in RunDir(output_dir).checkpoints()] == [4], (
         "checkpoints_total_limit=1 keeps the newest"
