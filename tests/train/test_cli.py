@@ -148,6 +148,25 @@ def test_generate_captions_and_images_from_an_export_and_a_checkpoint(
     assert (tmp_path / "checkpoint-2.jsonl").read_text() == (tmp_path / "export.jsonl").read_text()
     assert "shape0.png: " in capsys.readouterr().out
 
+    # Rows are written as they are made, so an interrupted run keeps them; --resume makes only the rest (a
+    # row cut short is made again) and ends with what an uninterrupted run writes.
+    complete = (tmp_path / "export.jsonl").read_text()
+    first, second = complete.splitlines(keepends=True)
+    (tmp_path / "export.jsonl").write_text(first + second[:10])
+    resumed = _argv(
+        "captions", images=images, checkpoint=trained_run / "export", out=tmp_path / "export.jsonl"
+    )
+    assert generate.main([*resumed, "--resume"]) == 0
+    assert (tmp_path / "export.jsonl").read_text() == complete
+    assert "wrote 1 images' captions" in capsys.readouterr().out
+    drawn_rows = (tmp_path / "export" / "images.jsonl").read_text()
+    (tmp_path / "export" / "images.jsonl").write_text(drawn_rows.splitlines(keepends=True)[0])
+    drawn = _argv(
+        "images", prompts=prompts, checkpoint=trained_run / "export", out=tmp_path / "export", num_images=2
+    )
+    assert generate.main([*drawn, "--inference-steps", "2", "--batch-size", "1", "--resume"]) == 0
+    assert (tmp_path / "export" / "images.jsonl").read_text() == drawn_rows
+
     rows = [json.loads(line) for line in (tmp_path / "export" / "images.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in rows] == prompts.read_text().splitlines()
     files = [name for row in rows for name in row["files"]]

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from data.batching import batched
 from data.images import load_pixels
@@ -38,9 +40,9 @@ from train.queries import ImageQuery, TextQuery, folder_records, image_queries, 
 
 def caption_folder(
     captioner: Captioner, queries: Sequence[ImageQuery], args: argparse.Namespace
-) -> list[dict]:
-    """One row per image: its id and its captions (beam search, or seeded nucleus sampling with --sample)."""
-    rows = []
+) -> Iterator[dict]:
+    """One row per image, batch by batch: its id and its captions (beam search, or seeded nucleus sampling
+    with --sample)."""
     for batch in batched(queries, args.batch_size):
         pixels = load_pixels([query.image for query in batch], captioner.image_size).to(captioner.device)
         ids = [query.id for query in batch]
@@ -64,33 +66,64 @@ def caption_folder(
                 max_new_tokens=args.max_new_tokens,
                 prompt=args.prompt,
             )
-        rows.extend(
+        yield from (
             {"id": query_id, "captions": texts} for query_id, texts in zip(ids, captions, strict=True)
         )
-    return rows
 
 
-def draw_prompts(generator: Generator, queries: Sequence[TextQuery], args: argparse.Namespace) -> list[dict]:
-    """num_images PNGs per prompt under args.out; one row per prompt with its files."""
-    rows = []
+def draw_prompts(
+    generator: Generator, queries: Sequence[tuple[int, TextQuery]], args: argparse.Namespace
+) -> Iterator[dict]:
+    """num_images PNGs per prompt under args.out, named by the prompt's position in the prompts file (so a
+    resumed run names them as an uninterrupted one); one row per prompt with its files."""
     for batch in batched(queries, args.batch_size):
         images = generate_images(
             generator,
-            [query.text for query in batch],
-            [query.id for query in batch],
+            [query.text for _, query in batch],
+            [query.id for _, query in batch],
             num_images=args.num_images,
             seed=args.seed,
             num_inference_steps=args.inference_steps,
             guidance_scale=args.guidance_scale,
         )
-        for query, query_images in zip(batch, images, strict=True):
+        for (position, query), query_images in zip(batch, images, strict=True):
             files = []
             for index, image in enumerate(query_images):
-                name = f"{len(rows):05d}_{index}.png"
+                name = f"{position:05d}_{index}.png"
                 save_png(image, args.out / name)
                 files.append(name)
-            rows.append({"id": query.id, "prompt": query.text, "files": files})
-    return rows
+            yield {"id": query.id, "prompt": query.text, "files": files}
+
+
+def written_ids(jsonl: Path, resume: bool) -> set[str]:
+    """The ids a previous run wrote to `jsonl` (--resume), whose rows are kept; without --resume the file
+    starts afresh. A row cut short by an interruption is dropped, and its query made again."""
+    if not resume or not jsonl.is_file():
+        jsonl.write_text("", encoding="utf-8")
+        return set()
+    rows, kept = [], []
+    for line in jsonl.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line)["id"])
+            kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    jsonl.write_text("".join(kept), encoding="utf-8")
+    return set(rows)
+
+
+def write_rows(rows: Iterator[dict], jsonl: Path, total: int, quiet: bool) -> Iterator[dict]:
+    """Append each row to the JSONL as soon as it is made (an interrupted run keeps what it made), under a
+    progress bar (off when not a TTY, or with --quiet)."""
+    with (
+        jsonl.open("a", encoding="utf-8") as out,
+        tqdm(total=total, unit="row", disable=True if quiet else None) as bar,
+    ):
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            bar.update()
+            yield row
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,6 +157,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for subparser in (captions, images):
         add_seed_argument(subparser)
         add_model_arguments(subparser)
+        subparser.add_argument(
+            "--resume",
+            action="store_true",
+            help="keep the rows a previous (interrupted) run wrote; make the rest",
+        )
+        subparser.add_argument(
+            "--quiet", action="store_true", help="no progress bar (it is off when not a TTY)"
+        )
     return parser.parse_args(argv)
 
 
@@ -134,22 +175,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "captions":
             queries = image_queries(folder_records(args.images))
             captioner, _ = models_from.load(generator=False, device=args.device)
-            rows = caption_folder(captioner, queries, args)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-            for row in rows:
+            done = written_ids(args.out, args.resume)
+            todo = [query for query in queries if query.id not in done]
+            for row in write_rows(caption_folder(captioner, todo, args), args.out, len(todo), args.quiet):
                 print(f"{row['id']}: {' | '.join(row['captions'])}")
-            print(f"wrote {len(rows)} images' captions to {args.out}")
+            print(f"wrote {len(todo)} images' captions to {args.out} ({len(done)} kept from before)")
         else:
             queries = text_queries(prompt_records(args.prompts))
             _, generator = models_from.load(captioner=False, device=args.device)
             args.out.mkdir(parents=True, exist_ok=True)
-            rows = draw_prompts(generator, queries, args)
-            (args.out / "images.jsonl").write_text(
-                "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
+            done = written_ids(args.out / "images.jsonl", args.resume)
+            todo = [(position, query) for position, query in enumerate(queries) if query.id not in done]
+            rows = write_rows(
+                draw_prompts(generator, todo, args), args.out / "images.jsonl", len(todo), args.quiet
             )
+            files = sum(len(row["files"]) for row in rows)
             print(
-                f"wrote {sum(len(row['files']) for row in rows)} images for {len(rows)} prompts to {args.out}"
+                f"wrote {files} images for {len(todo)} prompts to {args.out} ({len(done)} kept from before)"
             )
     except (ValueError, FileNotFoundError) as error:  # bad input (ModelLoadError, ConfigError, sources)
         print(f"error: {error}", file=sys.stderr)
