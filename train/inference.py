@@ -16,9 +16,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
 from models.captioner import Captioner
 from models.generator import Generator, stable_diffusion_pipeline
@@ -31,6 +33,10 @@ from train.run_dir import CONFIG_FILE, RunDir, trainable_weights_file
 
 class ModelLoadError(ValueError):
     """The model flags do not name a loadable pair of models; the message says which flag to set."""
+
+
+# --dtype's choices.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -49,17 +55,29 @@ class ModelSources:
         return self.checkpoint is not None and is_checkpoint_folder(self.checkpoint)
 
     def load(
-        self, *, captioner: bool = True, generator: bool = True, device: str | torch.device = "cpu"
+        self,
+        *,
+        captioner: bool = True,
+        generator: bool = True,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        lora_scale: float = 1.0,
     ) -> tuple[Captioner | None, Generator | None]:
-        """The requested models in eval mode on `device`, frozen."""
+        """The requested models in eval mode on `device` in `dtype`, frozen; the generator's LoRA applied at
+        `lora_scale` times its trained strength (diffusers' lora_scale: 0 is the base model)."""
         self._check()
         if self.is_checkpoint_folder:
             loaded_captioner, loaded_generator, _ = load_checkpoint_models(self.checkpoint)
             models = (loaded_captioner if captioner else None, loaded_generator if generator else None)
         else:
             models = (self._captioner() if captioner else None, self._generator() if generator else None)
+        if models[1] is not None and lora_scale != 1.0:
+            for layer in models[1].unet.modules():
+                if isinstance(layer, LoraLayer):
+                    layer.scale_layer(lora_scale)
         return tuple(
-            None if model is None else model.requires_grad_(False).eval().to(device) for model in models
+            None if model is None else model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+            for model in models
         )
 
     def _check(self) -> None:
@@ -217,6 +235,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--generator-lora", type=Path, help="a diffusers LoRA .safetensors file, or the folder holding it"
     )
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' weights")
+    group.add_argument(
+        "--lora_scale", type=float, default=1.0, help="strength of the generator's LoRA (0: the base model)"
+    )
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ModelSources.load's device, dtype and lora_scale from add_model_arguments' flags."""
+    return {"device": args.device, "dtype": DTYPES[args.dtype], "lora_scale": args.lora_scale}
 
 
 def model_sources(args: argparse.Namespace, overrides: Sequence[str] = ()) -> ModelSources:

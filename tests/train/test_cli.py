@@ -184,6 +184,49 @@ def test_generate_captions_and_images_from_an_export_and_a_checkpoint(
 
 
 @pytest.mark.slow
+def test_lora_scale_zero_draws_the_base_models_images_and_bfloat16_weights_run(
+    tiny_models, trained_run: Path, inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, prompts = inputs
+    common = [
+        "--prompts",
+        str(prompts),
+        "--num_inference_steps",
+        "2",
+        "--config",
+        str(trained_run / "config.yaml"),
+    ]
+    export = ["--checkpoint", str(trained_run / "export")]
+    assert (
+        generate.main(["images", *common, *export, "--lora_scale", "0", "--out", str(tmp_path / "off")]) == 0
+    )
+    assert (
+        generate.main(
+            ["images", *common, "--generator", str(tiny_models.generator), "--out", str(tmp_path / "base")]
+        )
+        == 0
+    )
+    assert generate.main(["images", *common, *export, "--out", str(tmp_path / "on")]) == 0
+    drawn = sorted(path.name for path in (tmp_path / "base").glob("*.png"))
+    assert drawn and all(
+        _png_pixels(tmp_path / "off" / name) == _png_pixels(tmp_path / "base" / name) for name in drawn
+    )
+    assert any(_png_pixels(tmp_path / "on" / name) != _png_pixels(tmp_path / "base" / name) for name in drawn)
+    captions = [
+        "captions",
+        "--images",
+        str(images),
+        *export,
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(tmp_path / "c.jsonl"),
+    ]
+    assert generate.main(captions) == 0
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
 def test_rerank_writes_rankings_and_a_contact_sheet_and_reports_on_them(
     trained_run: Path, inputs: tuple[Path, Path], tmp_path: Path
 ) -> None:

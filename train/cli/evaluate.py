@@ -38,7 +38,7 @@ from models.sampling_settings import SamplingSettings
 from train.cli.help_format import HelpFormatter
 from train.cli.sampling_arguments import add_output_argument, add_steps_and_guidance_arguments
 from train.config import Config, ConfigError
-from train.inference import add_model_arguments, model_sources
+from train.inference import add_model_arguments, load_options, model_sources
 from train.queries import ImageQuery, config_records, image_queries
 
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         requested = args.metrics.split(",") if args.metrics else default_metrics(config)
         names = check_metric_names(requested, VALIDATION_METRICS)
         queries = image_queries(config_records(config), args.limit)
-        captioner, generator = models.load(device=args.device)
+        captioner, generator = models.load(**load_options(args))
         train = config.train
         steps = train.validation_inference_steps if args.inference_steps is None else args.inference_steps
         guidance = train.validation_guidance_scale if args.guidance_scale is None else args.guidance_scale

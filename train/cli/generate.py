@@ -34,7 +34,7 @@ from train.cli.sampling_arguments import (
     add_output_argument,
     add_seed_argument,
 )
-from train.inference import add_model_arguments, model_sources
+from train.inference import add_model_arguments, load_options, model_sources
 from train.queries import ImageQuery, TextQuery, folder_records, image_queries, prompt_records, text_queries
 
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         models_from = model_sources(args)
         if args.mode == "captions":
             queries = image_queries(folder_records(args.images))
-            captioner, _ = models_from.load(generator=False, device=args.device)
+            captioner, _ = models_from.load(generator=False, **load_options(args))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             done = written_ids(args.out, args.resume)
             todo = [query for query in queries if query.id not in done]
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {len(todo)} images' captions to {args.out} ({len(done)} kept from before)")
         else:
             queries = text_queries(prompt_records(args.prompts))
-            _, generator = models_from.load(captioner=False, device=args.device)
+            _, generator = models_from.load(captioner=False, **load_options(args))
             args.out.mkdir(parents=True, exist_ok=True)
             done = written_ids(args.out / "images.jsonl", args.resume)
             todo = [(position, query) for position, query in enumerate(queries) if query.id not in done]

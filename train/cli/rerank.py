@@ -42,7 +42,7 @@ from train.cli.sampling_arguments import (
     add_seed_argument,
 )
 from train.config import Config, ConfigError
-from train.inference import ModelSources, add_model_arguments, model_sources
+from train.inference import ModelSources, add_model_arguments, load_options, model_sources
 from train.queries import config_records, folder_records, image_queries, prompt_records, text_queries
 
 # Weight paths of the similarities, named as in the config's evaluation section; each is also a flag.
@@ -141,7 +141,7 @@ def rank_caption_candidates(args: argparse.Namespace, models: ModelSources) -> N
     queries = image_queries(records, args.limit)
     settings = _evaluation_settings(args, models.config)
     similarity = image_similarity(args.similarity, image_options(settings, args.device))
-    captioner, generator = models.load(device=args.device)
+    captioner, generator = models.load(**load_options(args))
     sampling = CaptionSampling(
         num_beams=args.num_beams,
         num_samples=args.num_samples,
@@ -174,7 +174,7 @@ def rank_image_candidates(args: argparse.Namespace, models: ModelSources) -> Non
     similarity = text_similarity_measure(
         args.text_similarity, text_options(_evaluation_settings(args, models.config), args.device)
     )
-    captioner, generator = models.load(device=args.device)
+    captioner, generator = models.load(**load_options(args))
     with RankingWriter(args.out, f"Best image per text ({len(queries)} texts)") as writer:
         for batch in batched(queries, args.batch_size):
             rankings = rerank_images(
