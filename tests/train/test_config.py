@@ -175,3 +175,8 @@ def test_config_keys_as_flags_become_dotted_overrides() -> None:
     ]
     with pytest.raises(ConfigError, match="flag --seed needs a value"):
         flags_as_overrides(["--seed", "--output_dir", "x"])
+
+
+def test_a_bare_yaml_no_is_the_mixed_precision_no() -> None:
+    assert load_config(CONFIGS / "tiny.yaml", ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(CONFIGS / "tiny.yaml").mixed_precision is None  # unset: the launcher's
