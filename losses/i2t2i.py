@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from losses.advantages import group_advantages
 from losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
 from losses.settings import Strict
 from models.bridge import VocabularyBridge, encode_token_embeddings
@@ -202,17 +203,6 @@ def candidate_rewards(
         num_timesteps=settings.reward_timesteps,
         purpose="i2t2i/reward",
     )
-
-
-def group_advantages(rewards: torch.Tensor, std_floor: float) -> torch.Tensor:
-    """Advantages [B, K] of each image's K candidates: (r - mean_K r) / max(std_K r, std_floor).
-
-    Dividing by the bare group std would blow reward gaps that are pure noise (candidates the generator
-    judges alike) up to unit-scale advantages; the floor keeps gaps well below it small, while groups whose
-    rewards really differ (std above the floor) are standardised as usual.
-    """
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return centred / rewards.std(dim=1, correction=0, keepdim=True).clamp_min(std_floor)
 
 
 def reward(step: I2T2IStep, settings: I2T2ISettings) -> CycleOutput:

@@ -13,9 +13,15 @@ Each mode is declared at the end, in T2I2T_MODES, with the batches it trains on 
   a paired batch's cycle term decodes the denoising term's own UNet call instead of making a second one.
 - sample (any batch with captions, text-only included): DDIM from key-drawn noise, backpropagating through
   only the last grad_steps steps (DRaFT-K), with classifier-free guidance when guidance_scale > 1.
+- reward (any batch with captions; paired batches' images are not used): DDPO-style policy gradient. G
+  stochastic DDIM chains per caption, their images scored by the frozen captioner's caption likelihood
+  without any gradient through it or the decoder, group advantages, and a clipped importance-ratio loss on
+  a share of each chain's transitions (losses/t2i2t_reward.py).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -23,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
 from losses.settings import Strict
 from losses.supervised import DenoisePass
+from losses.t2i2t_reward import reward
 from models.captioner import Captioner
 from models.generator import Generator
 
@@ -40,10 +47,28 @@ class T2I2TSettings(Strict):
     # one_step on paired batches: decode the denoising term's own UNet prediction instead of a second UNet
     # call (about half the phase's cost; same per-sample distribution; see one_step_on_denoise_pass).
     share_denoise_pass: bool = False
-    # sample: DDIM steps from pure noise, backpropagating through only the last grad_steps (DRaFT-K).
+    # sample and reward: DDIM steps from pure noise; sample backpropagates through only the last grad_steps
+    # (DRaFT-K).
     num_inference_steps: int = Field(10, ge=1)
     grad_steps: int = Field(1, ge=1)
     guidance_scale: float = Field(1.0, ge=0)
+    # reward: G chains per caption, DDIM noise level eta (1: DDPM-like; 0 would make no step stochastic).
+    num_images: int = Field(4, ge=2)
+    eta: float = Field(1.0, gt=0)
+    # reward: the share of each chain's num_inference_steps transitions trained on (whole part, at least 1),
+    # drawn per chain; the DDPO ratio clip; the weight of the exact KL to the base UNet (adapters off).
+    train_timesteps: float = Field(0.25, gt=0, le=1)
+    clip_range: float = Field(1e-4, gt=0)
+    kl_weight: float = Field(0.0, ge=0)
+    # reward: minus the frozen captioner's per-token caption NLL on the image. A CIDEr-D reward would need
+    # the evaluation package, which the losses may not import.
+    reward: Literal["likelihood"] = "likelihood"
+    # reward: advantages are (r - mean_G r) / max(std_G r, floor), the floor in reward units (nats per
+    # token). The reward has no scoring noise (one deterministic captioner pass per image), so the floor only
+    # keeps groups of near-identical images from unit-scale advantages. Measured on shapes-base (G = 4, 10
+    # steps, eta 1, 48 captions): group stds 0.07 to 0.8, median 0.36, all well above 1e-2; random tiny
+    # models give about 1e-4, whose groups the floor shrinks 100-fold. Other captioners: measure theirs.
+    advantage_std_floor: float = Field(1e-2, gt=0)
 
     @field_validator("mode")
     @classmethod
@@ -55,9 +80,10 @@ class T2I2TSettings(Strict):
         if self.grad_steps > self.num_inference_steps:
             raise ValueError("cycle.t2i2t.grad_steps cannot exceed cycle.t2i2t.num_inference_steps")
         # With mode none it is moot (a control arm turns the cycle off and keeps the rest of the config).
-        if self.share_denoise_pass and self.mode == "sample":
+        if self.share_denoise_pass and self.mode in ("sample", "reward"):
             raise ValueError(
-                "cycle.t2i2t.share_denoise_pass applies to mode 'one_step'; mode 'sample' makes its own images"
+                "cycle.t2i2t.share_denoise_pass applies to mode 'one_step'; "
+                f"mode {self.mode!r} makes its own images"
             )
         return self
 
@@ -158,8 +184,9 @@ def _recaption_loss(
 T2I2T_MODES = CycleModes(
     "t2i2t",
     {
-        # A text-only batch has no image to noise: one_step starts from pure noise, sample always does.
+        # A text-only batch has no image to noise: one_step starts from pure noise, as sample and reward do.
         "one_step": CycleMode(one_step, batches=("paired", "text_only")),
         "sample": CycleMode(sample, batches=("paired", "text_only")),
+        "reward": CycleMode(reward, batches=("paired", "text_only")),
     },
 )

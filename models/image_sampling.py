@@ -107,13 +107,7 @@ class ImageSampling:
             torch.cat([uncond_hidden_states, encoder_hidden_states]) if guided else encoder_hidden_states
         )
         context = context.to(self.dtype)
-        # A fresh scheduler per call: set_timesteps mutates it, and it follows any prediction_type override.
-        # Pixel-space samples live in [-1, 1], so each step's x0 estimate is clipped there (as in DDPM),
-        # which keeps an imperfect model's samples from saturating. StableDiffusionPipeline rewrites
-        # clip_sample to False in saved configs, hence set here; latent models keep their config's value.
-        pixel_space = {"clip_sample": True} if self.vae is None else {}
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config, **pixel_space)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler = self.ddim_scheduler(num_inference_steps, self.device)
         latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
         first_grad_step = len(scheduler.timesteps) - grad_steps
         for index, t in enumerate(scheduler.timesteps):
@@ -122,19 +116,40 @@ class ImageSampling:
                 model_input = scheduler.scale_model_input(latents, t)
                 if recorded and gradient_checkpointing:
                     prediction = checkpoint(
-                        self._guided_prediction, model_input, t, context, guidance_scale, use_reentrant=False
+                        self.guided_prediction, model_input, t, context, guidance_scale, use_reentrant=False
                     )
                 else:
-                    prediction = self._guided_prediction(model_input, t, context, guidance_scale)
+                    prediction = self.guided_prediction(model_input, t, context, guidance_scale)
                 latents = scheduler.step(prediction, t, latents).prev_sample
         return latents
 
-    def _guided_prediction(
+    def ddim_scheduler(
+        self, num_inference_steps: int, device: torch.device | str | None = None
+    ) -> DDIMScheduler:
+        """The DDIM sampler every loop here runs, its timesteps set (on `device`).
+
+        A fresh one per call: set_timesteps mutates it, and it follows any prediction_type override.
+        Pixel-space samples live in [-1, 1], so each step's x0 estimate is clipped there (as in DDPM),
+        which keeps an imperfect model's samples from saturating. StableDiffusionPipeline rewrites
+        clip_sample to False in saved configs, hence set here; latent models keep their config's value.
+        """
+        pixel_space = {"clip_sample": True} if self.vae is None else {}
+        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config, **pixel_space)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler
+
+    def guided_prediction(
         self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
-        """One UNet call (both CFG branches batched when guided), in float32."""
+        """One UNet call (both CFG branches batched when guided), in float32.
+
+        `t` is one timestep or one per sample [B] (models/denoising_chain.py recomputes transitions of
+        different timesteps in one call); `context` is [uncond; cond] when guided.
+        """
         guided = guidance_scale > 1.0
         model_input = torch.cat([latents, latents]) if guided else latents
+        if guided and t.ndim == 1:
+            t = torch.cat([t, t])
         prediction = self.unet(model_input.to(self.dtype), t, context).sample.float()
         if not guided:
             return prediction

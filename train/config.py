@@ -189,12 +189,6 @@ class Config(Strict):
     # None: the launcher's (accelerate launch --mixed_precision, else accelerate config's, else no); set here,
     # it wins over the launcher's, as Accelerator(mixed_precision=...) does. The run logs which one it used.
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no_is_no(cls, value: Any) -> Any:
-        """YAML reads a bare `no` (mixed_precision: no, or the override mixed_precision=no) as false."""
-        return "no" if value is False else value
     report_to: Literal["none", "wandb", "tensorboard", "all"] = "wandb"
     tracker_project_name: str = "cycletune"
     run_name: str | None = None
@@ -205,6 +199,12 @@ class Config(Strict):
     cycle: CycleSettings = CycleSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     export: ExportSettings = ExportSettings()
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_no(cls, value: Any) -> Any:
+        """YAML reads a bare `no` (mixed_precision: no, or the override mixed_precision=no) as false."""
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _unpaired_data_has_a_loss(self) -> Config:

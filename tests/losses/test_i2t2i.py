@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from losses.advantages import group_advantages
 from losses.cycle_modes import CycleOutput
 from losses.i2t2i import (
     I2T2I_MODES,
     I2T2ISettings,
     I2T2IStep,
     candidate_rewards,
-    group_advantages,
     reconstruction_loss,
     sample_candidates,
     soft,

@@ -55,10 +55,11 @@ def test_paper_config_trains_only_cross_attention_queries() -> None:
 def test_unpaired_sources_need_a_mode_that_uses_them() -> None:
     texts = ["data.text_only=[{type: texts, path: captions.txt}]", "data.text_only_ratio=0.5"]
     with pytest.raises(
-        ConfigError, match=r"data.text_only batches need cycle.t2i2t.mode in \['one_step', 'sample'\]"
+        ConfigError,
+        match=r"data.text_only batches need cycle.t2i2t.mode in \['one_step', 'reward', 'sample'\]",
     ):
         load_config(CONFIGS / "tiny.yaml", texts)
-    for mode in ("one_step", "sample"):
+    for mode in ("one_step", "reward", "sample"):
         config = load_config(CONFIGS / "tiny.yaml", [*texts, f"cycle.t2i2t.mode={mode}"])
         assert config.data.text_only_ratio == 0.5
     with pytest.raises(

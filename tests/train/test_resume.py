@@ -21,7 +21,11 @@ EVERY_SOURCE_OF_RANDOMNESS = [
     "captioner.lora.dropout=0.1",
     "generator.lora.dropout=0.1",
     "train.gradient_accumulation_steps=2",
-    "cycle.t2i2t.mode=one_step",
+    # reward draws what one_step does (per-sample keyed noise) and more: chains, their trained steps, and
+    # LoRA dropout inside checkpointed recomputation; one_step's resume is drilled by `make drill`.
+    "cycle.t2i2t.mode=reward",
+    "cycle.t2i2t.num_images=2",
+    "cycle.t2i2t.num_inference_steps=3",
     "cycle.i2t2i.num_candidates=2",
     "data.dataloader_num_workers=2",
     "train.checkpointing_steps=2",
@@ -69,7 +73,7 @@ def test_accumulated_cycle_updates_log_every_micro_batch_and_both_cycle_terms(
     # 2 micro-batches of data.train_batch_size=2 (configs/tiny.yaml) per update, no sample twice.
     assert all(len(entry["ids"]) == 4 and len(set(entry["ids"])) == 4 for entry in entries)
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    for phase, term in (("captioner", f"i2t2i_{mode}"), ("generator", "t2i2t_one_step")):
+    for phase, term in (("captioner", f"i2t2i_{mode}"), ("generator", "t2i2t_reward")):
         values = [entry[f"{phase}/{term}"] for entry in metrics if f"{phase}/{term}" in entry]
         assert len(values) == STEPS // 2, f"{phase}/{term} logged {len(values)} times, not every update"
         assert all(math.isfinite(value) for value in values)

@@ -31,6 +31,7 @@ MODES: dict[str, Mode] = {
         "generator", ("cycle.t2i2t.mode=one_step", "cycle.t2i2t.share_denoise_pass=true")
     ),
     "t2i2t_sample": Mode("generator", ("cycle.t2i2t.mode=sample",)),
+    "t2i2t_reward": Mode("generator", ("cycle.t2i2t.mode=reward",)),
 }
 BASELINE = "baseline"
 CYCLE_MODES = (
@@ -40,6 +41,7 @@ CYCLE_MODES = (
     "t2i2t_one_step",
     "t2i2t_one_step_shared",
     "t2i2t_sample",
+    "t2i2t_reward",
 )
 # Cycle modes whose cost must stay within checks.CYCLE_COST_LIMIT x their supervised step, or be explained.
 FLAGGED_MODES = ("i2t2i_soft", "t2i2t_one_step", "t2i2t_one_step_shared")

@@ -27,6 +27,7 @@ DEFAULT_PAIRS = {
         **dict.fromkeys(CYCLE_MODES, 4),
         "i2t2i_reward": 3,
         "t2i2t_sample": 3,
+        "t2i2t_reward": 3,
     },
     GPU_ARCHITECTURE.name: {**dict.fromkeys(MODES, 10)},
 }
