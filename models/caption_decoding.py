@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from models.modes import gradient_checkpointing_off
+
 if TYPE_CHECKING:
     from models.captioners.spec import CaptionerSpec
 
@@ -121,16 +123,17 @@ class CaptionDecoding:
             "eos_token_id": self.spec.end_token_id(self.processor, self.model.config),
             "pad_token_id": self.pad_token_id,
         }
-        new_tokens = self.spec.generate(
-            self.model,
-            pixel_values,
-            prefix.expand(pixel_values.shape[0], -1),
-            num_beams=num_beams,
-            do_sample=do_sample,
-            num_return_sequences=num_return_sequences,
-            max_new_tokens=max_new_tokens or self.max_length,
-            **sampling,
-        )
+        with gradient_checkpointing_off(self.model):  # keeps generate's cache (see text_logits)
+            new_tokens = self.spec.generate(
+                self.model,
+                pixel_values,
+                prefix.expand(pixel_values.shape[0], -1),
+                num_beams=num_beams,
+                do_sample=do_sample,
+                num_return_sequences=num_return_sequences,
+                max_new_tokens=max_new_tokens or self.max_length,
+                **sampling,
+            )
         return self._texts_per_image(new_tokens, num_return_sequences)
 
     def _texts_per_image(self, new_tokens: torch.Tensor, per_image: int) -> list[list[str]]:
@@ -144,10 +147,10 @@ class CaptionDecoding:
 
         Each step's one-hot sample (gumbel_softmax_st of that step's logits and gumbel_noise[:, step]) is fed
         back as one-hot @ word embeddings, so a later position's gradient reaches every earlier step's logits.
-        Returns probs [B, L, V] (position 0 the prefix's last token's one-hot, as in Captioner.caption_part, then the sampled one-hots; float32) and
-        attention_mask [B, L] covering each row up to and including its first end token. L is max_length + 1,
-        or less when every row has ended before. The cached steps run without gradient checkpointing, which
-        would drop the cache (memory cost in BlipDecoding.text_logits).
+        Returns probs [B, L, V] (position 0 the prefix's last token's one-hot, as in Captioner.caption_part,
+        then the sampled one-hots; float32) and attention_mask [B, L] covering each row up to and including its
+        first end token. L is max_length + 1, or less when every row has ended before. The cached steps run
+        without gradient checkpointing, which would drop the cache (memory cost in CaptionerSpec.text_logits).
         """
         batch = pixels01.shape[0]
         vocab = self.vocab_size
@@ -159,23 +162,24 @@ class CaptionDecoding:
         embeddings = self.spec.word_embedding_matrix(self.model)
         end = self.spec.end_token_id(self.processor, self.model.config)
         image = self._image_states(pixels01, 1)
-        start = self.prefix_ids().to(self.device).expand(batch, -1)
-        logits, cache = self.spec.text_logits(self.model, image, input_ids=start, use_cache=True)
-        samples = [F.one_hot(start[:, -1], vocab).float()]
-        in_caption = [torch.ones(batch, dtype=torch.bool, device=start.device)]
-        ended = torch.zeros(batch, dtype=torch.bool, device=start.device)
-        for step in range(max_length):
-            noise = gumbel_noise[:, step].to(device=logits.device, dtype=torch.float32)
-            sample = gumbel_softmax_st(logits[:, -1].float(), noise, temperature)
-            samples.append(sample)
-            in_caption.append(~ended)
-            ended = ended | (sample.argmax(dim=-1) == end)
-            if ended.all() or step == max_length - 1:
-                break
-            next_embeds = (sample.to(embeddings.dtype) @ embeddings)[:, None]
-            logits, cache = self.spec.text_logits(
-                self.model, image, inputs_embeds=next_embeds, cache=cache, use_cache=True
-            )
+        with gradient_checkpointing_off(self.model):  # the cache must survive (see text_logits)
+            start = self.prefix_ids().to(self.device).expand(batch, -1)
+            logits, cache = self.spec.text_logits(self.model, image, input_ids=start, use_cache=True)
+            samples = [F.one_hot(start[:, -1], vocab).float()]
+            in_caption = [torch.ones(batch, dtype=torch.bool, device=start.device)]
+            ended = torch.zeros(batch, dtype=torch.bool, device=start.device)
+            for step in range(max_length):
+                noise = gumbel_noise[:, step].to(device=logits.device, dtype=torch.float32)
+                sample = gumbel_softmax_st(logits[:, -1].float(), noise, temperature)
+                samples.append(sample)
+                in_caption.append(~ended)
+                ended = ended | (sample.argmax(dim=-1) == end)
+                if ended.all() or step == max_length - 1:
+                    break
+                next_embeds = (sample.to(embeddings.dtype) @ embeddings)[:, None]
+                logits, cache = self.spec.text_logits(
+                    self.model, image, inputs_embeds=next_embeds, cache=cache, use_cache=True
+                )
         return torch.stack(samples, dim=1), torch.stack(in_caption, dim=1).long()
 
     @torch.no_grad()
@@ -204,20 +208,23 @@ class CaptionDecoding:
         end, pad = self.spec.end_token_id(self.processor, config), self.pad_token_id
         prefix = self.prefix_ids(prompt).to(self.device).expand(batch * copies, -1)
         image = self._image_states(pixels01, copies)
-        logits, cache = self.spec.text_logits(self.model, image, input_ids=prefix, use_cache=True)
-        row_uniforms = uniforms.reshape(batch * copies, max_new_tokens).to(self.device)
-        ended = torch.zeros(batch * copies, dtype=torch.bool, device=self.device)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            token = nucleus_sample(logits[:, -1], row_uniforms[:, step], top_p=top_p, temperature=temperature)
-            token = token.masked_fill(ended, pad)
-            new_tokens.append(token)
-            ended = ended | (token == end)
-            if ended.all() or step == max_new_tokens - 1:
-                break
-            logits, cache = self.spec.text_logits(
-                self.model, image, input_ids=token[:, None], cache=cache, use_cache=True
-            )
+        with gradient_checkpointing_off(self.model):  # the cache must survive (see text_logits)
+            logits, cache = self.spec.text_logits(self.model, image, input_ids=prefix, use_cache=True)
+            row_uniforms = uniforms.reshape(batch * copies, max_new_tokens).to(self.device)
+            ended = torch.zeros(batch * copies, dtype=torch.bool, device=self.device)
+            new_tokens = []
+            for step in range(max_new_tokens):
+                token = nucleus_sample(
+                    logits[:, -1], row_uniforms[:, step], top_p=top_p, temperature=temperature
+                )
+                token = token.masked_fill(ended, pad)
+                new_tokens.append(token)
+                ended = ended | (token == end)
+                if ended.all() or step == max_new_tokens - 1:
+                    break
+                logits, cache = self.spec.text_logits(
+                    self.model, image, input_ids=token[:, None], cache=cache, use_cache=True
+                )
         new_ids = torch.stack(new_tokens, dim=1)
         is_end = (new_ids == end).long()
         in_caption = is_end.cumsum(dim=1) - is_end == 0

@@ -9,7 +9,6 @@ uses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from models.captioners.spec import CaptionerSpec
-from models.modes import gradient_checkpointing_off
 from models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_bert_vocab
 
 # The real BLIP tokenizer (Salesforce/blip-image-captioning-*) adds "[DEC]" as bos; generation starts from it.
@@ -60,13 +58,12 @@ class BlipSpec(CaptionerSpec):
         # BLIP's generate drops the last input token (it expects the tokenizer's trailing [SEP]), so add one.
         sep_column = torch.full_like(prefix_ids[:, :1], model.config.text_config.sep_token_id)
         input_ids = torch.cat([prefix_ids, sep_column], dim=1)
-        with gradient_checkpointing_off(model.text_decoder):  # keeps generate's cache (see text_logits)
-            sequences = model.generate(
-                pixel_values=pixel_values,
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                **kwargs,
-            )
+        sequences = model.generate(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            **kwargs,
+        )
         return sequences[:, prefix_ids.shape[1] :]
 
     def image_states(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -87,23 +84,15 @@ class BlipSpec(CaptionerSpec):
         """The call forward() makes after its vision encoder, so teacher-forced results agree with logits().
 
         BlipTextEmbeddings adds position embeddings to `inputs_embeds` in place: pass a fresh tensor.
-
-        A cached call runs with the decoder's gradient checkpointing off. transformers drops the cache of a
-        checkpointed decoder in train mode (a recompute in backward would append the keys/values again), so
-        each step would see only its own token. The cost: each cached step's activations are kept for
-        backward rather than recomputed, about what one teacher-forced decoder pass over the decoded length
-        keeps without checkpointing (the keys/values themselves are in the cache either way); teacher-forced
-        calls and the vision encoder stay checkpointed.
         """
-        with gradient_checkpointing_off(model.text_decoder) if use_cache else nullcontext():
-            outputs = model.text_decoder(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                encoder_hidden_states=image_states,
-                cache=cache,
-                use_cache=use_cache,
-            )
+        outputs = model.text_decoder(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_states,
+            cache=cache,
+            use_cache=use_cache,
+        )
         return outputs.logits, outputs.cache
 
     @staticmethod

@@ -20,7 +20,6 @@ which this row layout cannot express.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from models.captioners.spec import CaptionerSpec
-from models.modes import gradient_checkpointing_off
 from models.tiny_vocabulary import byte_level_bpe, clean_words, seeded
 
 # The OPT tokenizer's specials in their ids' order (<s> 0, <pad> 1, </s> 2, <unk> 3); "</s>" is its bos and eos.
@@ -97,8 +95,7 @@ class Blip2Spec(CaptionerSpec):
         The placeholders are replaced by position (the first num_query_tokens of an uncached call, whose rows
         start with prefix_ids), not by matching their id as forward() does: a sampled caption may contain
         that id too, and checking the ids would wait for the device mid-step. A cached call only continues
-        the text. Cached calls run with the decoder's gradient checkpointing off, which would
-        drop the cache in train mode (BlipSpec.text_logits has the memory cost).
+        the text.
         """
         if cache is None:
             if input_ids is None:
@@ -107,10 +104,9 @@ class Blip2Spec(CaptionerSpec):
             inputs_embeds = torch.cat([image_states.to(text_embeds.dtype), text_embeds], dim=1)
         elif inputs_embeds is None:
             inputs_embeds = model.get_input_embeddings()(input_ids)
-        with gradient_checkpointing_off(model.language_model) if use_cache else nullcontext():
-            outputs = model.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache
-            )
+        outputs = model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache
+        )
         return outputs.logits, outputs.cache
 
     @staticmethod

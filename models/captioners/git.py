@@ -13,7 +13,6 @@ Captions start from [CLS] (the tokenizer's cls token, which the real checkpoints
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
 from models.captioners.spec import CaptionerSpec, ImageGeometry
-from models.modes import gradient_checkpointing_off
 from models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_bert_vocab
 
 # Patch tokens attend to each other both ways (one block); text tokens (-1) stay causal.
@@ -84,10 +82,9 @@ class GitSpec(CaptionerSpec):
         makes a leaf that requires grad (transformers' enable_input_require_grads hook on GIT, whose main
         input is input_ids), where an in-place add fails.
 
-        Cached calls run with the decoder's gradient checkpointing off: GitEncoder hands the cache to its
-        layers positionally, where transformers does not drop it, so a recompute in backward would append
-        the keys/values a second time. The cost is as in BLIP's text_logits: each cached step's activations
-        are kept for backward.
+        GitEncoder hands the cache to its layers positionally, where transformers does not drop it under
+        gradient checkpointing: a recompute in backward would append the keys/values a second time, which is
+        why cached calls must come with checkpointing off (CaptionerSpec.text_logits).
         """
         git = model.git
         image_tokens = image_states.shape[1]
@@ -112,10 +109,7 @@ class GitSpec(CaptionerSpec):
             cache=cache,
             block_sequence_ids=blocks,
         )
-        with gradient_checkpointing_off(git.encoder) if use_cache else nullcontext():
-            hidden = git.encoder(
-                hidden, attention_mask=mask, cache=cache, use_cache=use_cache
-            ).last_hidden_state
+        hidden = git.encoder(hidden, attention_mask=mask, cache=cache, use_cache=use_cache).last_hidden_state
         text_hidden = hidden if cached else hidden[:, image_tokens:]
         return model.output(text_hidden), cache
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from models.captioners.spec import CaptionerSpec
-from models.modes import gradient_checkpointing_off
 from models.tiny_vocabulary import check_vocab_size, clean_words, seeded, sentencepiece_bpe
 
 IMAGE_TOKEN = "<image>"
@@ -115,25 +113,19 @@ class IdeficsSpec(CaptionerSpec):
     ) -> tuple[torch.Tensor, Any]:
         """The model's own forward on precomputed image states (perceiver_embeddings skips the resampler,
         image_encoder_embeddings the vision tower), with image_attention_mask for the positions given.
-
-        Cached calls run with gradient checkpointing off: transformers drops the cache of a checkpointed layer
-        in train mode (memory cost in BlipSpec.text_logits).
         """
         text = input_ids if input_ids is not None else inputs_embeds
         past_length = cache.get_seq_length() if cache is not None else 0
         image_key = "perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings"
-        with gradient_checkpointing_off(model) if use_cache else nullcontext():
-            outputs = model(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                image_attention_mask=image_attention_mask(
-                    text.shape[0], text.shape[1], past_length, text.device
-                ),
-                cache=cache,
-                use_cache=use_cache,
-                **{image_key: image_states},
-            )
+        outputs = model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            image_attention_mask=image_attention_mask(text.shape[0], text.shape[1], past_length, text.device),
+            cache=cache,
+            use_cache=use_cache,
+            **{image_key: image_states},
+        )
         return outputs.logits, outputs.cache
 
     def generate(
@@ -142,14 +134,13 @@ class IdeficsSpec(CaptionerSpec):
         """HF generate from pixel_values (one image per row: [B, 1, C, H, W]); it extends image_attention_mask
         with its last row at every step, as text_logits does."""
         rows, length = prefix_ids.shape
-        with gradient_checkpointing_off(model):  # keeps generate's cache (see text_logits)
-            sequences = model.generate(
-                input_ids=prefix_ids,
-                attention_mask=torch.ones_like(prefix_ids),
-                pixel_values=pixel_values[:, None],
-                image_attention_mask=image_attention_mask(rows, length, 0, prefix_ids.device),
-                **kwargs,
-            )
+        sequences = model.generate(
+            input_ids=prefix_ids,
+            attention_mask=torch.ones_like(prefix_ids),
+            pixel_values=pixel_values[:, None],
+            image_attention_mask=image_attention_mask(rows, length, 0, prefix_ids.device),
+            **kwargs,
+        )
         return sequences[:, length:]
 
     @staticmethod

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from models.captioners.spec import CaptionerSpec, ImageGeometry
-from models.modes import gradient_checkpointing_off
 from models.tiny_vocabulary import byte_level_bpe, check_vocab_size, clean_words, seeded
 
 # The real tokenizer's specials (HuggingFaceTB/SmolVLM-*): unk, bos, pad first, then the chat and image tokens.
@@ -131,9 +129,7 @@ class SmolVLMSpec(CaptionerSpec):
 
         The image goes in on the first call only, at the prefix's placeholders (found by id, or for embeddings
         by equality with the placeholder's embedding, as the model does); cached calls continue from the cache
-        with text tokens or soft-token embeddings. A cached call runs the decoder with gradient
-        checkpointing off: transformers drops the cache of a checkpointed layer in train mode (memory cost as
-        in BlipSpec.text_logits).
+        with text tokens or soft-token embeddings.
         """
         base = _unwrapped(model)
         text_model, placeholder = base.model.text_model, base.config.image_token_id
@@ -147,27 +143,24 @@ class SmolVLMSpec(CaptionerSpec):
                 else (inputs_embeds == embedding.weight[placeholder]).all(dim=-1)
             )
             inputs_embeds = _spliced_image(is_placeholder, inputs_embeds, image_states)
-        with gradient_checkpointing_off(text_model) if use_cache else nullcontext():
-            outputs = text_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache
-            )
+        outputs = text_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache
+        )
         return base.lm_head(outputs.last_hidden_state), outputs.cache
 
     def generate(
         self, model: nn.Module, pixel_values: torch.Tensor, prefix_ids: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        """HF generate with one image per row ([B, 1, 3, H, W] and a full pixel mask); it stops at the
-        generation_config's eos (<end_of_utterance>). Checkpointing off: Idefics3 drops the cache under it."""
+        """HF generate with one image per row ([B, 1, 3, H, W] and a full pixel mask)."""
         pixels = pixel_values[:, None]
         pixel_mask = torch.ones_like(pixels[:, :, 0], dtype=torch.bool)
-        with gradient_checkpointing_off(_unwrapped(model).model.text_model):
-            sequences = model.generate(
-                input_ids=prefix_ids,
-                attention_mask=torch.ones_like(prefix_ids),
-                pixel_values=pixels,
-                pixel_attention_mask=pixel_mask,
-                **kwargs,
-            )
+        sequences = model.generate(
+            input_ids=prefix_ids,
+            attention_mask=torch.ones_like(prefix_ids),
+            pixel_values=pixels,
+            pixel_attention_mask=pixel_mask,
+            **kwargs,
+        )
         return sequences[:, prefix_ids.shape[1] :]
 
     @staticmethod

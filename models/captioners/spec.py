@@ -102,7 +102,14 @@ class CaptionerSpec(ABC):
     ) -> tuple[torch.Tensor, Any]:
         """Logits [B, L, V] of the L text positions given (logits[:, i] predicts the token after i), and the
         KV cache to continue from. The first call gives input_ids starting with the prefix; cached calls give
-        the next token's ids or embeddings only. Gradients must reach image_states and inputs_embeds."""
+        the next token's ids or embeddings only. Gradients must reach image_states and inputs_embeds.
+
+        The caller (models/caption_decoding.py) makes cached calls, and generate, with gradient checkpointing
+        off: transformers drops the cache of a checkpointed layer in train mode (or, where it does not, a
+        recompute in backward would write the keys/values twice), so each step would see only its own token.
+        The cost: each cached step's activations are kept for backward rather than recomputed, about what one
+        teacher-forced pass over the decoded length keeps without checkpointing; teacher-forced calls and the
+        image states stay checkpointed."""
 
     def logits(
         self, model: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor

@@ -17,6 +17,7 @@ from models.captioner import Captioner
 from models.captioners import spec_for
 from models.captioners.blip2 import Blip2Spec
 from models.lora import add_captioner_lora
+from models.modes import gradient_checkpointing_off
 from train.config import load_config, save_config
 
 PROMPT = "a picture of"
@@ -118,15 +119,16 @@ def test_cached_steps_give_the_teacher_forced_logits_and_gradients(tiny_blip2: P
     whole, _ = spec.text_logits(model, image, input_ids=input_ids)
 
     start = len(captioner.prefix_ids())
-    logits, cache = spec.text_logits(model, image, input_ids=input_ids[:, :start], use_cache=True)
-    stepwise = [logits]
-    for position in range(start, input_ids.shape[1]):
-        if feed == "input_ids":
-            step = {"input_ids": input_ids[:, position, None]}
-        else:
-            step = {"inputs_embeds": soft_tokens[:, position, None] @ spec.word_embedding_matrix(model)}
-        logits, cache = spec.text_logits(model, image, **step, cache=cache, use_cache=True)
-        stepwise.append(logits)
+    with gradient_checkpointing_off(model):  # as models/caption_decoding.py makes cached calls
+        logits, cache = spec.text_logits(model, image, input_ids=input_ids[:, :start], use_cache=True)
+        stepwise = [logits]
+        for position in range(start, input_ids.shape[1]):
+            if feed == "input_ids":
+                step = {"input_ids": input_ids[:, position, None]}
+            else:
+                step = {"inputs_embeds": soft_tokens[:, position, None] @ spec.word_embedding_matrix(model)}
+            logits, cache = spec.text_logits(model, image, **step, cache=cache, use_cache=True)
+            stepwise.append(logits)
     assert torch.allclose(torch.cat(stepwise, dim=1), whole, atol=1e-5)
 
     stepwise[-1].logsumexp(dim=-1).sum().backward()

@@ -139,6 +139,32 @@ def test_gradient_reaches_only_the_trained_model_with_supervised_weights_at_zero
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_gumbel_decoding_keeps_its_cache_under_gradient_checkpointing(family_models, family: str) -> None:
+    """The gumbel mode decodes the trained captioner in train mode. With gradient checkpointing on, transformers
+    drops the KV cache of a checkpointed layer (or a recompute would write it twice), and each step would see
+    only its own token, unless decoding switches checkpointing off: it must decode, and pass gradients, exactly
+    as without checkpointing."""
+    captioner = Captioner.from_pretrained(str(family_models[family].captioner), max_length=8).train()
+    pixels = _solid_images(list(MEMORY.values())[:2], captioner.image_size)
+    draws = torch.Generator().manual_seed(0)
+    noise = -torch.empty(2, 5, captioner.vocab_size).exponential_(generator=draws).log()
+    weights = torch.randn(6, captioner.vocab_size, generator=draws)
+
+    def decode() -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        image = pixels.clone().requires_grad_(True)
+        probs, _ = captioner.gumbel_decode(image, max_length=5, temperature=1.0, gumbel_noise=noise)
+        (probs * weights[: probs.shape[1]]).sum().backward()
+        return probs.detach(), image.grad
+
+    plain = decode()
+    captioner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = decode()
+    assert torch.equal(plain[0], checkpointed[0])
+    torch.testing.assert_close(checkpointed[1], plain[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_family_memorizes_six_captions_word_for_word(family_models, family: str) -> None:
     torch.manual_seed(0)
     captioner = Captioner.from_pretrained(str(family_models[family].captioner), max_length=16)

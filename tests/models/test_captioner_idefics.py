@@ -16,6 +16,7 @@ from transformers import IdeficsForVisionText2Text, LlamaTokenizer
 from models.captioner import Captioner
 from models.captioners.idefics import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, IdeficsSpec, image_attention_mask
 from models.lora import add_captioner_lora
+from models.modes import gradient_checkpointing_off
 from train.config import load_config, save_config
 
 CAPTIONS = ["a red circle", "the small blue square in the center"]
@@ -160,17 +161,19 @@ def test_cached_steps_give_the_teacher_forced_logits_and_gradients(tiny_idefics:
     teacher_forced, _ = spec.text_logits(model, image, input_ids=input_ids)
 
     start = len(captioner.prefix_ids())
-    logits, cache = spec.text_logits(model, image, input_ids=input_ids[:, :start], use_cache=True)
-    steps = [logits]
-    for position in range(start, input_ids.shape[1]):
-        if feed == "input_ids":
-            token = {"input_ids": input_ids[:, position : position + 1]}
-        else:
-            token = {
-                "inputs_embeds": soft_tokens[:, position : position + 1] @ spec.word_embedding_matrix(model)
-            }
-        logits, cache = spec.text_logits(model, image, **token, cache=cache, use_cache=True)
-        steps.append(logits)
+    with gradient_checkpointing_off(model):  # as models/caption_decoding.py makes cached calls
+        logits, cache = spec.text_logits(model, image, input_ids=input_ids[:, :start], use_cache=True)
+        steps = [logits]
+        for position in range(start, input_ids.shape[1]):
+            if feed == "input_ids":
+                token = {"input_ids": input_ids[:, position : position + 1]}
+            else:
+                token = {
+                    "inputs_embeds": soft_tokens[:, position : position + 1]
+                    @ spec.word_embedding_matrix(model)
+                }
+            logits, cache = spec.text_logits(model, image, **token, cache=cache, use_cache=True)
+            steps.append(logits)
     assert cache.get_seq_length() == input_ids.shape[1]
     assert torch.allclose(torch.cat(steps, dim=1), teacher_forced, atol=1e-5)
 
