@@ -52,6 +52,8 @@ class Captioner(CaptionDecoding, RunsInForward):
         self.max_length = max_length
         self.spec = spec_for(model.config)
         self.prompt = self.spec.default_prompt if prompt is None else prompt
+        # Built once: every teacher-forced row and every decode starts with it (a chat template, for some).
+        self._own_prefix = self._build_prefix(self.prompt)
         geometry = self.spec.image_geometry(processor)
         self.image_size: int = geometry.size
         channel_shape = (1, 3, 1, 1)
@@ -145,10 +147,10 @@ class Captioner(CaptionDecoding, RunsInForward):
 
         prompt None: the captioner's own (captioner.prompt, else the family's default).
         """
-        ids = self.spec.prefix_ids(
-            self.processor, self.model.config, self.prompt if prompt is None else prompt
-        )
-        return torch.tensor(ids, dtype=torch.long)
+        return self._own_prefix if prompt is None else self._build_prefix(prompt)
+
+    def _build_prefix(self, prompt: str | None) -> torch.Tensor:
+        return torch.tensor(self.spec.prefix_ids(self.processor, self.model.config, prompt), dtype=torch.long)
 
     @property
     def pad_token_id(self) -> int:
