@@ -14,7 +14,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 
-from models.bridge import VocabularyBridge
+from models.generator_bridge import GeneratorBridge
 from models.randomness import DrawKey
 
 Direction = Literal["i2t2i", "t2i2t"]
@@ -38,7 +38,7 @@ class CycleStep(Generic[Trained, Partner]):
     batch: dict[str, Any]
     # Every random draw comes from it, per sample id and purpose (models/randomness.py).
     key: DrawKey
-    bridge: VocabularyBridge | None = None
+    bridge: GeneratorBridge | None = None
 
 
 @dataclass

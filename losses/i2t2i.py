@@ -29,11 +29,11 @@ from pydantic import Field, field_validator
 from losses.advantages import group_advantages
 from losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
 from losses.settings import Strict
-from models.bridge import VocabularyBridge, encode_token_embeddings
 from models.caption_decoding import IGNORE_INDEX, SampledCaptions
 from models.captioner import Captioner
 from models.device_transfer import to_device
 from models.generator import Generator
+from models.generator_bridge import GeneratorBridge
 from models.randomness import DrawKey
 from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
 
@@ -87,7 +87,7 @@ def soft_token_probs(logits: torch.Tensor, input_ids: torch.Tensor, temperature:
 
 def reconstruction_loss(
     generator: Generator,
-    bridge: VocabularyBridge,
+    bridge: GeneratorBridge,
     pixels01: torch.Tensor,
     ids: Sequence[str],
     probs: torch.Tensor,
@@ -98,11 +98,10 @@ def reconstruction_loss(
 ) -> torch.Tensor:
     """The generator's denoising loss [B] on each image given its soft caption, averaged over noise draws.
 
-    The text encoder runs once and the UNet once (all num_timesteps draws of all images in one batch). The
-    image latents are data, so they are encoded without grad.
+    Each text encoder runs once and the denoiser once (all num_timesteps draws of all images in one batch).
+    The image latents are data, so they are encoded without grad.
     """
-    token_embeds = bridge.embed(probs, attention_mask, generator.text_encoder.get_input_embeddings())
-    contexts = encode_token_embeddings(generator, token_embeds)
+    contexts = bridge.encode(generator, probs, attention_mask)
     draws = DenoiseDraws.draw(generator, key, ids, "i2t2i", num_timesteps, pixels01.device)
     with torch.no_grad():
         latents = generator.encode_images(pixels01, draws.vae_noise)

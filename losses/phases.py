@@ -20,9 +20,9 @@ from losses.i2t2i import I2T2I_MODES, I2T2ISettings
 from losses.settings import Strict
 from losses.supervised import CaptionLossSettings, DenoiseLossSettings, caption_terms, denoise_pass
 from losses.t2i2t import T2I2T_MODES, T2I2TSettings, one_step_on_denoise_pass
-from models.bridge import VocabularyBridge
 from models.captioner import Captioner
 from models.generator import Generator
+from models.generator_bridge import GeneratorBridge
 from models.randomness import DrawKey
 
 
@@ -68,7 +68,7 @@ def captioner_phase(
     batch: dict[str, Any],
     config: PhaseSettings,
     key: DrawKey,
-    bridge: VocabularyBridge | None,
+    bridge: GeneratorBridge | None,
 ) -> PhaseOutput:
     terms = caption_terms(trained, batch, config.captioner) if batch["kind"] == "paired" else {}
     settings = config.cycle.i2t2i
@@ -85,7 +85,7 @@ def generator_phase(
     batch: dict[str, Any],
     config: PhaseSettings,
     key: DrawKey,
-    bridge: VocabularyBridge | None,
+    bridge: GeneratorBridge | None,
 ) -> PhaseOutput:
     denoised = denoise_pass(trained, batch, config.generator, key) if batch["kind"] == "paired" else None
     terms = denoised.terms if denoised is not None else {}

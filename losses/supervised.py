@@ -88,9 +88,8 @@ def denoise_pass(
     if settings.noise_offset > 0:
         offset = key.randn(ids, "noise_offset", (latent_shape[0], 1, 1), pixels.device)
         noise = noise + settings.noise_offset * offset
-    num_timesteps = generator.noise_scheduler.config.num_train_timesteps
     vae_noise = key.randn(ids, "vae_noise", latent_shape, pixels.device)
-    timesteps = key.randint(ids, "timestep", num_timesteps, pixels.device)
+    timesteps = generator.process.draw_timesteps(key, ids, "timestep", pixels.device)
     output = generator.denoise(
         generator.data_latents(pixels, vae_noise, ids),
         generator.encode_captions(captions),

@@ -98,23 +98,23 @@ def one_step(step: T2I2TStep, settings: T2I2TSettings) -> CycleOutput:
     """
     generator, batch, key = step.trained, step.batch, step.key
     ids, captions = batch["ids"], batch["captions"]
-    num_train_timesteps = generator.noise_scheduler.config.num_train_timesteps
-    max_timestep = _max_timestep(generator, settings)
+    process = generator.process
     device, latent_shape = generator.device, generator.latent_shape(1)[1:]
     noise = key.randn(ids, "t2i2t_noise", latent_shape, device)
     if "pixels" in batch:
-        # The reference latents are a fixed input here; the gradient path runs through the UNet and decoder.
+        # The reference latents are a fixed input here; the gradient path runs through the denoiser and decoder.
         with torch.no_grad():
             latents = generator.encode_images(
                 batch["pixels"], key.randn(ids, "t2i2t_vae_noise", latent_shape, device)
             )
-        timesteps = key.randint(ids, "t2i2t_timestep", max_timestep, device)
-        noisy = generator.noise_scheduler.add_noise(latents, noise, timesteps)
+        timesteps = process.draw_timesteps(
+            key, ids, "t2i2t_timestep", device, below=_max_timestep(generator, settings)
+        )
+        noisy = process.add_noise(latents, noise, timesteps)
     else:
-        timesteps = torch.full((len(ids),), num_train_timesteps - 1, device=device, dtype=torch.long)
+        timesteps = process.pure_noise_timesteps(len(ids), device)
         noisy = noise
-    context = generator.encode_text(generator.tokenize(captions)).to(generator.unet.dtype)
-    prediction = generator.unet(noisy.to(generator.unet.dtype), timesteps, context).sample
+    prediction = generator.predict(noisy, timesteps, generator.encode_text(generator.tokenize(captions)))
     x0 = generator.predict_x0(noisy, timesteps, prediction)
     return _recaption_loss(generator, step.partner, x0, captions)
 
@@ -137,7 +137,7 @@ def one_step_on_denoise_pass(step: T2I2TStep, settings: T2I2TSettings, denoised:
 
 def _max_timestep(generator: Generator, settings: T2I2TSettings) -> int:
     """one_step's timesteps are drawn below this (settings.max_timestep, or the whole schedule)."""
-    num_train_timesteps = generator.noise_scheduler.config.num_train_timesteps
+    num_train_timesteps = generator.process.num_train_timesteps
     max_timestep = settings.max_timestep or num_train_timesteps
     if max_timestep > num_train_timesteps:
         raise ValueError(

@@ -125,7 +125,7 @@ def reward(step: CycleStep[Generator, Captioner], settings: RewardSettings) -> C
     """
     generator, captioner, key = step.trained, step.partner, step.key
     ids, captions = step.batch["ids"], step.batch["captions"]
-    if settings.kl_weight > 0 and not getattr(generator.unet, "peft_config", None):
+    if settings.kl_weight > 0 and not getattr(generator.denoiser, "peft_config", None):
         raise ValueError(
             "cycle.t2i2t.kl_weight > 0 needs a LoRA generator (generator train_mode 'lora'): the KL term "
             "compares with the base model by disabling the adapters, and full fine-tuning keeps no base copy"

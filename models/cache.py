@@ -1,9 +1,9 @@
 """Reuse the frozen text encoder's and VAE encoder's outputs across epochs instead of recomputing them.
 
-In LoRA training only the UNet changes, so a caption's text-encoder states and an image's VAE posterior are
+In LoRA training only the denoiser changes, so a caption's text-encoder states and an image's VAE posterior are
 the same every time the sample comes back. The cache keeps:
 
-- text: the encoder's last hidden state per caption text (caption dropout's "" is one shared entry);
+- text: the text encoders' conditioning per caption text (caption dropout's "" is one shared entry);
 - images: the VAE posterior's mean and std per sample id. The latent is still sampled afresh every step as
   mean + std * vae_noise, with the caller's noise, so training is unchanged in distribution.
 
@@ -61,7 +61,7 @@ class EncodingModel(Protocol):
     as `encoder_cache`): named here so that this module does not import the generator's."""
 
     @property
-    def text_encoder(self) -> torch.nn.Module: ...
+    def text_encoders(self) -> list[torch.nn.Module]: ...
 
     @property
     def vae(self) -> torch.nn.Module | None: ...
@@ -117,7 +117,7 @@ class FrozenEncoderCache:
 
     def text_states(self, generator: EncodingModel, captions: Sequence[str]) -> torch.Tensor:
         """encode_text(tokenize(captions)) [B, T, D], each caption's states computed once and then reused."""
-        if any(param.requires_grad for param in generator.text_encoder.parameters()):
+        if any(param.requires_grad for encoder in generator.text_encoders for param in encoder.parameters()):
             raise ValueError(
                 "the encoder cache's text side is on but the text encoder trains (generator.train_mode "
                 "'full'?): its outputs change every update; build the cache with text=False"

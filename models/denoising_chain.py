@@ -85,10 +85,15 @@ class DDIMPolicy:
 
 
 def ddim_policy(generator: Generator, num_inference_steps: int, eta: float) -> DDIMPolicy:
-    """The generator's DDIM sampler (generator.ddim_scheduler, as its sampling loop) with noise level eta."""
+    """The generator's DDIM sampler (its noise process's, as its sampling loop) with noise level eta."""
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0")
-    scheduler = generator.ddim_scheduler(num_inference_steps)
+    scheduler = generator.process.sampler(num_inference_steps, generator.latent_shape(1), "cpu")
+    if not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(
+            f"stochastic DDIM chains need a DDPM-family generator (SD 1.x/2.x, SDXL); {generator.spec.name} "
+            f"samples with {type(scheduler).__name__}"
+        )
     if scheduler.config.thresholding:
         raise ValueError("DDIM chains do not support the scheduler's dynamic thresholding")
     return DDIMPolicy(scheduler, eta)
@@ -217,7 +222,7 @@ def base_policy(generator: Generator) -> Iterator[None]:
     peft's disable/enable toggle the adapters' requires_grad as a side effect; the flags are restored as
     they were, so a frozen or partially trained model stays as the trainer set it.
     """
-    unet = generator.unet
+    unet = generator.denoiser
     if not getattr(unet, "peft_config", None):
         raise ValueError(
             "the generator UNet has no LoRA adapters to disable (full fine-tuning keeps no copy of the base "

@@ -5,7 +5,7 @@ A family is recognised from the file at a model's root that names its architectu
 config.json `model_type`, diffusers' model_index.json `_class_name`), read before any weights load, so an
 unsupported model fails with one message naming the folder, what it holds and the families supported. A new
 captioner family is one more spec in models/captioners/ (the Captioner wrapper drives them all); a new
-generator family one more entry in GENERATORS.
+generator family one more spec in models/generators/ (the Generator wrapper drives them all).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from models.captioner import Captioner
 from models.captioners import SPECS
 from models.forward_routing import RunsInForward
 from models.generator import Generator
+from models.generators import SPECS as GENERATOR_SPECS
 from models.locate import hub_offline
-from models.tiny import save_tiny_generator
+from models.tiny import TINY_GENERATORS
 
 Wrapper = TypeVar("Wrapper", bound=RunsInForward)
 
@@ -63,10 +64,9 @@ class Family(Generic[Wrapper]):
 CAPTIONERS: tuple[Family[Captioner], ...] = tuple(
     Family(spec.name, Captioner, MODEL_TYPE, spec.model_types, spec.save_tiny) for spec in SPECS
 )
-# Stable Diffusion 1.x and 2.x share the pipeline class (2.x differs in the text encoder's size and the
-# scheduler's prediction_type, which the wrapper reads from the parts).
-GENERATORS: tuple[Family[Generator], ...] = (
-    Family("stable-diffusion", Generator, PIPELINE_CLASS, ("StableDiffusionPipeline",), save_tiny_generator),
+GENERATORS: tuple[Family[Generator], ...] = tuple(
+    Family(spec.name, Generator, PIPELINE_CLASS, spec.pipeline_class_names, TINY_GENERATORS[spec.name])
+    for spec in GENERATOR_SPECS
 )
 
 

@@ -1,43 +1,44 @@
-"""Text-to-image wrapper around Stable-Diffusion-family parts (UNet, CLIP text encoder, optional VAE).
+"""Text-to-image wrapper around a diffusers pipeline's parts (denoiser, text encoders, optional VAE), for every
+generator family of models/generators/.
 
 It exposes the pieces the cycle losses need separately (tokenize, encode, noise, denoise, decode) so that
-gradients can flow from a decoded image into a captioner, or from soft tokens into the text encoder.
+gradients can flow from a decoded image into a captioner, or from soft tokens into the text encoders.
+What differs between families -- which text encoders and how their outputs condition the denoiser, the
+denoiser's call, the noise process (DDPM or flow matching) -- comes from the family's spec and process.
 `forward(fn)` runs a whole training computation under a DDP wrapper (models/forward_routing.py). Sampling
-(the DDIM loop, CFG, the checkpoint's own sampler) is in models/image_sampling.py, mixed into Generator.
+(the sampler loop, CFG, the checkpoint's own sampler) is in models/image_sampling.py, mixed into Generator.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DiffusionPipeline,
-    SchedulerMixin,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.training_utils import compute_snr
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DiffusionPipeline, ModelMixin, SchedulerMixin
+from transformers import PreTrainedModel
 
 from models.device_transfer import to_device
 from models.forward_routing import RunsInForward
+from models.generators import spec_for_pipeline
+from models.generators.generator_spec import FamilyOptions, GeneratorSpec
 from models.image_sampling import ImageSampling, checkpoint_sampler
 
 if TYPE_CHECKING:
     from models.cache import FrozenEncoderCache
+    from models.noise_process import NoiseProcess
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+# Libraries a model_index.json may name a part's class from: nothing else is imported by name.
+_PART_LIBRARIES = ("diffusers", "transformers")
+DEFAULT_OPTIONS = FamilyOptions()
 
 
 class DenoiseOutput(NamedTuple):
-    """One denoising UNet call: per-sample loss [B], the noised latents it saw, and its raw prediction."""
+    """One denoiser call: per-sample loss [B], the noised latents it saw, and its raw prediction."""
 
     loss: torch.Tensor
     noisy: torch.Tensor
@@ -45,37 +46,35 @@ class DenoiseOutput(NamedTuple):
 
 
 class Generator(ImageSampling, RunsInForward):
-    """Latent (with a VAE) or pixel-space (without) text-to-image diffusion model with a DDPM loss."""
+    """Latent (with a VAE) or pixel-space (without) text-to-image diffusion or flow model and its loss."""
 
     def __init__(
         self,
         *,
-        unet: UNet2DConditionModel,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
+        spec: GeneratorSpec,
+        parts: dict[str, Any],
         vae: AutoencoderKL | None,
-        noise_scheduler: DDPMScheduler,
+        process: NoiseProcess,
         sampling_scheduler: SchedulerMixin,
         resolution: int,
+        options: FamilyOptions = DEFAULT_OPTIONS,
     ) -> None:
-        """noise_scheduler is the forward process training draws from; sampling_scheduler the checkpoint's
-        own sampler, kept for the pipelines exported from this model (sampling here always runs DDIM)."""
+        """`parts` holds the denoiser, text encoders and tokenizers under their pipeline component names
+        (they become attributes: generator.unet, generator.text_encoder_2, ...). `process` is the objective
+        training draws from; sampling_scheduler the checkpoint's own sampler, kept for the pipelines exported
+        from this model."""
         super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        missing = sorted(set(spec.components) - parts.keys())
+        if missing:
+            raise ValueError(f"{spec.name} generator needs parts {missing}")
+        self.spec = spec
+        for name in spec.components:
+            setattr(self, name, parts[name])
         self.vae = vae
-        self.noise_scheduler = noise_scheduler
+        self.process = process
         self.sampling_scheduler = sampling_scheduler
-        prediction_type = noise_scheduler.config.prediction_type
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"scheduler prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}"
-            )
-        if resolution <= 0 or resolution % self.vae_scale_factor:
-            raise ValueError(
-                f"resolution {resolution} is not a positive multiple of the VAE scale {self.vae_scale_factor}"
-            )
+        self.options = options
+        spec.check_resolution(resolution, self.vae_scale_factor)
         self.resolution = resolution
         # Set by the trainer (train/builders.build_encoder_cache) where reusing frozen encoders is valid.
         self.encoder_cache: FrozenEncoderCache | None = None
@@ -86,71 +85,81 @@ class Generator(ImageSampling, RunsInForward):
         name_or_path: str,
         *,
         resolution: int | None = None,
-        prediction_type: str | None = None,
         revision: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        options: FamilyOptions = DEFAULT_OPTIONS,
+        prediction_type: str | None = None,
     ) -> Generator:
-        """Load a hub id or local folder in the StableDiffusionPipeline layout; no VAE means pixel space.
+        """Load a hub id or local folder in its family's pipeline layout; no VAE means pixel space.
 
-        `prediction_type` overrides the saved scheduler's, as diffusers' trainers do, e.g. to finetune an
-        epsilon model into a v-prediction one; it applies to both the training and the sampling scheduler.
+        `prediction_type` (DDPM families) overrides the saved scheduler's, as diffusers' trainers do, e.g.
+        to finetune an epsilon model into a v-prediction one; it applies to both the training and the
+        sampling scheduler. It is shorthand for options.prediction_type.
         """
+        if prediction_type is not None:
+            options = FamilyOptions(**{**vars(options), "prediction_type": prediction_type})
         model_index = DiffusionPipeline.load_config(name_or_path, revision=revision)
-        missing = [name for name in REQUIRED_COMPONENTS if not _names_component(model_index, name)]
+        spec = spec_for_pipeline(model_index.get("_class_name"))
+        missing = [
+            name for name in (*spec.components, "scheduler") if not _names_component(model_index, name)
+        ]
         if missing:
             raise ValueError(f"model_index.json of {name_or_path!r} names no {', '.join(missing)}")
-        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
-
-        def load(component_cls: Any, subfolder: str, **kwargs: Any) -> Any:
-            return component_cls.from_pretrained(
-                name_or_path, subfolder=subfolder, revision=revision, **kwargs
+        has_vae = _names_component(model_index, "vae")
+        if has_vae and model_index["vae"][1] != AutoencoderKL.__name__:
+            raise ValueError(
+                f"{name_or_path!r}: vae class {model_index['vae'][1]!r} is not supported (AutoencoderKL)"
             )
-
         vae = None
-        if _names_component(model_index, "vae"):
-            vae_class = model_index["vae"][1]
-            if vae_class != AutoencoderKL.__name__:
-                raise ValueError(
-                    f"{name_or_path!r}: vae class {vae_class!r} is not supported (AutoencoderKL)"
-                )
-            vae = load(AutoencoderKL, "vae", torch_dtype=torch_dtype)
-        # Whatever sampler the checkpoint ships (PNDM for SD 1.x), training needs the DDPM forward process.
-        overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
-        noise_scheduler = load(DDPMScheduler, "scheduler", **overrides)
-        sampling_scheduler = checkpoint_sampler(
-            name_or_path, model_index, revision=revision, prediction_type=prediction_type
+        if has_vae:
+            vae = _load_part(name_or_path, model_index, "vae", revision=revision, torch_dtype=torch_dtype)
+        parts = {
+            name: _load_part(name_or_path, model_index, name, revision=revision, torch_dtype=torch_dtype)
+            for name in spec.components
+        }
+        process = spec.noise_process(
+            name_or_path, revision=revision, options=options, pixel_space=vae is None
         )
-        unet = load(UNet2DConditionModel, "unet", torch_dtype=torch_dtype)
+        sampling_scheduler = checkpoint_sampler(
+            name_or_path, model_index, revision=revision, prediction_type=options.prediction_type
+        )
         if resolution is None:
-            sample_size = unet.config.sample_size
-            if not isinstance(sample_size, int):
-                raise ValueError(
-                    f"{name_or_path!r}: unet sample_size {sample_size!r} is not square; pass resolution"
-                )
-            resolution = sample_size * _vae_scale_factor(vae)
+            resolution = spec.default_resolution(parts | {"vae": vae}, _vae_scale_factor(vae))
         return cls(
-            unet=unet,
-            text_encoder=load(CLIPTextModel, "text_encoder", dtype=torch_dtype),
-            tokenizer=load(CLIPTokenizer, "tokenizer"),
+            spec=spec,
+            parts=parts,
             vae=vae,
-            noise_scheduler=noise_scheduler,
+            process=process,
             sampling_scheduler=sampling_scheduler,
             resolution=resolution,
+            options=options,
         )
+
+    @property
+    def denoiser(self) -> ModelMixin:
+        """The UNet or transformer, whatever the family calls it."""
+        return getattr(self, self.spec.denoiser)
+
+    @property
+    def text_encoders(self) -> list[PreTrainedModel]:
+        return [getattr(self, slot.encoder) for slot in self.spec.text_encoders]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, slot.tokenizer) for slot in self.spec.text_encoders]
 
     @property
     def device(self) -> torch.device:
-        return _first_parameter(self.unet).device
+        return _first_parameter(self.denoiser).device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The UNet's base weight dtype (the frozen weights come first; LoRA tensors are fp32)."""
-        return _first_parameter(self.unet).dtype
+        """The denoiser's base weight dtype (the frozen weights come first; LoRA tensors are fp32)."""
+        return _first_parameter(self.denoiser).dtype
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        return self.process.prediction_type
 
     @property
     def vae_scale_factor(self) -> int:
@@ -158,7 +167,8 @@ class Generator(ImageSampling, RunsInForward):
 
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         side = self.resolution // self.vae_scale_factor
-        return (batch_size, self.unet.config.in_channels, side, side)
+        channels = self.denoiser.config.in_channels if self.vae is None else self.vae.config.latent_channels
+        return (batch_size, channels, side, side)
 
     def preprocess(self, pixels01: torch.Tensor) -> torch.Tensor:
         """Resize (antialiased, differentiable) to the model resolution and map [0, 1] to [-1, 1]."""
@@ -170,20 +180,65 @@ class Generator(ImageSampling, RunsInForward):
             )
         return pixels01 * 2 - 1
 
+    def token_lengths(self) -> list[int]:
+        """Each text encoder's token budget: the family's (T5), else what the tokenizer and positions allow."""
+        lengths = []
+        for slot, tokenizer, encoder in zip(
+            self.spec.text_encoders, self.tokenizers, self.text_encoders, strict=True
+        ):
+            # A tokenizer saved without model_max_length reports a huge sentinel; encoder positions bound it.
+            limits = (
+                tokenizer.model_max_length,
+                getattr(encoder.config, "max_position_embeddings", None),
+                slot.max_length,
+            )
+            lengths.append(min(limit for limit in limits if limit is not None))
+        return lengths
+
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Pad and truncate as StableDiffusionPipeline does, so prompts embed the same here and there."""
+        """Every text encoder's ids, padded and truncated as the family's pipeline does, side by side
+        [B, sum of token_lengths()] so a caption's ids travel as one tensor; encode_text splits them."""
         if isinstance(captions, str):
             raise TypeError("tokenize expects a list of captions, got a single str")
-        # A tokenizer saved without model_max_length reports a huge sentinel; encoder positions bound it.
-        max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
-        tokens = self.tokenizer(
-            list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
-        return to_device(tokens.input_ids, self.device)
+        ids = [
+            tokenizer(
+                list(captions), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            ).input_ids
+            for tokenizer, length in zip(self.tokenizers, self.token_lengths(), strict=True)
+        ]
+        return to_device(torch.cat(ids, dim=1), self.device)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Last hidden state of the text encoder: the UNet's cross-attention context, as in SD."""
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+        """The denoiser's conditioning [B, T, D] (models/generators/generator_spec.py) from tokenize's ids."""
+        pieces = input_ids.split(self.token_lengths(), dim=1)
+        outputs = [
+            encoder(ids.to(encoder.device), output_hidden_states=True)
+            for encoder, ids in zip(self.text_encoders, pieces, strict=True)
+        ]
+        return self.spec.conditioning(self, outputs)
+
+    def encode_token_embeddings(
+        self, token_embeds: Sequence[torch.Tensor], eos_positions: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor:
+        """encode_text on token embeddings instead of ids: one [B, T_i, D_i] per text encoder (a soft caption
+        through the vocabulary bridge), differentiable with respect to them.
+
+        Each encoder runs its own forward with its token-embedding layer's output swapped for the given
+        embeddings (CLIPTextModel takes no inputs_embeds): position embeddings, masks, attention backend and
+        final norms are exactly those of encode_text, which this equals bit for bit when the embeddings are
+        the embedding rows of tokenize's ids. `eos_positions` [B] says where each row's eos sits for encoders
+        whose pooled output is read at the eos (CLIP), None for the others.
+        """
+        if len(token_embeds) != len(self.text_encoders) or len(eos_positions) != len(token_embeds):
+            raise ValueError(
+                f"{self.spec.name} has {len(self.text_encoders)} text encoders; got {len(token_embeds)} "
+                f"embeddings and {len(eos_positions)} eos positions"
+            )
+        outputs = [
+            _run_on_embeddings(encoder, embeds, eos)
+            for encoder, embeds, eos in zip(self.text_encoders, token_embeds, eos_positions, strict=True)
+        ]
+        return self.spec.conditioning(self, outputs)
 
     def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
         """encode_text(tokenize(captions)); served by the encoder cache when its text side is on."""
@@ -212,7 +267,8 @@ class Generator(ImageSampling, RunsInForward):
     def latents_from_distribution(
         self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None
     ) -> torch.Tensor:
-        """Scaled float32 latents mean + std * noise (None -> the mean); shared by fresh and cached posteriors."""
+        """Float32 latents (mean + std * noise - shift) * scale (None -> the mean), with the VAE's own shift
+        (SD3, Flux) and scale; shared by fresh and cached posteriors."""
         latents = mean.float()
         if noise is not None:
             if noise.shape != latents.shape:
@@ -249,6 +305,12 @@ class Generator(ImageSampling, RunsInForward):
             pixels = self.vae.decode(scaled.to(_first_parameter(self.vae).dtype)).sample.float()
         return (pixels / 2 + 0.5).clamp(0, 1)
 
+    def predict(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
+    ) -> torch.Tensor:
+        """One denoiser call (the family's spec knows its inputs), in the denoiser's dtype."""
+        return self.spec.predict(self, noisy.to(self.dtype), timesteps, conditioning.to(self.dtype))
+
     def denoise_loss(
         self,
         pixels01: torch.Tensor,
@@ -271,85 +333,113 @@ class Generator(ImageSampling, RunsInForward):
     def denoise(
         self,
         latents: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        conditioning: torch.Tensor,
         *,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
         snr_gamma: float | None = None,
     ) -> DenoiseOutput:
-        """One denoising UNet call on given latents and text context: the per-sample float32 MSE over C, H, W
-        against the scheduler's target (optionally Min-SNR weighted), with the call's input and output kept.
+        """One denoiser call on given latents and conditioning: the per-sample float32 MSE over C, H, W
+        against the process's target, weighted as the process weights it (Min-SNR, flow-matching schemes),
+        with the call's input and output kept.
 
-        Split from `denoise_loss` so a caller with its own text context (soft tokens) reuses the exact loss,
+        Split from `denoise_loss` so a caller with its own conditioning (soft tokens) reuses the exact loss,
         and a cycle term can decode the same call's prediction (cycle.t2i2t.share_denoise_pass).
         """
-        # At least float32 (a bf16 UNet still gets a float32 loss); a float64 model stays float64 (gradcheck).
+        # At least float32 (a bf16 model still gets a float32 loss); a float64 model stays float64 (gradcheck).
         latents = latents.to(
-            torch.promote_types(torch.promote_types(latents.dtype, self.unet.dtype), torch.float32)
+            torch.promote_types(torch.promote_types(latents.dtype, self.dtype), torch.float32)
         )
         if noise.shape != latents.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != latent shape {tuple(latents.shape)}")
         noise = noise.to(latents)
         timesteps = timesteps.to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states.to(self.dtype)).sample
-        if self.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        noisy = self.process.add_noise(latents, noise, timesteps)
+        prediction = self.predict(noisy, timesteps, conditioning)
+        target = self.process.target(latents, noise, timesteps)
         loss = F.mse_loss(prediction.to(latents.dtype), target, reduction="none").mean(dim=(1, 2, 3))
-        if snr_gamma is not None:
-            loss = loss * self._min_snr_weights(timesteps, snr_gamma)
+        weights = self.process.loss_weights(timesteps, snr_gamma)
+        if weights is not None:
+            loss = loss * weights
         return DenoiseOutput(loss, noisy, prediction)
-
-    def _min_snr_weights(self, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
-        """Min-SNR-gamma (Hang et al. 2023) in the form of diffusers' trainers.
-
-        epsilon: min(snr, gamma) / snr, written as min(gamma / snr, 1) so a zero-terminal-SNR step gives 1
-        instead of 0/0; v-prediction: min(snr, gamma) / (snr + 1).
-        """
-        snr = compute_snr(self.noise_scheduler, timesteps)
-        if self.prediction_type == "epsilon":
-            return (snr_gamma / snr).clamp(max=1.0)
-        return snr.clamp(max=snr_gamma) / (snr + 1)
 
     def predict_x0(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, prediction: torch.Tensor
     ) -> torch.Tensor:
-        """The clean latents implied by one UNet prediction at `timesteps` (inverts add_noise), in float32.
+        """The clean latents implied by one prediction at `timesteps` (inverts add_noise), in float32.
 
         One-step cycle losses decode this estimate instead of the clean latents, so the gradient reaches
-        the UNet output the way it would at sampling time.
+        the denoiser output the way it would at sampling time.
         """
-        timesteps = timesteps.to(self.noise_scheduler.alphas_cumprod.device)
-        alpha_bar = self.noise_scheduler.alphas_cumprod[timesteps].to(noisy.device, torch.float32)
-        alpha_bar = alpha_bar.view(-1, *([1] * (noisy.ndim - 1)))
-        noisy, prediction = noisy.float(), prediction.float()
-        if self.prediction_type == "epsilon":
-            return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
-        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+        return self.process.predict_x0(noisy, timesteps, prediction)
+
+    def pipeline(self, **replaced: Any) -> DiffusionPipeline:
+        """The family's diffusers pipeline around these parts (shared, not copied), the sampling scheduler
+        as its scheduler; `replaced` swaps parts (copies for an export)."""
+        parts = {name: getattr(self, name) for name in self.spec.components}
+        parts |= {"vae": self.vae, "scheduler": self.sampling_scheduler}
+        return self.spec.pipeline(parts | replaced)
 
 
-def stable_diffusion_pipeline(
+def _run_on_embeddings(
+    encoder: PreTrainedModel, token_embeds: torch.Tensor, eos_positions: torch.Tensor | None
+) -> Any:
+    """The encoder's forward on token embeddings [B, T, D] in place of its embedding layer's output.
+
+    An encoder that takes inputs_embeds (T5) gets them; CLIPTextModel takes none, so its embedding layer's
+    output is swapped for them by a hook, and the ids it is called with are placeholders: 0, with the eos id at
+    `eos_positions`, so that it pools where the soft caption ends. Gradients flow into token_embeds.
+    """
+    token_embedding = encoder.get_input_embeddings()
+    if token_embeds.ndim != 3 or token_embeds.shape[-1] != token_embedding.embedding_dim:
+        raise ValueError(
+            f"token_embeds must be [B, T, {token_embedding.embedding_dim}], got {tuple(token_embeds.shape)}"
+        )
+    if "inputs_embeds" in inspect.signature(encoder.forward).parameters:
+        return encoder(inputs_embeds=token_embeds, output_hidden_states=True)
+    device = token_embedding.weight.device
+    placeholder_ids = torch.zeros(token_embeds.shape[:2], dtype=torch.long, device=device)
+    if eos_positions is not None:
+        rows = torch.arange(len(placeholder_ids), device=device)
+        placeholder_ids[rows, eos_positions.to(device)] = encoder.config.eos_token_id
+
+    def substitute(
+        module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        return token_embeds.to(device=output.device, dtype=output.dtype)
+
+    handle = token_embedding.register_forward_hook(substitute)
+    try:
+        return encoder(placeholder_ids, output_hidden_states=True)
+    finally:
+        handle.remove()
+
+
+def _load_part(
+    name_or_path: str,
+    model_index: dict[str, Any],
+    name: str,
     *,
-    vae: AutoencoderKL | None,
-    text_encoder: CLIPTextModel,
-    tokenizer: CLIPTokenizer,
-    unet: UNet2DConditionModel,
-    scheduler: Any,
-) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline around existing parts (shared, not copied), with no safety checker: the
-    folder layout users load, and the object whose LoRA loaders they call."""
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    revision: str | None,
+    torch_dtype: torch.dtype | None,
+) -> Any:
+    """One pipeline part by the class model_index.json names, from diffusers or transformers only (no code
+    from the checkpoint runs); weights in `torch_dtype`, tokenizers as they are."""
+    library, class_name = model_index[name]
+    part_class = (
+        getattr(importlib.import_module(library), class_name, None) if library in _PART_LIBRARIES else None
     )
+    if part_class is None:
+        raise ValueError(
+            f"{name_or_path!r}: model_index.json {name} is {library}.{class_name}, not a class of "
+            f"{' or '.join(_PART_LIBRARIES)}"
+        )
+    kwargs: dict[str, Any] = {"subfolder": name, "revision": revision}
+    if issubclass(part_class, ModelMixin):
+        kwargs["torch_dtype"] = torch_dtype
+    elif issubclass(part_class, PreTrainedModel):
+        kwargs["dtype"] = torch_dtype
+    return part_class.from_pretrained(name_or_path, **kwargs)
 
 
 def _names_component(model_index: dict[str, Any], name: str) -> bool:

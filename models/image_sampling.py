@@ -1,4 +1,5 @@
-"""Generator sampling: the DDIM loop with classifier-free guidance, and the sampler a checkpoint ships.
+"""Generator sampling: the sampler loop (DDIM or flow-matching Euler, by the family's noise process) with
+classifier-free guidance, and the sampler a checkpoint ships.
 
 Sampling is what validation, evaluation and the T2I2T cycle's DRaFT-K run on top of the training wrapper in
 models/generator.py, which mixes ImageSampling in. One loop serves both: `sample` is `sample_with_grad`
@@ -13,10 +14,11 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
+from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
+from models.noise_process import NoiseProcess
 from models.sampling_settings import SamplingSettings
 
 
@@ -25,7 +27,7 @@ def checkpoint_sampler(
 ) -> SchedulerMixin:
     """The scheduler class model_index.json names (PNDM for SD 1.x), loaded with any prediction_type override.
 
-    Sampling here always runs DDIM; this one is kept for the pipelines exported from the model, so their
+    Sampling here runs the noise process's sampler (DDIM, flow-matching Euler); this one is kept for the pipelines exported from the model, so their
     default sampling stays the checkpoint's.
     """
     overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
@@ -57,15 +59,14 @@ class ImageSampling:
     The annotations below are what they use of the Generator.
     """
 
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL | None
-    noise_scheduler: DDPMScheduler
+    process: NoiseProcess
     device: torch.device
     dtype: torch.dtype
     latent_shape: Callable[[int], tuple[int, int, int, int]]
     tokenize: Callable[[list[str]], torch.Tensor]
     encode_text: Callable[[torch.Tensor], torch.Tensor]
     decode_latents: Callable[[torch.Tensor], torch.Tensor]
+    predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
     def sample_with_grad(
         self,
@@ -78,11 +79,12 @@ class ImageSampling:
         uncond_hidden_states: torch.Tensor | None = None,
         gradient_checkpointing: bool = True,
     ) -> torch.Tensor:
-        """DDIM (eta 0) from the initial noise `latents` to final float32 latents; the one sampling loop.
+        """The process's sampler (DDIM with eta 0, flow-matching Euler) from the initial noise `latents` to
+        final float32 latents; the one sampling loop.
 
         Only the last `grad_steps` steps are recorded for backward (DRaFT-K; 0 records none): the earlier
-        steps run under no_grad, and each recorded UNet call is checkpointed (recomputed in backward) so
-        memory stays at one UNet activation set whatever K is. Classifier-free guidance against
+        steps run under no_grad, and each recorded denoiser call is checkpointed (recomputed in backward) so
+        memory stays at one activation set whatever K is. Classifier-free guidance against
         `uncond_hidden_states` when guidance_scale > 1, as StableDiffusionPipeline does.
         """
         batch_size = encoder_hidden_states.shape[0]
@@ -107,41 +109,25 @@ class ImageSampling:
             torch.cat([uncond_hidden_states, encoder_hidden_states]) if guided else encoder_hidden_states
         )
         context = context.to(self.dtype)
-        scheduler = self.ddim_scheduler(num_inference_steps, self.device)
-        latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        scheduler = self.process.sampler(num_inference_steps, latents.shape, self.device)
+        latents = latents.to(self.device, torch.float32)
         first_grad_step = len(scheduler.timesteps) - grad_steps
         for index, t in enumerate(scheduler.timesteps):
             recorded = index >= first_grad_step and torch.is_grad_enabled()
             with nullcontext() if recorded else torch.no_grad():
-                model_input = scheduler.scale_model_input(latents, t)
                 if recorded and gradient_checkpointing:
                     prediction = checkpoint(
-                        self.guided_prediction, model_input, t, context, guidance_scale, use_reentrant=False
+                        self.guided_prediction, latents, t, context, guidance_scale, use_reentrant=False
                     )
                 else:
-                    prediction = self.guided_prediction(model_input, t, context, guidance_scale)
+                    prediction = self.guided_prediction(latents, t, context, guidance_scale)
                 latents = scheduler.step(prediction, t, latents).prev_sample
         return latents
-
-    def ddim_scheduler(
-        self, num_inference_steps: int, device: torch.device | str | None = None
-    ) -> DDIMScheduler:
-        """The DDIM sampler every loop here runs, its timesteps set (on `device`).
-
-        A fresh one per call: set_timesteps mutates it, and it follows any prediction_type override.
-        Pixel-space samples live in [-1, 1], so each step's x0 estimate is clipped there (as in DDPM),
-        which keeps an imperfect model's samples from saturating. StableDiffusionPipeline rewrites
-        clip_sample to False in saved configs, hence set here; latent models keep their config's value.
-        """
-        pixel_space = {"clip_sample": True} if self.vae is None else {}
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config, **pixel_space)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        return scheduler
 
     def guided_prediction(
         self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
-        """One UNet call (both CFG branches batched when guided), in float32.
+        """One denoiser call (both CFG branches batched when guided), in float32.
 
         `t` is one timestep or one per sample [B] (models/denoising_chain.py recomputes transitions of
         different timesteps in one call); `context` is [uncond; cond] when guided.
@@ -150,7 +136,7 @@ class ImageSampling:
         model_input = torch.cat([latents, latents]) if guided else latents
         if guided and t.ndim == 1:
             t = torch.cat([t, t])
-        prediction = self.unet(model_input.to(self.dtype), t, context).sample.float()
+        prediction = self.predict(model_input, t, context).float()
         if not guided:
             return prediction
         unconditional, conditional = prediction.chunk(2)
@@ -166,7 +152,7 @@ class ImageSampling:
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDIM sampling with classifier-free guidance against the empty caption; returns pixels01."""
+        """Sampling with classifier-free guidance against the empty caption; returns pixels01."""
         if latents is None:
             shape = self.latent_shape(len(captions))
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)

@@ -18,20 +18,16 @@ from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, Unpack
 
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from models.generator import stable_diffusion_pipeline
 from models.modes import frozen as frozen  # re-exported: defined with the other mode helpers
 
 if TYPE_CHECKING:
     from models.captioner import Captioner
     from models.generator import Generator
-
-GENERATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 TrainMode = Literal["lora", "full"]
 TRAIN_MODES: tuple[str, ...] = ("lora", "full")
@@ -84,9 +80,9 @@ def add_captioner_lora(captioner: Captioner, **shape: Unpack[LoraShape]) -> None
 
 
 def add_generator_lora(generator: Generator, **shape: Unpack[LoraShape]) -> None:
-    """Inject LoRA into the UNet the way diffusers' LoRA trainer does, so its savers and loaders apply."""
-    config = _lora_config(GENERATOR_LORA_TARGETS, {"init_lora_weights": "gaussian"}, **shape)
-    generator.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    """Inject LoRA into the denoiser the way diffusers' LoRA trainers do, so its savers and loaders apply."""
+    config = _lora_config(generator.spec.lora_targets, {"init_lora_weights": "gaussian"}, **shape)
+    generator.denoiser.add_adapter(config, adapter_name=ADAPTER_NAME)
 
 
 def _is_lora_parameter(name: str) -> bool:
@@ -226,9 +222,11 @@ def save_captioner_adapter(captioner: Captioner, out_dir: Path) -> Path:
 
 
 def _require_generator_lora(generator: Generator) -> LoraConfig:
-    config = getattr(generator.unet, "peft_config", {}).get(ADAPTER_NAME)
+    config = getattr(generator.denoiser, "peft_config", {}).get(ADAPTER_NAME)
     if config is None:
-        raise ValueError("generator UNet has no LoRA adapter (full fine-tuning?): use save_merged_generator")
+        raise ValueError(
+            f"generator {generator.spec.denoiser} has no LoRA adapter (full fine-tuning?): use save_merged_generator"
+        )
     return config
 
 
@@ -271,17 +269,25 @@ def save_generator_lora(generator: Generator, out_dir: Path, *, kohya: bool = Fa
     (sorted sets, canonical headers).
     """
     config = _require_generator_lora(generator)
+    if kohya and not generator.spec.kohya_export:
+        raise ValueError(
+            f"export.kohya: kohya/A1111 LoRA files are written for the UNet families (sd, sdxl), not "
+            f"{generator.spec.name}; its diffusers file is the format its pipeline's load_lora_weights reads"
+        )
     out_dir = Path(out_dir)
-    peft_state = _scale_folded(
-        generator.unet, get_peft_model_state_dict(generator.unet, adapter_name=ADAPTER_NAME)
-    )
+    denoiser = generator.denoiser
+    peft_state = _scale_folded(denoiser, get_peft_model_state_dict(denoiser, adapter_name=ADAPTER_NAME))
     with _sets_sorted(config):
         metadata = config.to_dict() | {"lora_alpha": config.r, "alpha_pattern": dict(config.rank_pattern)}
-    StableDiffusionPipeline.save_lora_weights(
+    # The family pipeline's own saver (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline, ...):
+    # its key prefix and layout are what its load_lora_weights reads.
+    generator.spec.pipeline_class.save_lora_weights(
         out_dir,
-        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        **generator.spec.lora_save_arguments(
+            convert_state_dict_to_diffusers(peft_state) if generator.spec.converts_lora_keys else peft_state,
+            metadata,
+        ),
         weight_name=DIFFUSERS_LORA_FILE,
-        unet_lora_adapter_metadata=metadata,
     )
     _canonical_safetensors_header(out_dir / DIFFUSERS_LORA_FILE)
     if kohya:
@@ -292,7 +298,7 @@ def save_generator_lora(generator: Generator, out_dir: Path, *, kohya: bool = Fa
             "ss_network_alpha": json.dumps(config.lora_alpha),
         }
         safetensors.torch.save_file(
-            {key: value.contiguous() for key, value in _kohya_state_dict(generator.unet).items()},
+            {key: value.contiguous() for key, value in _kohya_state_dict(generator.denoiser).items()},
             out_dir / KOHYA_LORA_FILE,
             metadata=kohya_metadata,
         )
@@ -319,22 +325,24 @@ def save_merged_captioner(captioner: Captioner, out_dir: Path) -> Path:
 
 
 def save_merged_generator(generator: Generator, out_dir: Path) -> Path:
-    """A standalone fp32 StableDiffusionPipeline folder with the LoRA fused into the UNet.
+    """A standalone fp32 pipeline folder of the generator's family with the LoRA fused into the denoiser.
 
-    Full fine-tuning has nothing to fuse: the trained UNet and text encoder are saved as they are. The
+    Full fine-tuning has nothing to fuse: the trained denoiser and text encoders are saved as they are. The
     pipeline keeps the base model's sampling scheduler (with any prediction_type override the model was
-    trained to), not the DDPM process training drew noise from, so its default sampling stays the base's.
+    trained to), not the process training drew noise from, so its default sampling stays the base's.
     """
-    unet = _fp32_cpu_copy(generator.unet)
-    if getattr(unet, "peft_config", None):
-        unet.fuse_lora()
-        unet.unload_lora()
-    pipeline = stable_diffusion_pipeline(
+    denoiser = _fp32_cpu_copy(generator.denoiser)
+    if getattr(denoiser, "peft_config", None):
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
+    copies = {
+        slot.encoder: _fp32_cpu_copy(getattr(generator, slot.encoder))
+        for slot in generator.spec.text_encoders
+    }
+    pipeline = generator.pipeline(
+        **copies,
+        **{generator.spec.denoiser: denoiser},
         vae=None if generator.vae is None else _fp32_cpu_copy(generator.vae),
-        text_encoder=_fp32_cpu_copy(generator.text_encoder),
-        tokenizer=generator.tokenizer,
-        unet=unet,
-        scheduler=generator.sampling_scheduler,
     )
     pipeline.save_pretrained(out_dir)
     return Path(out_dir)

@@ -46,14 +46,11 @@ class DenoiseDraws:
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
         latent_shape = generator.latent_shape(1)[1:]
-        schedule_length = generator.noise_scheduler.config.num_train_timesteps
         offsets = torch.stack(
             [torch.rand(num_timesteps, generator=g) for g in key.generators(ids, f"{purpose}/t")]
         )
         strata = torch.arange(num_timesteps)
-        timesteps = (
-            ((strata + offsets) * schedule_length / num_timesteps).long().clamp(max=schedule_length - 1)
-        )
+        timesteps = generator.process.timesteps_at((strata + offsets) / num_timesteps)
         return cls(
             noise=key.randn(ids, f"{purpose}/noise", (num_timesteps, *latent_shape), device),
             timesteps=timesteps.to(device),

@@ -5,15 +5,23 @@ meets the subword markers of the real checkpoints.
 The kinds: BERT WordPiece (`##` continues a word: BLIP, GIT), byte-level BPE (`Ġ` starts a word: OPT,
 SmolVLM), SentencePiece-style BPE with byte fallback (`▁` starts a word: Llama, IDEFICS); CLIP's BPE (`</w>`
 ends a word) is written by models/tiny.py for the generator.
+T5's SentencePiece unigram model (`▁` starts a word, no byte fallback), which SD3 and Flux read prompts
+with, is trained by `sentencepiece_unigram`.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import string
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
+import sentencepiece
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
@@ -147,3 +155,106 @@ def sentencepiece_bpe(words: Sequence[str], special_tokens: Sequence[str]) -> To
         token for token in trained["added_tokens"] if token["content"] not in byte_tokens
     ]
     return Tokenizer.from_str(json.dumps(trained))
+
+
+# Every character plain ASCII text may hold: required in the unigram vocabulary, as T5's real one covers them
+# all, so a caption with a word outside the list splits into characters instead of meeting <unk>.
+_ASCII_TEXT = string.ascii_letters + string.digits + string.punctuation
+
+
+def sentencepiece_unigram(words: Sequence[str], folder: Path, *, file_name: str = "spiece.model") -> Path:
+    """A T5-style SentencePiece unigram model trained on the word list, written to folder/file_name; returns
+    its path.
+
+    T5's layout: <pad> 0, </s> 1, <unk> 2, no <s>. SentencePiece seeds its pieces from substrings met in more
+    than one distinct sentence, so each word is given alone and beside its neighbour: then every word of a
+    realistic list becomes one `▁word` piece. Trained on one thread, the model is the same bytes for the same
+    words.
+    """
+    words = list(words)
+    corpus = [
+        *words,
+        *(f"{word} {neighbour}" for word, neighbour in zip(words, [*words[1:], *words[:1]], strict=True)),
+    ]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        model_type="unigram",
+        # A soft limit with room for every word, character and special; the trainer keeps what the corpus has.
+        vocab_size=2 * len(words) + len(_ASCII_TEXT) + 3,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        required_chars=_ASCII_TEXT,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file_name
+    path.write_bytes(model.getvalue())
+    return path
+
+
+_CLIP_BOS, _CLIP_EOS, _CLIP_WORD_END = "<|startoftext|>", "<|endoftext|>", "</w>"
+# CLIP's pre-tokenizer splits text into letter runs, single digits and punctuation runs before BPE.
+_CLIP_PRETOKEN = re.compile(r"[^\W\d_]+|\d|[^\s\w]+")
+
+
+def _learn_bpe_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """Merges that turn every training word into one token, learnt greedily by pair frequency like BPE.
+
+    Learning merges (rather than listing each word's prefixes) keeps the ranks consistent, so the BPE
+    tokenizer, which applies merges by rank, reproduces every training word as a single token.
+    """
+    symbols = [[*word[:-1], word[-1] + _CLIP_WORD_END] for word in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pair_counts = Counter(pair for word in symbols for pair in pairwise(word))
+        if not pair_counts:
+            return merges
+        # Most frequent first; ties broken by the pair itself so the vocabulary is deterministic.
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        symbols = [_apply_merge(word, best) for word in symbols]
+
+
+def _apply_merge(word: list[str], pair: tuple[str, str]) -> list[str]:
+    merged: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+def write_clip_bpe(words: Sequence[str], folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json + merges.txt in CLIP's layout: 256 byte symbols, the same with </w>, merges, specials.
+
+    The full byte alphabet means any text, including unknown words, tokenizes into byte-level pieces.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_symbols = list(bytes_to_unicode().values())
+    byte_encoder = bytes_to_unicode()
+    pretokens = {
+        "".join(byte_encoder[b] for b in piece.encode("utf-8"))
+        for word in words
+        for piece in _CLIP_PRETOKEN.findall(word)
+    }
+    merges = _learn_bpe_merges(sorted(pretokens))
+    tokens = [*byte_symbols, *(s + _CLIP_WORD_END for s in byte_symbols), *(a + b for a, b in merges)]
+    tokens += [_CLIP_BOS, _CLIP_EOS]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merge_lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
+    return vocab, merges

@@ -16,11 +16,11 @@ from data.skips import SkipLedger
 from data.source_types import SOURCE_TYPES
 from data.sources import Record, SourceSettings
 from data.streams import Stream
-from models.bridge import VocabularyBridge, describe_coverage
 from models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from models.captioner import Captioner
 from models.families import captioner_family, generator_family
 from models.generator import Generator
+from models.generator_bridge import GeneratorBridge
 from models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
 from train.config import (
     CaptionerSettings,
@@ -67,16 +67,15 @@ def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") ->
         settings.pretrained_model_name_or_path,
         revision=settings.revision,
         resolution=settings.resolution,
-        prediction_type=settings.prediction_type,
+        options=settings.family_options(),
     )
     if settings.train_mode == "lora":
         add_generator_lora(generator, **_lora_kwargs(settings))
     if settings.gradient_checkpointing:
-        generator.unet.enable_gradient_checkpointing()
+        generator.denoiser.enable_gradient_checkpointing()
         if settings.train_mode == "full":
-            generator.text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            for encoder in generator.text_encoders:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     generator.train()  # as the captioner: train mode when trained, eval mode as the partner
     return generator, prepare_trainable(
         generator, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
@@ -205,18 +204,18 @@ def build_streams(config: Config, rank: int, world_size: int) -> tuple[dict[str,
 
 def build_bridge(
     config: Config, captioner: Captioner, generator: Generator, device: torch.device
-) -> VocabularyBridge | None:
-    """The vocabulary bridge for the cycle modes that declare they need it (None when no chosen mode does)."""
+) -> GeneratorBridge | None:
+    """The vocabulary bridge into each of the generator's text encoders, for the cycle modes that declare
+    they need it (None when no chosen mode does)."""
     if not config.cycle.needs_bridge():
         return None
-    bridge = VocabularyBridge.build(
+    bridge = GeneratorBridge.build(
         captioner.tokenizer,
-        generator.tokenizer,
+        generator,
         end_token_id=captioner.spec.end_token_id(captioner.processor, captioner.model.config),
-        max_length=generator.tokenizer.model_max_length,
         source_vocab_size=captioner.vocab_size,
     )
-    logger.info("vocabulary bridge coverage: %s", describe_coverage(bridge.coverage()))
+    logger.info("vocabulary bridge coverage: %s", bridge.describe_coverage())
     return bridge.to(device)
 
 

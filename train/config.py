@@ -27,6 +27,7 @@ from losses.settings import Strict
 from losses.supervised import CaptionLossSettings, DenoiseLossSettings
 from losses.t2i2t import T2I2T_MODES
 from models.families import MODEL_TYPE, PIPELINE_CLASS
+from models.generators.generator_spec import FamilyOptions
 from models.locate import ModelSourceError, locate_model
 from models.sampling_settings import SamplingSettings
 
@@ -96,7 +97,27 @@ class CaptionerSettings(CaptionLossSettings, CaptionerModelSettings):
 
 class GeneratorModelSettings(ModelSettings):
     resolution: int | None = Field(None, ge=8)
+    # DDPM families (SD 1.x/2.x, SDXL): override the scheduler's objective; None keeps the checkpoint's.
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    # Flow-matching families (SD3, Flux): the timestep density and loss weighting of diffusers' SD3/Flux
+    # LoRA trainers, under their flag names and defaults.
+    weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = "none"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    # Flux-dev's guidance input (a distilled guidance strength, not CFG); None: the family's default (3.5).
+    embedded_guidance_scale: float | None = Field(None, ge=0)
+
+    def family_options(self) -> FamilyOptions:
+        """The family-specific keys as the generator wrapper takes them."""
+        return FamilyOptions(
+            prediction_type=self.prediction_type,
+            weighting_scheme=self.weighting_scheme,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            embedded_guidance_scale=self.embedded_guidance_scale,
+        )
 
 
 class GeneratorSettings(DenoiseLossSettings, GeneratorModelSettings):

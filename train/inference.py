@@ -23,7 +23,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from models.captioner import Captioner
-from models.generator import Generator, stable_diffusion_pipeline
+from models.generator import Generator
 from models.lora import DIFFUSERS_LORA_FILE
 from train.adapter_export import load_checkpoint_models
 from train.checkpoint import is_checkpoint_folder
@@ -72,7 +72,7 @@ class ModelSources:
         else:
             models = (self._captioner() if captioner else None, self._generator() if generator else None)
         if models[1] is not None and lora_scale != 1.0:
-            for layer in models[1].unet.modules():
+            for layer in models[1].denoiser.modules():
                 if isinstance(layer, LoraLayer):
                     layer.scale_layer(lora_scale)
         return tuple(
@@ -165,7 +165,7 @@ class ModelSources:
         shape = (
             {}
             if settings is None
-            else {"resolution": settings.resolution, "prediction_type": settings.prediction_type}
+            else {"resolution": settings.resolution, "options": settings.family_options()}
         )
         if lora is not None and (lora / "model_index.json").is_file():  # a full pipeline (train_mode full)
             with _loading(lora):
@@ -193,19 +193,13 @@ def _loading(path: Path) -> Iterator[None]:
 def load_generator_lora(generator: Generator, lora: Path) -> None:
     """Load a diffusers LoRA file (or a folder holding pytorch_lora_weights.safetensors) into the UNet.
 
-    Through StableDiffusionPipeline.load_lora_weights on a pipeline sharing the generator's parts: the
-    loader users call, so whatever it accepts (diffusers and kohya files) loads here the same way.
+    Through the family pipeline's load_lora_weights (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)
+    on a pipeline sharing the generator's parts: the loader users call, so whatever it accepts (diffusers and kohya files) loads here the same way.
     """
     folder, weight_name = (lora.parent, lora.name) if lora.is_file() else (lora, DIFFUSERS_LORA_FILE)
     if not (folder / weight_name).is_file():
         raise ModelLoadError(f"{lora}: no LoRA file {weight_name} there (nor a model_index.json)")
-    pipeline = stable_diffusion_pipeline(
-        vae=generator.vae,
-        text_encoder=generator.text_encoder,
-        tokenizer=generator.tokenizer,
-        unet=generator.unet,
-        scheduler=generator.noise_scheduler,
-    )
+    pipeline = generator.pipeline()
     with _loading(folder / weight_name):
         pipeline.load_lora_weights(str(folder), weight_name=weight_name)
 

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
 from data.mixer import BatchMixer
-from models.bridge import VocabularyBridge
+from models.generator_bridge import GeneratorBridge
 from train.builders import (
     build_bridge,
     build_captioner,
@@ -48,7 +48,7 @@ class Run:
     models: dict[str, torch.nn.Module]  # prepared (DDP-wrapped where distributed)
     parts: TrainingParts  # unwrapped models, optimizers, schedulers, trainer state: what checkpoints hold
     mixer: BatchMixer
-    bridge: VocabularyBridge | None
+    bridge: GeneratorBridge | None
     state: TrainerState
     logs: tuple[StepLog, StepLog] | None  # RunDir.samples_log, RunDir.metrics_log (main process only)
 

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
 from losses.phases import PHASE_LOSSES
-from models.bridge import VocabularyBridge
 from models.device_transfer import to_device
+from models.generator_bridge import GeneratorBridge
 from models.lora import frozen
 from models.randomness import DrawKey
 from train.config import Config
@@ -63,7 +63,7 @@ def phase_step(
     next_batch: Callable[[DrawKey], dict[str, Any]],
     config: Config,
     step: int,
-    bridge: VocabularyBridge | None,
+    bridge: GeneratorBridge | None,
     stop_requested: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> PhaseStepResult:

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from losses.cycle_modes import OFF, CycleModes, CycleStep
 from losses.i2t2i import I2T2I_MODES, I2T2ISettings
 from losses.t2i2t import T2I2T_MODES, T2I2TSettings
-from models.bridge import VocabularyBridge
 from models.captioner import Captioner
 from models.generator import Generator
+from models.generator_bridge import GeneratorBridge
 from models.randomness import DrawKey
 from train.builders import build_bridge
 
@@ -37,7 +37,7 @@ MISSING = {"paired": (), "image_only": ("captions",), "text_only": ("pixels",)}
 class _WatchedBridge:
     """Passes every use on to a real bridge and remembers whether there was any."""
 
-    def __init__(self, bridge: VocabularyBridge) -> None:
+    def __init__(self, bridge: GeneratorBridge) -> None:
         self.bridge, self.used = bridge, False
 
     def __getattr__(self, name: str) -> Any:
@@ -46,7 +46,7 @@ class _WatchedBridge:
 
 
 @pytest.fixture(scope="module")
-def any_bridge(tiny_models, frozen_captioner: Captioner, frozen_generator: Generator) -> VocabularyBridge:
+def any_bridge(tiny_models, frozen_captioner: Captioner, frozen_generator: Generator) -> GeneratorBridge:
     config = tiny_config(tiny_models, "cycle.i2t2i.mode=soft")
     return build_bridge(config, frozen_captioner, frozen_generator, "cpu")
 
@@ -66,7 +66,7 @@ def test_each_mode_trains_on_the_kinds_it_declares_and_reads_a_bridge_only_if_it
     tiny_models,
     frozen_captioner: Captioner,
     frozen_generator: Generator,
-    any_bridge: VocabularyBridge,
+    any_bridge: GeneratorBridge,
     direction: str,
     name: str,
 ) -> None:

@@ -18,11 +18,11 @@ from losses.i2t2i import (
     soft,
     soft_token_probs,
 )
-from models.bridge import VocabularyBridge
 from models.caption_decoding import IGNORE_INDEX
 from models.captioner import Captioner
 from models.captioners.smolvlm import SmolVLMSpec
 from models.generator import Generator
+from models.generator_bridge import GeneratorBridge
 from models.lora import add_captioner_lora, frozen, prepare_trainable
 from models.randomness import DrawKey
 
@@ -58,8 +58,8 @@ def captioner(tiny_models) -> Captioner:
 
 
 @pytest.fixture(scope="module")
-def bridge(frozen_captioner: Captioner, frozen_generator: Generator) -> VocabularyBridge:
-    return VocabularyBridge.build(frozen_captioner.tokenizer, frozen_generator.tokenizer)
+def bridge(frozen_captioner: Captioner, frozen_generator: Generator) -> GeneratorBridge:
+    return GeneratorBridge.build(frozen_captioner.tokenizer, frozen_generator)
 
 
 def _batch(size: int) -> dict:
@@ -77,7 +77,7 @@ def _cycle(
     generator: Generator,
     batch: dict,
     settings: I2T2ISettings,
-    bridge: VocabularyBridge,
+    bridge: GeneratorBridge,
     key: DrawKey = KEY,
 ) -> CycleOutput:
     """settings.mode's loss on the batch (without the batch-kind and bridge checks of I2T2I_MODES.run)."""
@@ -110,9 +110,7 @@ def test_soft_loss_gradient_matches_finite_differences_in_its_logits(
     folder = tiny_models.captioner if family == "blip" else request.getfixturevalue("smolvlm_folder")
     captioner = Captioner.from_pretrained(str(folder), max_length=12)
     generator = Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False).double()
-    bridge = VocabularyBridge.build(
-        captioner.tokenizer, generator.tokenizer, source_vocab_size=captioner.vocab_size
-    )
+    bridge = GeneratorBridge.build(captioner.tokenizer, generator, source_vocab_size=captioner.vocab_size)
     batch, temperature = _batch(2), 0.8
     tokens = captioner.tokenize(batch["captions"])
     logits = (

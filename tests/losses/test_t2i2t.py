@@ -166,7 +166,7 @@ def test_one_step_on_captions_alone_decodes_the_first_sampling_step_from_pure_no
         loss = one_step(T2I2TStep(generator, frozen_captioner, _text_batch(), KEY), ONE_STEP).loss
     recorder.remove()
     [((noisy, timesteps, _), prediction)] = recorder.calls
-    last = generator.noise_scheduler.config.num_train_timesteps - 1
+    last = generator.process.scheduler.config.num_train_timesteps - 1
     assert timesteps.tolist() == [last] * 3
     paired_noise = KEY.randn(IDS, "t2i2t_noise", generator.latent_shape(1)[1:], generator.device)
     assert torch.equal(noisy, paired_noise)  # the same per-sample draw a paired batch noises its image with

@@ -9,12 +9,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import AddedToken
-from transformers import BertTokenizer, CLIPTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    BertTokenizer,
+    CLIPTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    T5TokenizerFast,
+)
 
-from models.bridge import VocabularyBridge, describe_coverage, encode_token_embeddings, pair_coverage
+from models.bridge import VocabularyBridge, describe_coverage, pair_coverage
 from models.captioner import Captioner
 from models.generator import Generator
-from models.tiny_vocabulary import byte_level_bpe, default_vocabulary, sentencepiece_bpe, write_bert_vocab
+from models.tiny_vocabulary import (
+    byte_level_bpe,
+    default_vocabulary,
+    sentencepiece_bpe,
+    sentencepiece_unigram,
+    write_bert_vocab,
+)
+from models.token_pieces import TargetPieces
 
 # Every word exists whole in both tiny vocabularies (models/tiny.py writes both from one word list).
 CAPTIONS = ["a red circle on the left of a blue square", "a small green triangle"]
@@ -89,6 +102,11 @@ def _recipe(bridge: VocabularyBridge, table: str, token_id: int, clip: CLIPToken
     return clip.convert_ids_to_tokens(index[weight > 0].tolist())
 
 
+def _encode_embeddings(generator: Generator, embeds: torch.Tensor) -> torch.Tensor:
+    """The tiny SD generator's one CLIP encoder on token embeddings, pooling not read (no eos positions)."""
+    return generator.encode_token_embeddings([embeds], [None])
+
+
 def _reached_ids(bridge: VocabularyBridge) -> set[int]:
     """Target ids used by the recipes of tokens that do not map to unk."""
     mapped = bridge.unmapped == 0
@@ -116,7 +134,7 @@ def test_one_hot_caption_equals_hard_tokens_exactly(
     hard_ids = frozen_generator.tokenize(CAPTIONS)
     assert torch.equal(embeds, token_embedding(hard_ids))
     assert torch.equal(
-        encode_token_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
+        _encode_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
     )
     assert (
         tiny_bridge.mass_coverage(_one_hot(tokens["input_ids"], tiny_bridge), tokens["attention_mask"]) == 1.0
@@ -297,7 +315,7 @@ def test_gradient_reaches_probs_through_the_frozen_encoder(
     embeds = tiny_bridge.embed(
         logits.softmax(dim=-1), tokens["attention_mask"], frozen_generator.text_encoder.get_input_embeddings()
     )
-    encode_token_embeddings(frozen_generator, embeds).square().sum().backward()
+    _encode_embeddings(frozen_generator, embeds).square().sum().backward()
     gradient_norms = logits.grad.norm(dim=-1)
     caption = tokens["attention_mask"].bool()
     caption[:, 0] = False  # the start slot always reads bos
@@ -428,7 +446,7 @@ def test_every_kind_one_hot_equals_the_generator_on_its_own_tokens(
     hard_ids = frozen_generator.tokenize(CAPTIONS)
     assert torch.equal(embeds, token_embedding(hard_ids))
     assert torch.equal(
-        encode_token_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
+        _encode_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
     )
 
 
@@ -552,3 +570,205 @@ def test_pair_coverage_is_the_bridges_coverage(
     frozen_captioner: Captioner, frozen_generator: Generator, tiny_bridge: VocabularyBridge
 ) -> None:
     assert pair_coverage(frozen_captioner.tokenizer, frozen_generator.tokenizer) == tiny_bridge.coverage()
+
+
+# ------------------------------------------------------------------------- a T5 (SentencePiece Unigram) target
+
+# The captioner kinds, and T5's own Unigram as a source too (read like any "▁" SentencePiece).
+T5_SOURCE_KINDS = ("wordpiece", "byte_level", "sentencepiece", "t5")
+
+
+def _t5_tokenizer(words: Sequence[str], folder: Path) -> T5TokenizerFast:
+    """T5's layout (<pad> 0, </s> 1, <unk> 2, no bos, 100 <extra_id_N> specials) over a word list."""
+    sentencepiece_unigram(words, folder)
+    return T5TokenizerFast.from_pretrained(str(folder), model_max_length=32)
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory: pytest.TempPathFactory) -> T5TokenizerFast:
+    return _t5_tokenizer(default_vocabulary(), tmp_path_factory.mktemp("t5"))
+
+
+@pytest.fixture(scope="module")
+def t5_embedding(t5: T5TokenizerFast) -> torch.nn.Embedding:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return torch.nn.Embedding(len(t5), 4).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def t5_sources(
+    t5: T5TokenizerFast, clip: CLIPTokenizer, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[PreTrainedTokenizerBase, VocabularyBridge]]:
+    """Each kind's tokenizer over the tiny word list, and its bridge to the T5 tokenizer (max_length 16)."""
+    folder = tmp_path_factory.mktemp("t5_wordpiece")
+    sources = {
+        kind: t5 if kind == "t5" else _source_tokenizer(kind, default_vocabulary(), folder, clip)
+        for kind in T5_SOURCE_KINDS
+    }
+    return {
+        kind: (source, VocabularyBridge.build(source, t5, max_length=16)) for kind, source in sources.items()
+    }
+
+
+def _t5_ids(t5: T5TokenizerFast, captions: list[str], max_length: int) -> torch.Tensor:
+    return t5(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@pytest.mark.parametrize("kind", T5_SOURCE_KINDS)
+def test_every_kind_into_t5_one_hot_equals_t5s_own_tokens_cut_or_padded(
+    kind: str, t5_sources: dict, t5: T5TokenizerFast, t5_embedding: torch.nn.Embedding
+) -> None:
+    """No bos: caption pieces, "</s>", <pad>. max_length 6 cuts the long caption ("</s>" kept last), 11 fits
+    it exactly, 16 pads both; the start slot (":" of "Assistant:") is dropped, not read."""
+    source, _ = t5_sources[kind]
+    ids, mask = _caption_rows(source, CAPTIONS)
+    assert not mask.all()
+    for max_length in (6, 11, 16):
+        bridge = VocabularyBridge.build(source, t5, max_length=max_length)
+        embeds = bridge.embed(_one_hot(ids, bridge), mask, t5_embedding)
+        assert torch.equal(embeds, t5_embedding(_t5_ids(t5, CAPTIONS, max_length)))
+        assert bridge.mass_coverage(_one_hot(ids, bridge), mask) == 1.0
+    # What was compared: whole-word pieces, eos last on a cut, pad past the caption.
+    cut = ["▁a", "▁red", "▁circle", "▁on", "▁the", "</s>"]
+    assert t5.convert_ids_to_tokens(_t5_ids(t5, CAPTIONS, 6)[0]) == cut
+    padded = ["▁a", "▁small", "▁green", "▁triangle", "</s>", *["<pad>"] * 11]
+    assert t5.convert_ids_to_tokens(_t5_ids(t5, CAPTIONS, 16)[1]) == padded
+
+
+@pytest.mark.parametrize("kind", T5_SOURCE_KINDS)
+def test_t5_start_slot_is_dropped_and_gradient_reaches_the_caption(
+    kind: str, t5_sources: dict, t5: T5TokenizerFast, t5_embedding: torch.nn.Embedding
+) -> None:
+    """Whatever the start slot holds (a special, a soft mix), the output starts with the caption's first word
+    and the slot gets no gradient; every valid caption position gets one, masked positions none."""
+    source, bridge = t5_sources[kind]
+    ids, mask = _caption_rows(source, CAPTIONS)
+    probs = _one_hot(ids, bridge).repeat(3, 1, 1)
+    probs[2:4, 0] = _one_hot(torch.tensor(source.pad_token_id), bridge)
+    probs[4:, 0] = torch.rand(bridge.source_vocab_size, generator=torch.Generator().manual_seed(0)).softmax(0)
+    probs.requires_grad_()
+    embeds = bridge.embed(probs, mask.repeat(3, 1), t5_embedding)
+    assert torch.equal(embeds, embeds[:2].repeat(3, 1, 1))
+    first_word = t5_embedding.weight[t5.convert_tokens_to_ids("▁a")]
+    assert all(torch.equal(row, first_word) for row in embeds[:, 0])
+    embeds.square().sum().backward()
+    caption = mask.repeat(3, 1).bool()
+    caption[:, 0] = False
+    gradient_norms = probs.grad.norm(dim=-1)
+    assert (gradient_norms[caption] > 0).all() and (gradient_norms[~caption] == 0).all()
+
+
+# T5 keeps "." with the word before ("run."): a start-marker source's "." continues, unlike CLIP's ".</w>".
+T5_MULTI_PIECE_TOKENS = {
+    "byte_level": ["a", "Ġdog", "s", "Ġrun", "."],
+    "sentencepiece": ["▁a", "▁dog", "s", "▁run", "<0x2E>"],
+    "t5": ["▁a", "▁dog", "s", "▁run", "."],
+}
+
+
+@pytest.mark.parametrize("kind", T5_MULTI_PIECE_TOKENS)
+def test_t5_word_starts_follow_each_token_and_the_text_start(
+    kind: str, clip: CLIPTokenizer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """ "s" and "." continue the word before them, so they read without "▁"; byte-level BPE's "a" has no "Ġ"
+    yet starts the text, where T5 always writes "▁"."""
+    folder = tmp_path_factory.mktemp("t5_hand")
+    t5 = _t5_tokenizer(HAND_WORDS, folder / "t5")
+    source = t5 if kind == "t5" else _source_tokenizer(kind, HAND_WORDS, folder, clip)
+    bridge = VocabularyBridge.build(source, t5, max_length=8)
+    ids, mask = _caption_rows(source, [MULTI_PIECE_CAPTION])
+    assert source.convert_ids_to_tokens(ids[0, 1:-1].tolist()) == T5_MULTI_PIECE_TOKENS[kind]
+    hard_ids = _t5_ids(t5, [MULTI_PIECE_CAPTION], 8)
+    assert t5.convert_ids_to_tokens(hard_ids[0, :6].tolist()) == T5_MULTI_PIECE_TOKENS["t5"] + ["</s>"]
+    embedding = torch.nn.Embedding(len(t5), 4)
+    assert torch.equal(bridge.embed(_one_hot(ids, bridge), mask, embedding), embedding(hard_ids))
+    expected_continues = [1, 0, 1, 0, 1] if kind == "byte_level" else [0, 0, 1, 0, 1]
+    assert bridge.continuation[ids[0, 1:-1]].tolist() == expected_continues
+
+
+def test_t5_each_token_picks_its_own_recipe_and_specials_map_by_role(
+    wordpiece: BertTokenizer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A position's mass splits by token, not by position: 0.3 "##s" + 0.7 "dog" reads 0.3 "s" + 0.7 "▁dog".
+    [CLS] and bos ([DEC]) stand for nothing (T5 has no bos): a zero embedding and unmapped mass."""
+    t5 = _t5_tokenizer(HAND_WORDS, tmp_path_factory.mktemp("t5_roles"))
+    bridge = VocabularyBridge.build(wordpiece, t5, max_length=8)
+    embedding = torch.nn.Embedding(len(t5), 4).requires_grad_(False)
+
+    def rows(*pieces: str) -> torch.Tensor:
+        return embedding.weight[t5.convert_tokens_to_ids(list(pieces))]
+
+    probs = _soft(
+        wordpiece,
+        [{"[DEC]": 1.0}, {"##s": 1.0}, {"##s": 0.3, "dog": 0.7}, {"[CLS]": 0.5, "run": 0.5}, {"[SEP]": 1.0}],
+    )
+    embeds = bridge.embed(probs, torch.ones(1, 5), embedding)[0]
+    assert torch.equal(embeds[0], rows("▁", "s").mean(dim=0))  # the text's first word: "▁s" is not a piece
+    torch.testing.assert_close(embeds[1], 0.3 * rows("s")[0] + 0.7 * rows("▁dog")[0])
+    torch.testing.assert_close(embeds[2], 0.5 * rows("▁run")[0])
+    assert torch.equal(embeds[3:], rows("</s>", "<pad>", "<pad>", "<pad>", "<pad>"))
+    assert bridge.mass_coverage(probs, torch.ones(1, 5)) == pytest.approx(1 - 0.5 / 5)
+
+    def final_recipe(token: str) -> list[str]:
+        return _recipe(bridge, "final", wordpiece.convert_tokens_to_ids(token), t5)
+
+    assert final_recipe("[DEC]") == final_recipe("[CLS]") == []
+    assert final_recipe("[SEP]") == ["</s>"] and final_recipe("[PAD]") == ["<pad>"]
+    assert final_recipe("[UNK]") == final_recipe("[MASK]") == ["<unk>"]
+    assert final_recipe("über") == ["<unk>"]  # "ü" is outside the tiny T5 alphabet (ASCII)
+    assert bridge.unmapped[wordpiece.convert_tokens_to_ids("über")]
+
+
+def test_t5_a_token_spanning_words_drops_only_its_first_words_marker(t5: T5TokenizerFast) -> None:
+    """A continuing piece with a space inside ("s▁dog" in SentencePiece models that merge across spaces):
+    only its first word joins the word before; marked, it is T5's own tokenization of the text."""
+    target = TargetPieces(t5)
+    words = target.words("s dog")
+    assert words == ("s", "dog")
+    assert t5.convert_ids_to_tokens(target.pieces(words, marked=False)) == ["s", "▁dog"]
+    assert target.pieces(words, marked=True) == t5("s dog", add_special_tokens=False).input_ids
+
+
+def test_t5_into_itself_maps_every_piece_to_itself(t5: T5TokenizerFast) -> None:
+    """Read inside a text, each regular T5 piece is itself; only "▁" alone (a space, no text) is unmapped."""
+    bridge = VocabularyBridge.build(t5, t5)
+    specials = set(t5.all_special_ids)
+    regular = [token_id for token_id in range(len(t5)) if token_id not in specials]
+    unmapped = [token_id for token_id in regular if bridge.unmapped[token_id]]
+    assert t5.convert_ids_to_tokens(unmapped) == ["▁"]
+    mapped = torch.tensor([token_id for token_id in regular if token_id not in unmapped])
+    assert torch.equal(bridge.inner_index[mapped, 0], mapped)
+    assert (bridge.inner_weight[mapped, 0] == 1).all() and (bridge.inner_weight[mapped, 1:] == 0).all()
+
+
+def test_t5_coverage_per_source_kind(t5_sources: dict, t5: T5TokenizerFast) -> None:
+    """Shares for the tiny vocabularies. WordPiece: every whole word is "▁word"; "##" pieces read exact inside
+    a word, their "▁"-started form splits. The byte-level and byte-fallback sources' unk share is their bytes
+    with no text. T5 into itself: every piece but "▁" is exact inside a text."""
+    coverage = {kind: bridge.coverage() for kind, (_, bridge) in t5_sources.items()}
+    for kind, (source, _) in t5_sources.items():
+        shares = coverage[kind]
+        assert shares["source_exact"] + shares["source_pieces"] + shares["source_unk"] == pytest.approx(1)
+        assert pair_coverage(source, t5) == shares
+        assert describe_coverage(shares).startswith("captioner tokens -> generator: exact ")
+    assert coverage["wordpiece"]["source_unk"] == 0.0
+    assert coverage["wordpiece"]["source_inner_exact"] > coverage["wordpiece"]["source_exact"] > 0.7
+    assert coverage["t5"]["source_inner_exact"] == pytest.approx(1 - coverage["t5"]["source_unk"])
+    for kind in ("byte_level", "sentencepiece"):
+        assert 0.1 < coverage[kind]["source_unk"] < 0.2  # bytes 0x80-0xFF, control characters, spaces
+    words = {t5.convert_tokens_to_ids("▁" + word) for word in default_vocabulary()}
+    for _, bridge in t5_sources.values():
+        assert words <= _reached_ids(bridge)  # every word of the list reaches T5's whole-word piece
+
+
+def test_t5_target_errors_are_named(clip: CLIPTokenizer, t5: T5TokenizerFast) -> None:
+    with pytest.raises(ValueError, match="marks word ENDS"):
+        VocabularyBridge.build(clip, t5)
+    byte_level = PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_bpe(HAND_WORDS, list(BPE_SPECIALS.values())), **BPE_SPECIALS
+    )
+    with pytest.raises(ValueError, match="or a SentencePiece Unigram whose pre-tokenizer starts every word"):
+        VocabularyBridge.build(t5, byte_level)

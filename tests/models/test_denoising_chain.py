@@ -65,7 +65,7 @@ def test_a_transition_is_diffusers_ddim_step_and_its_gaussian(any_generator: Gen
     with torch.no_grad():
         mean, sigma = transition_mean(generator, policy, latents, timesteps, conditioning)
     following = mean + sigma.view(-1, 1, 1, 1) * noise
-    scheduler = generator.ddim_scheduler(STEPS)
+    scheduler = generator.process.sampler(STEPS, generator.latent_shape(1), "cpu")
     alphas = scheduler.alphas_cumprod
     for row, t in enumerate(timesteps.tolist()):
         with torch.no_grad():

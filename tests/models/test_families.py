@@ -55,8 +55,8 @@ def test_an_unknown_model_type_is_refused_naming_folder_type_and_supported_famil
 
 def test_an_unknown_pipeline_class_is_refused(tiny_models, tmp_path: Path) -> None:
     index = json.loads((tiny_models.generator / "model_index.json").read_text())
-    (tmp_path / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
-    with pytest.raises(UnsupportedFamilyError, match=r"_class_name 'FluxPipeline'.*stable-diffusion"):
+    (tmp_path / "model_index.json").write_text(json.dumps(index | {"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(UnsupportedFamilyError, match=r"_class_name 'KandinskyV22Pipeline'.*sd \(model_index.json _class_name 'StableDiffusionPipeline'\)"):
         generator_family(str(tmp_path))
 
 

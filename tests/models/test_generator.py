@@ -44,7 +44,7 @@ def _manual_loss(
     timesteps: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample MSE written out from the DDPM formulas rather than through scheduler helpers."""
-    alpha_bar = generator.noise_scheduler.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1)
+    alpha_bar = generator.process.scheduler.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1)
     noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
     context = generator.text_encoder(generator.tokenize(captions))[0]
     prediction = generator.unet(noisy, timesteps, encoder_hidden_states=context).sample
@@ -56,7 +56,7 @@ def _manual_loss(
 
 
 def test_loads_latent_and_pixel_space_folders(generator: Generator, pixel_generator: Generator) -> None:
-    assert isinstance(generator.noise_scheduler, DDPMScheduler)
+    assert isinstance(generator.process.scheduler, DDPMScheduler)
     assert generator.prediction_type == "epsilon"
     assert generator.vae is not None and generator.vae_scale_factor == 2
     assert generator.resolution == 32 and generator.latent_shape(2) == (2, 4, 16, 16)
@@ -85,7 +85,7 @@ def test_load_overrides_and_bad_input(tiny_models, tmp_path: Path) -> None:
         Generator.from_pretrained(str(tmp_path))
     names_all = {name: ["diffusers", "X"] for name in ("unet", "text_encoder", "tokenizer", "scheduler")}
     (tmp_path / "model_index.json").write_text(
-        json.dumps({**names_all, "vae": ["diffusers", "AutoencoderTiny"]})
+        json.dumps({"_class_name": "StableDiffusionPipeline", **names_all, "vae": ["diffusers", "AutoencoderTiny"]})
     )
     with pytest.raises(ValueError, match="vae class 'AutoencoderTiny'"):
         Generator.from_pretrained(str(tmp_path))
@@ -101,7 +101,7 @@ def test_sampling_scheduler_is_the_checkpoints_own_with_the_prediction_type_over
     _edit_json(folder / "model_index.json", scheduler=["diffusers", "IPNDMScheduler"])
     generator = Generator.from_pretrained(str(folder))
     assert isinstance(generator.sampling_scheduler, IPNDMScheduler)
-    assert isinstance(generator.noise_scheduler, DDPMScheduler)
+    assert isinstance(generator.process.scheduler, DDPMScheduler)
     with pytest.raises(ValueError, match="IPNDMScheduler takes no prediction_type"):
         Generator.from_pretrained(str(folder), prediction_type="v_prediction")
     _edit_json(folder / "model_index.json", scheduler=["diffusers", "AutoencoderKL"])
@@ -223,7 +223,7 @@ def test_min_snr_weighting(tiny_models, prediction_type: str) -> None:
     generator = Generator.from_pretrained(str(tiny_models.generator), prediction_type=prediction_type)
     pixels, noise, gamma = _pixels(3), _noise(generator, 3, seed=8), 5.0
     timesteps = torch.tensor([10, 150, 900])  # SNR far above, near, and far below gamma
-    alpha_bar = generator.noise_scheduler.alphas_cumprod[timesteps]
+    alpha_bar = generator.process.scheduler.alphas_cumprod[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
     assert snr[0] > gamma > snr[2]
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
@@ -278,7 +278,7 @@ def test_sample_matches_stable_diffusion_pipeline_with_ddim(tiny_models, tmp_pat
     ).save_pretrained(folder / "scheduler")
     _edit_json(folder / "model_index.json", scheduler=["diffusers", "PNDMScheduler"])
     generator = Generator.from_pretrained(str(folder))
-    assert isinstance(generator.noise_scheduler, DDPMScheduler)
+    assert isinstance(generator.process.scheduler, DDPMScheduler)
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -308,3 +308,13 @@ def test_short_overfit_lowers_loss(tiny_models) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0]
+
+
+def test_parts_load_only_from_diffusers_or_transformers(tiny_models, tmp_path: Path) -> None:
+    """model_index.json names each part's class by library; no other library is imported by name."""
+    folder = _copy_model(tiny_models.generator, tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = ["os", "system"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"text_encoder is os.system, not a class of diffusers or transformers"):
+        Generator.from_pretrained(str(folder))

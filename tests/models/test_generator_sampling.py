@@ -39,7 +39,7 @@ def _reference_ddim(
     guidance_scale: float,
 ) -> torch.Tensor:
     """DRaFT-K written out step by step: separate guided UNet calls, autograd on only the last steps."""
-    scheduler = DDIMScheduler.from_config(generator.noise_scheduler.config)
+    scheduler = DDIMScheduler.from_config(generator.process.scheduler.config)
     scheduler.set_timesteps(STEPS)
     for index, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(index >= STEPS - GRAD_STEPS):
@@ -56,11 +56,11 @@ def test_predict_x0_inverts_add_noise(tiny_models, prediction_type: str) -> None
     generator = Generator.from_pretrained(str(tiny_models.generator), prediction_type=prediction_type)
     latents, noise = _noise(generator, 4, seed=0), _noise(generator, 4, seed=1)
     timesteps = torch.tensor([0, 250, 700, 999])
-    noisy = generator.noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = generator.process.scheduler.add_noise(latents, noise, timesteps)
     if prediction_type == "epsilon":
         target = noise
     else:
-        target = generator.noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = generator.process.scheduler.get_velocity(latents, noise, timesteps)
     x0 = generator.predict_x0(noisy, timesteps, target)
     assert x0.dtype == torch.float32
     assert torch.allclose(x0, latents, atol=1e-5)

@@ -173,7 +173,7 @@ def test_shapes_base_preset_is_a_pixel_space_v_prediction_model(tmp_path) -> Non
     main(["--out", str(tmp_path), "--preset", "shapes-base"])
     generator = Generator.from_pretrained(str(tmp_path / "generator"))
     assert generator.vae is None and generator.prediction_type == "v_prediction"
-    scheduler = generator.noise_scheduler.config
+    scheduler = generator.process.scheduler.config
     assert (scheduler.beta_schedule, scheduler.timestep_spacing) == ("squaredcos_cap_v2", "trailing")
     assert {type(block).__name__ for block in generator.unet.down_blocks[:2]} == {"DownBlock2D"}
     images = generator.sample(["a small red circle in the center"], num_inference_steps=2)

@@ -124,8 +124,8 @@ def test_profile_splits_the_trainers_one_step_by_component(tiny_models, tmp_path
         _config(tiny_models, "t2i2t_one_step", CPU_ARCHITECTURES["tiny"], tmp_path), "generator", "cpu"
     )
     profile = profile_step(runner, "cpu")
-    assert profile["UNet"]["calls"] == 2, "the denoising term and the one-step term each run the UNet"
-    for part in ("UNet", "VAE decoder", "captioner vision"):
+    assert profile["unet"]["calls"] == 2, "the denoising term and the one-step term each run the UNet"
+    for part in ("unet", "VAE decoder", "captioner vision"):
         assert profile[part]["forward_ms"] > 0 and profile[part]["backward_ms"] > 0, part
     assert profile["VAE encoder"]["backward_ms"] == 0, "the reference latents need no gradient"
     assert set(profile["step"]) == {"forward", "backward", "update"}

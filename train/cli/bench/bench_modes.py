@@ -46,6 +46,10 @@ CYCLE_MODES = (
 # Cycle modes whose cost must stay within checks.CYCLE_COST_LIMIT x their supervised step, or be explained.
 FLAGGED_MODES = ("i2t2i_soft", "t2i2t_one_step", "t2i2t_one_step_shared")
 PROFILED_MODES = ("captioner", "generator", *FLAGGED_MODES)
+# What the other generator families' rows run unless --modes says otherwise: each family's supervised step and
+# the two cycle modes that run its denoiser with gradient (T2I2T trains it, I2T2I backpropagates through it to
+# the captioner); the SD rows time every mode and the machinery the families share.
+FAMILY_MODES = ("generator", "t2i2t_one_step", "i2t2i_soft")
 
 
 def bench_config(

@@ -16,6 +16,7 @@ import peft
 import torch
 import transformers
 
+from train.cli.bench.bench_modes import BASELINE
 from train.cli.bench.checks import CACHE_SPEEDUP_TARGET, CYCLE_COST_LIMIT, FRAMEWORK_RATIO_FLOOR
 
 
@@ -44,27 +45,35 @@ def machine_info(threads: int) -> dict[str, Any]:
     return info
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: one row per architecture and mode, every figure with its baseline ratio."""
-    lines = [
-        "| arch | mode | ms/step median | min | samples/s | GFLOP/step | time vs baseline | vs supervised | "
-        "peak memory MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def format_table(
+    results: dict[str, dict[str, Any]], architectures: dict[str, dict[str, Any]] | None = None
+) -> str:
+    """Markdown tables, one per architecture headed by its generator family and models (from `architectures`,
+    the report's entries), one row per mode, every figure with its baseline ratio where there is a baseline."""
+    tables = []
     for arch_name, modes in results.items():
+        arch = (architectures or {}).get(arch_name)
+        lines = [f"**{arch_name}** ({arch['family']} generator): {arch['description']}"] if arch else []
+        lines += [
+            "| arch | mode | ms/step median | min | samples/s | GFLOP/step | time vs baseline | vs supervised | "
+            "peak memory MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for mode, figures in modes.items():
             if "error" in figures:
                 lines.append(f"| {arch_name} | {mode} | failed: {figures['error'].splitlines()[0]} |")
                 continue
             relative = figures.get("relative_to_supervised")
+            against_baseline = figures.get("time_vs_baseline", 1.0 if mode == BASELINE else None)
             mfu = f" (MFU {figures['mfu']:.1%})" if "mfu" in figures else ""
             lines.append(
                 f"| {arch_name} | {mode} | {figures['median_ms']:.1f} | {figures['min_ms']:.1f} | "
                 f"{figures['samples_per_s']:.2f}{mfu} | {figures['flops_per_step'] / 1e9:.2f} | "
-                f"{figures.get('time_vs_baseline', 1.0):.2f}x | "
+                f"{'' if against_baseline is None else f'{against_baseline:.2f}x'} | "
                 f"{'' if relative is None else f'{relative:.2f}x'} | {figures['peak_memory_mb']:.0f} |"
             )
-    return "\n".join(lines)
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def format_checks(checks: dict[str, Any], reward: dict[str, Any] | None) -> str:
@@ -125,7 +134,7 @@ def format_profiles(results: dict[str, dict[str, Any]]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
-    table = format_table(report["results"])
+    table = format_table(report["results"], report["architectures"])
     checks = format_checks(report["checks"], report.get("reward_cost"))
     profiles = format_profiles(report["results"])
     machine = report["machine"]

@@ -1,7 +1,11 @@
 """`make bench`: time every phase and cycle mode through the trainer's own code, beside a bare baseline.
 
-    python -m train.cli.bench                      # CPU: tiny + small architectures, ~4 minutes on 2 cores
+    python -m train.cli.bench                      # CPU: tiny + small architectures, ~7 minutes on 2 cores
     python -m train.cli.bench --archs tiny --modes generator --pairs 5   # a quick look
+
+The tiny and small SD architectures run every mode; tiny-sdxl, tiny-sd3, tiny-flux, small-sdxl, ... run each
+other generator family at about the same size, in its supervised step and the cycle modes that run its
+denoiser with gradient (any mode with --modes), without a baseline.
 
 Each mode runs in its own worker process (a process's peak RSS never goes down), which builds the models and
 a fixed, seeded batch, warms up, and then times one optimizer update per request: the phase function run as
@@ -13,8 +17,8 @@ same moment on the same (possibly shared) machine.
 
 Also measured: the frozen-encoder cache on vs off, where the time of each cycle mode goes (per-component
 forward and backward), the cost of likelihood reward scoring vs sampling + image similarity and how well
-their rankings agree, and, with CUDA, bf16 SD 1.5- and BLIP-base-architecture models with MFU. Results are
-printed as a table and written as JSON to runs/bench/.
+their rankings agree, and, with CUDA, bf16 SD 1.5- and SDXL-architecture generators with a BLIP-base-
+architecture captioner, with MFU. Results are printed as a table and written as JSON to runs/bench/.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from typing import Any
 
 import torch
 
-from train.cli.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, GPU_ARCHITECTURE, save_models
-from train.cli.bench.bench_modes import MODES
+from train.cli.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, GPU_ARCHITECTURES, save_models
+from train.cli.bench.bench_modes import FAMILY_MODES, MODES
 from train.cli.bench.bench_report import machine_info, write_report
 from train.cli.bench.checks import acceptance
-from train.cli.bench.orchestrate import DEFAULT_PAIRS, DEFAULT_WARMUP, Plan, bench_architecture
+from train.cli.bench.orchestrate import bench_architecture, plan_for
 from train.cli.bench.reward_cost import reward_cost
 from train.cli.help_format import HelpFormatter
 
@@ -48,13 +52,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     torch.set_num_threads(args.threads)
     architectures = [ARCHITECTURES[name] for name in args.archs]
-    if GPU_ARCHITECTURE in architectures and not torch.cuda.is_available():
+    gpu_asked = [arch.name for arch in architectures if arch.name in GPU_ARCHITECTURES]
+    if gpu_asked and not torch.cuda.is_available():
         raise SystemExit(
-            f"error: --archs {GPU_ARCHITECTURE.name} needs CUDA (torch.cuda.is_available() is False)"
+            f"error: --archs {' '.join(gpu_asked)} needs CUDA (torch.cuda.is_available() is False)"
         )
-    if GPU_ARCHITECTURE not in architectures:
+    if not gpu_asked:
         if torch.cuda.is_available() and not args.skip_gpu:
-            architectures.append(GPU_ARCHITECTURE)
+            architectures += GPU_ARCHITECTURES.values()
         else:
             print(
                 "GPU part skipped: "
@@ -64,13 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = {arch.name: save_models(arch, out_dir / "models" / arch.name) for arch in architectures}
     for arch in architectures:
         print(f"{arch.name}: {arch.description}", flush=True)
-        plan = Plan(
-            pairs={
-                mode: args.pairs or n for mode, n in DEFAULT_PAIRS[arch.name].items() if mode in args.modes
-            },
-            warmup=DEFAULT_WARMUP[arch.name] if args.warmup is None else args.warmup,
-            threads=args.threads,
-        )
+        plan = plan_for(arch, args.modes, args.pairs, args.warmup, args.threads)
         report["architectures"][arch.name] = {**asdict(arch), **asdict(plan)}
         report["results"][arch.name] = bench_architecture(arch, models[arch.name], plan, out_dir)
     if not args.skip_reward:
@@ -101,11 +100,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=list(CPU_ARCHITECTURES),
         choices=list(ARCHITECTURES),
-        help=f"default: the CPU ones, plus {GPU_ARCHITECTURE.name} where CUDA works",
+        help=f"default: the CPU ones, plus {' and '.join(GPU_ARCHITECTURES)} where CUDA works",
     )
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument(
-        "--pairs", type=int, default=None, help="interleaved pairs per mode (default: a plan)"
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=list(MODES),
+        help=f"default: all on SD architectures, {' '.join(FAMILY_MODES)} on the other families'",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="interleaved pairs per mode, steps where there is no baseline (default: a plan)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per worker (default: a plan)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")

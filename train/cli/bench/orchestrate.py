@@ -5,19 +5,21 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.cli.bench.architectures import GPU_ARCHITECTURE, Architecture
-from train.cli.bench.bench_modes import BASELINE, CYCLE_MODES, MODES, PROFILED_MODES, measured
+from train.cli.bench.architectures import FAMILY_ARCHITECTURES, GPU_ARCHITECTURES, Architecture
+from train.cli.bench.bench_modes import BASELINE, CYCLE_MODES, FAMILY_MODES, MODES, PROFILED_MODES, measured
 from train.cli.bench.stats_ratios import step_summary, time_ratio
 from train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
 
 # bf16 dense throughput measured on this workplace's H100 (the MFU denominator).
 H100_BF16_FLOPS = 790e12
 # Interleaved pairs per mode and untimed warm-up steps per worker, sized so `make bench` stays within
-# 10 minutes on 2 CPU cores: 30 pairs where an acceptance check needs them, fewer for the slow modes.
+# 8 minutes on 2 CPU cores: 30 pairs where an acceptance check needs them, fewer for the slow modes. The
+# other families' rows have no baseline, so their "pairs" are single steps.
 DEFAULT_PAIRS = {
     "tiny": {"captioner": 10, "generator": 12, "generator_cached": 30, **dict.fromkeys(CYCLE_MODES, 8)},
     "small": {
@@ -29,9 +31,17 @@ DEFAULT_PAIRS = {
         "t2i2t_sample": 3,
         "t2i2t_reward": 3,
     },
-    GPU_ARCHITECTURE.name: {**dict.fromkeys(MODES, 10)},
+    **{arch.name: dict.fromkeys(MODES, 8) for arch in FAMILY_ARCHITECTURES["tiny"].values()},
+    **{arch.name: dict.fromkeys(MODES, 3) for arch in FAMILY_ARCHITECTURES["small"].values()},
+    **{name: dict.fromkeys(MODES, 10) for name in GPU_ARCHITECTURES},
 }
-DEFAULT_WARMUP = {"tiny": 3, "small": 1, GPU_ARCHITECTURE.name: 3}
+DEFAULT_WARMUP = {
+    "tiny": 3,
+    "small": 1,
+    **{arch.name: 2 for arch in FAMILY_ARCHITECTURES["tiny"].values()},
+    **{arch.name: 1 for arch in FAMILY_ARCHITECTURES["small"].values()},
+    **dict.fromkeys(GPU_ARCHITECTURES, 3),
+}
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,28 @@ class Plan:
     threads: int
 
 
+def plan_for(
+    arch: Architecture, modes: Sequence[str] | None, pairs: int | None, warmup: int | None, threads: int
+) -> Plan:
+    """The modes asked for (by default: every mode on an SD architecture, FAMILY_MODES on another family's), in
+    MODES order, with the given pairs and warm-up steps or the architecture's defaults."""
+    default_modes = MODES if arch.has_baseline else FAMILY_MODES
+    return Plan(
+        pairs={
+            mode: pairs or DEFAULT_PAIRS[arch.name][mode]
+            for mode in MODES
+            if mode in (modes or default_modes)
+        },
+        warmup=DEFAULT_WARMUP[arch.name] if warmup is None else warmup,
+        threads=threads,
+    )
+
+
 def bench_architecture(
     arch: Architecture, models: tuple[Path, Path], plan: Plan, out_dir: Path
 ) -> dict[str, Any]:
-    """All planned modes of one architecture, each interleaved pair by pair with one long-lived baseline."""
+    """All planned modes of one architecture, each interleaved pair by pair with one long-lived baseline (where
+    the architecture has one: the SD family's)."""
     order = random.Random(0)
     logs = out_dir / "logs" / arch.name
     context = worker_context(cuda=arch.device.startswith("cuda"))
@@ -64,7 +92,7 @@ def bench_architecture(
         )
         return Worker(context, spec, logs / f"{mode}.log")
 
-    baseline = start(BASELINE)
+    baseline = start(BASELINE) if arch.has_baseline else None
     results: dict[str, Any] = {}
     all_baseline: list[float] = []
     for mode, pairs in plan.pairs.items():
@@ -73,31 +101,40 @@ def bench_architecture(
         try:
             worker = start(mode)
             for _ in range(pairs):
-                first, second = (worker, baseline) if order.random() < 0.5 else (baseline, worker)
-                for current in (first, second):
+                for current in _pair(worker, baseline, order):
                     (ours if current is worker else base).append(current.step())
             report = worker.finish()
         except WorkerDied as error:  # e.g. out of memory: keep the other modes' results
             results[mode] = {"error": str(error)}
-            print(f"  {arch.name:<6} {mode:<17} failed, see {logs / f'{mode}.log'}", flush=True)
+            print(f"  {arch.name:<10} {mode:<21} failed, see {logs / f'{mode}.log'}", flush=True)
             continue
         all_baseline += base
+        against_baseline = (
+            {"time_vs_baseline": time_ratio(ours, base), "baseline_seconds": base} if base else {}
+        )
         results[mode] = {
             **step_summary(ours, arch.batch_size),
-            "time_vs_baseline": time_ratio(ours, base),
+            **against_baseline,
             "seconds": ours,
-            "baseline_seconds": base,
             "load_average": (load, os.getloadavg()[0]),
             "wall_s": time.perf_counter() - started,
             **report,
         }
-        print(f"  {arch.name:<6} {mode:<17} {results[mode]['median_ms']:9.1f} ms/step", flush=True)
-    results[BASELINE] = {
-        **step_summary(all_baseline, arch.batch_size),
-        "seconds": all_baseline,
-        **baseline.finish(),
-    }
+        print(f"  {arch.name:<10} {mode:<21} {results[mode]['median_ms']:9.1f} ms/step", flush=True)
+    if baseline is not None:
+        results[BASELINE] = {
+            **step_summary(all_baseline, arch.batch_size),
+            "seconds": all_baseline,
+            **baseline.finish(),
+        }
     if arch.device.startswith("cuda"):
         for figures in measured(results).values():
             figures["mfu"] = figures["flops_per_step"] / (figures["median_ms"] / 1000) / H100_BF16_FLOPS
     return results
+
+
+def _pair(worker: Worker, baseline: Worker | None, order: random.Random) -> tuple[Worker, ...]:
+    """One pair's steps, the mode's and the baseline's in random order; the mode's alone without a baseline."""
+    if baseline is None:
+        return (worker,)
+    return (worker, baseline) if order.random() < 0.5 else (baseline, worker)

@@ -19,9 +19,13 @@ def _profiled_parts(runner: TrainerStep) -> dict[str, Any]:
     generator, blip = runner.generator, runner.captioner.model
     if hasattr(blip, "get_base_model"):
         blip = blip.get_base_model()
+    encoders = {
+        slot.encoder.replace("_", " "): getattr(generator, slot.encoder)
+        for slot in generator.spec.text_encoders
+    }
     parts = {
-        "text encoder": generator.text_encoder,
-        "UNet": generator.unet,
+        **encoders,
+        generator.spec.denoiser: generator.denoiser,
         "captioner vision": blip.vision_model,
         "captioner text decoder": blip.text_decoder,
     }

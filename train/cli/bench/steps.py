@@ -14,7 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from data.mixer import BatchMixer
-from models.lora import GENERATOR_LORA_TARGETS
+from models.generators.stable_diffusion import StableDiffusionSpec
 from train.builders import (
     BASE_DTYPES,
     build_streams,
@@ -94,7 +94,7 @@ class BareGeneratorStep:
             r=settings.lora.rank,
             lora_alpha=settings.lora.alpha,
             init_lora_weights="gaussian",
-            target_modules=GENERATOR_LORA_TARGETS,
+            target_modules=StableDiffusionSpec.lora_targets,
         )
         self.unet = inject_adapter_in_model(lora, self.unet)
         self.params = [param for param in self.unet.parameters() if param.requires_grad]

@@ -1,0 +1,60 @@
+"""Stable Diffusion XL: a UNet cross-attending to two CLIP text encoders' penultimate hidden states side by side,
+with the second encoder's projected pooled output and the image's size and crop ("time ids") added to its
+timestep embedding; the DDPM objective (epsilon, or v-prediction for the 2.x-style finetunes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from transformers.modeling_outputs import BaseModelOutput
+
+from models.generators.generator_spec import (
+    GeneratorParts,
+    GeneratorSpec,
+    TextEncoderSlot,
+    split_pooled,
+    with_pooled,
+)
+
+
+class StableDiffusionXLSpec(GeneratorSpec):
+    name = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+    denoiser = "unet"
+    text_encoders = (
+        TextEncoderSlot("text_encoder", "tokenizer"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2"),
+    )
+    lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    kohya_export = True
+    converts_lora_keys = True
+
+    def conditioning(self, generator: GeneratorParts, outputs: Sequence[BaseModelOutput]) -> torch.Tensor:
+        """As StableDiffusionXLPipeline.encode_prompt (clip_skip unset): each encoder's penultimate hidden
+        state, concatenated on the feature axis, and the pooled vector of the last (projected) encoder."""
+        states = torch.cat([output.hidden_states[-2] for output in outputs], dim=-1)
+        return with_pooled(states, outputs[-1].text_embeds)
+
+    def predict(
+        self,
+        generator: GeneratorParts,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: torch.Tensor,
+    ) -> torch.Tensor:
+        """The time ids are (original size, crop top-left, target size) of a square, uncropped image at the
+        model's resolution: what diffusers' SDXL trainer passes for center-cropped training images."""
+        states, pooled = split_pooled(conditioning, generator.text_encoder_2.config.projection_dim)
+        side = generator.resolution
+        time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=states.dtype, device=states.device)
+        added = {"text_embeds": pooled, "time_ids": time_ids.expand(len(states), -1)}
+        return generator.unet(noisy, timesteps, states, added_cond_kwargs=added).sample
+
+    def pipeline(self, components: dict[str, Any]) -> DiffusionPipeline:
+        """No invisible watermark (an optional package) and no IP-adapter image encoder."""
+        return StableDiffusionXLPipeline(
+            **components, image_encoder=None, feature_extractor=None, add_watermarker=False
+        )
