@@ -18,6 +18,7 @@ from data.sources import Record, SourceSettings
 from data.streams import Stream
 from models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from models.captioner import Captioner
+from models.ddpm_process import DDPMProcess
 from models.families import captioner_family, generator_family
 from models.generator import Generator
 from models.generator_bridge import GeneratorBridge
@@ -80,6 +81,16 @@ def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") ->
     return generator, prepare_trainable(
         generator, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
     )
+
+
+def check_family_runs_the_modes(config: Config, generator: Generator) -> None:
+    """Refuse, before the first step, a cycle mode the generator's family cannot run: T2I2T reward trains
+    stochastic DDIM chains, which the flow-matching families (SD3, Flux) do not sample."""
+    if config.cycle.t2i2t.mode == "reward" and not isinstance(generator.process, DDPMProcess):
+        raise ValueError(
+            f"cycle.t2i2t.mode=reward needs a DDPM-family generator (sd, sdxl); {generator.spec.name} "
+            f"trains with {generator.prediction_type}"
+        )
 
 
 def build_encoder_cache(

@@ -27,6 +27,7 @@ from train.builders import (
     build_lr_scheduler,
     build_optimizer,
     build_streams,
+    check_family_runs_the_modes,
     phase_update_counts,
 )
 from train.checkpoint import CheckpointError, TrainingParts, read_config, resolve_resume
@@ -89,6 +90,7 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     """Models (trained one in train mode), optimizers, per-model LR schedules, data streams, bridge."""
     captioner, captioner_names = build_captioner(config.captioner, accelerator.mixed_precision)
     generator, generator_names = build_generator(config.generator, accelerator.mixed_precision)
+    check_family_runs_the_modes(config, generator)
     generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
     modules = {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
     updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)

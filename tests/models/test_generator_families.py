@@ -16,13 +16,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from cycle_runs import run_recipe_in_process, tiny_overrides
+from cycle_runs import run_recipe_in_process, tiny_config, tiny_overrides
 from diffusers import DiffusionPipeline
 from lora_weights import perturb_lora
 from phase_runs import build_models, phase_batch, phase_config, run_phase
 from PIL import Image
 from safetensors.torch import load_file
 
+from models.cache import FrozenEncoderCache
 from models.generator import Generator
 from models.generators import SPECS
 from models.lora import (
@@ -34,6 +35,7 @@ from models.lora import (
     save_merged_generator,
 )
 from models.tiny import TINY_GENERATORS
+from train.builders import check_family_runs_the_modes
 from train.cli import evaluate, generate, rerank
 from train.run_dir import RunDir
 
@@ -264,3 +266,36 @@ def test_every_cli_runs_on_the_familys_export(
     assert len(drawn) == 2 and all(len(row["files"]) == 2 for row in drawn)
     assert all((tmp_path / folder / "rankings.jsonl").read_text().strip() for folder in ("rc", "ri"))
     assert set(json.loads((tmp_path / "m.json").read_text())["metrics"]) >= {"bleu_4", "psnr"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_encoder_cache_serves_what_the_frozen_encoders_compute(family_models, family: str) -> None:
+    """Every text encoder's states and pooled vector (one conditioning row per caption) and the VAE posterior
+    with the family's shift and scale come back from the cache as computed afresh."""
+    generator = Generator.from_pretrained(str(family_models[family].generator)).requires_grad_(False)
+    generator.encoder_cache = FrozenEncoderCache(text=True, images=True)
+    pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
+    vae_noise = torch.randn(generator.latent_shape(2), generator=torch.Generator().manual_seed(1))
+    fresh_text = generator.encode_text(generator.tokenize(PROMPTS))
+    fresh_latents = generator.encode_images(pixels, vae_noise)
+    for _ in range(2):  # a miss, then a hit
+        torch.testing.assert_close(generator.encode_captions(PROMPTS), fresh_text, rtol=0, atol=1e-6)
+        cached = generator.data_latents(pixels, vae_noise, ["a", "b"])
+        torch.testing.assert_close(cached, fresh_latents, rtol=0, atol=1e-5)
+    stats = generator.encoder_cache.stats()
+    assert stats["text_hits"] == 2 and stats["image_hits"] == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_t2i2t_reward_is_refused_before_training_where_the_family_samples_no_ddim_chain(
+    family_models, family: str
+) -> None:
+    config = tiny_config(family_models[family], "cycle.t2i2t.mode=reward")
+    generator = Generator.from_pretrained(str(family_models[family].generator))
+    if SPEC_BY_NAME[family].pipeline_class.__name__ in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        with pytest.raises(
+            ValueError, match=rf"cycle.t2i2t.mode=reward needs a DDPM-family generator.*{family}"
+        ):
+            check_family_runs_the_modes(config, generator)
+    else:
+        check_family_runs_the_modes(config, generator)
