@@ -214,7 +214,7 @@ def _other_families(
 # SDXL base's UNet, VAE, CLIP-L and OpenCLIP bigG at 1024 px, with BLIP-base at 384 px, random weights:
 # GPU-sized stand-ins).
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
-    "test": ({}, {"sd": {}, "sdxl": {}, "sd3": {}, "flux": {}}),
+    "test": ({}, {family: {} for family in TINY_GENERATORS}),
     "shapes-base": (
         {"hidden_size": 64},
         {

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from diffusers import (
     AutoencoderKL,
@@ -403,24 +403,34 @@ _FLUX = _Layout(
 )
 
 
+class SaveOptions(TypedDict, total=False):
+    """The savers' keywords: the weights' seed (0), the image side the VAE and denoiser are built for (32; a
+    multiple of 4 with the toy VAE), the tokenizers' extra words, and `size` (the module docstring)."""
+
+    seed: int
+    resolution: int
+    vocab_words: Sequence[str] | None
+    size: Size | None
+
+
 def _save(
     layout: _Layout,
     out_dir: Path,
     *,
-    seed: int,
-    resolution: int,
-    vocab_words: Sequence[str] | None,
-    size: Size | None,
+    seed: int = 0,
+    resolution: int = 32,
+    vocab_words: Sequence[str] | None = None,
+    size: Size | None = None,
 ) -> Path:
     """Builds the text towers, then the denoiser and VAE, from one seed; saves them with the pipeline class's
     own save_pretrained (model_index.json and a subfolder a part); returns out_dir."""
     size = size or {}
     # Refuse a bad resolution or a size for a part the family lacks before writing anything.
     _latent_size(resolution, size.get("vae", {}))
-    parts = [layout.denoiser, "vae", *(encoder for _, encoder in _text_component_names(layout.towers))]
-    if unknown := sorted(size.keys() - set(parts)):
+    part_names = [layout.denoiser, "vae", *(encoder for _, encoder in _text_component_names(layout.towers))]
+    if unknown := sorted(size.keys() - set(part_names)):
         raise ValueError(
-            f"size names {unknown}, which {layout.pipeline_class.__name__} lacks; its parts: {parts}"
+            f"size names {unknown}, which {layout.pipeline_class.__name__} lacks; its parts: {part_names}"
         )
     out_dir = Path(out_dir)
     with seeded(seed):
@@ -431,37 +441,16 @@ def _save(
     return out_dir
 
 
-def save_tiny_sdxl(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    resolution: int = 32,
-    vocab_words: Sequence[str] | None = None,
-    size: Size | None = None,
-) -> Path:
+def save_tiny_sdxl(out_dir: Path, **options: Unpack[SaveOptions]) -> Path:
     """Random-init SDXL parts in the StableDiffusionXLPipeline folder layout; returns out_dir."""
-    return _save(_SDXL, out_dir, seed=seed, resolution=resolution, vocab_words=vocab_words, size=size)
+    return _save(_SDXL, out_dir, **options)
 
 
-def save_tiny_sd3(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    resolution: int = 32,
-    vocab_words: Sequence[str] | None = None,
-    size: Size | None = None,
-) -> Path:
+def save_tiny_sd3(out_dir: Path, **options: Unpack[SaveOptions]) -> Path:
     """Random-init SD3 parts in the StableDiffusion3Pipeline folder layout; returns out_dir."""
-    return _save(_SD3, out_dir, seed=seed, resolution=resolution, vocab_words=vocab_words, size=size)
+    return _save(_SD3, out_dir, **options)
 
 
-def save_tiny_flux(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    resolution: int = 32,
-    vocab_words: Sequence[str] | None = None,
-    size: Size | None = None,
-) -> Path:
+def save_tiny_flux(out_dir: Path, **options: Unpack[SaveOptions]) -> Path:
     """Random-init FLUX.1-dev-like parts in the FluxPipeline folder layout; returns out_dir."""
-    return _save(_FLUX, out_dir, seed=seed, resolution=resolution, vocab_words=vocab_words, size=size)
+    return _save(_FLUX, out_dir, **options)

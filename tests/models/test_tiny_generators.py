@@ -4,7 +4,7 @@ family's dimension rules, and generate; their T5 tokenizers are real SentencePie
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import sentencepiece
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -33,9 +34,9 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from models.tiny_vocabulary import write_clip_bpe
+from models.tiny import PRESETS, TINY_GENERATORS
 from models.tiny_generators import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
-from models.tiny_vocabulary import default_vocabulary, sentencepiece_unigram
+from models.tiny_vocabulary import default_vocabulary, sentencepiece_unigram, write_clip_bpe
 
 CAPTION = "a small red circle at the top left"
 
@@ -254,3 +255,114 @@ def test_resolution_must_halve_twice(tmp_path) -> None:
     with pytest.raises(ValueError, match="multiple of 4"):
         save_tiny_flux(tmp_path, resolution=30)
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+
+# Text towers wider than the toy defaults, each family's denoiser and VAE resized, and what must follow in the
+# denoiser: the text and pooled widths it reads, its latent size (a 3-level VAE quarters 32 px).
+SIZES = {
+    "sdxl": {
+        "text_encoder": {"hidden_size": 40},
+        "text_encoder_2": {"hidden_size": 56, "projection_dim": 24},
+        "unet": {"layers_per_block": 2, "addition_time_embed_dim": 4},
+        "vae": {"block_out_channels": (32, 32, 64)},
+    },
+    "sd3": {
+        "text_encoder": {"hidden_size": 40},
+        "text_encoder_2": {"hidden_size": 56},
+        "text_encoder_3": {"d_model": 128},
+        "transformer": {"num_layers": 3, "attention_head_dim": 8},
+        "vae": {"block_out_channels": (32, 32, 64)},
+    },
+    "flux": {
+        "text_encoder": {"hidden_size": 40},
+        "text_encoder_2": {"d_model": 64, "vocab_size": 500},
+        "transformer": {"num_single_layers": 2, "attention_head_dim": 8, "axes_dims_rope": (2, 2, 4)},
+    },
+}
+FOLLOWING = {
+    "sdxl": (
+        "unet",
+        {"cross_attention_dim": 96, "projection_class_embeddings_input_dim": 24 + 6 * 4, "sample_size": 8},
+    ),
+    "sd3": (
+        "transformer",
+        {
+            "joint_attention_dim": 128,
+            "pooled_projection_dim": 96,
+            "caption_projection_dim": 2 * 8,
+            "sample_size": 8,
+            "pos_embed_max_size": 12,
+        },
+    ),
+    "flux": ("transformer", {"joint_attention_dim": 64, "pooled_projection_dim": 40}),
+}
+
+
+def _config_values(config: Any, keys: Iterable[str]) -> dict[str, Any]:
+    """A saved config's values of `keys`, its lists as the tuples they were given as."""
+    values = {key: getattr(config, key) for key in keys}
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_size_resizes_the_parts_and_what_follows_from_them_follows(name, tmp_path) -> None:
+    family = FAMILIES[name]
+    pipe = family.pipeline_class.from_pretrained(family.save(tmp_path, resolution=32, size=SIZES[name]))
+    for part, arguments in SIZES[name].items():
+        assert _config_values(getattr(pipe, part).config, arguments) == arguments, part
+    denoiser, following = FOLLOWING[name]
+    assert _config_values(getattr(pipe, denoiser).config, following) == following
+    options = {"height": 32, "width": 32, "output_type": "pt", **family.call_options}
+    image = pipe(CAPTION, num_inference_steps=1, **options).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_size_refuses_what_it_cannot_set_before_writing(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"StableDiffusion3Pipeline lacks; its parts: \['transformer'"):
+        save_tiny_sd3(tmp_path, size={"unet": {"layers_per_block": 2}})
+    with pytest.raises(ValueError, match="multiple of 8"):
+        save_tiny_flux(tmp_path, resolution=20, size={"vae": {"block_out_channels": (32, 32, 64)}})
+    assert not any(tmp_path.iterdir())
+    # What follows from the other parts, and too small an embedding, show once the parts are built.
+    with pytest.raises(ValueError, match=r"size of unet cannot set \['cross_attention_dim'\]"):
+        save_tiny_sdxl(tmp_path / "sdxl", size={"unet": {"cross_attention_dim": 64}})
+    with pytest.raises(ValueError, match="vocab_size=10 is below the tokenizer's"):
+        save_tiny_flux(tmp_path / "flux", size={"text_encoder_2": {"vocab_size": 10}})
+
+
+# The parameter counts models/tiny.py's PRESETS and the bench's architectures quote for the other families'
+# denoisers, and SDXL base's own (UNet, VAE, CLIP-L, bigG with its projection) with the config values a
+# 1024 px SDXL checkpoint has.
+PRESET_SIZES = {
+    ("bench-tiny", "sdxl"): ({"unet": 1_038_948}, {}),
+    ("bench-tiny", "sd3"): ({"transformer": 895_168}, {}),
+    ("bench-tiny", "flux"): ({"transformer": 1_069_120}, {}),
+    ("bench-small", "sdxl"): ({"unet": 16_881_796}, {}),
+    ("bench-small", "sd3"): ({"transformer": 18_624_064}, {}),
+    ("bench-small", "flux"): ({"transformer": 17_982_016}, {}),
+    ("bench-sdxl-blip-base", "sdxl"): (
+        {
+            "unet": 2_567_463_684,
+            "vae": 83_653_863,
+            "text_encoder": 123_060_480,
+            "text_encoder_2": 694_659_840,
+        },
+        {"sample_size": 128, "cross_attention_dim": 2048, "projection_class_embeddings_input_dim": 2816},
+    ),
+}
+
+
+@pytest.mark.parametrize(("preset", "name"), PRESET_SIZES)
+def test_family_presets_have_the_sizes_they_quote(preset, name, tmp_path, monkeypatch) -> None:
+    parameters, unet_config = PRESET_SIZES[preset, name]
+    built: dict[str, Any] = {}
+    monkeypatch.setattr(
+        FAMILIES[name].pipeline_class, "save_pretrained", lambda pipe, folder: built.update(pipe.components)
+    )
+    with init_empty_weights():  # shapes only: SDXL base's 3.5B weights would take minutes and 14 GB
+        TINY_GENERATORS[name](tmp_path, **PRESETS[preset][1][name])
+    assert {part: built[part].num_parameters() for part in parameters} == parameters
+    if unet_config:
+        assert _config_values(built["unet"].config, unet_config) == unet_config

@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from models.generators import SPECS
 from models.tiny import PRESETS
 from train.cli.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, MODEL_PRESETS, Architecture
 from train.cli.bench.bench_modes import BASELINE, MODES, bench_config
 from train.cli.bench.bench_report import format_table
 from train.cli.bench.checks import acceptance
+from train.cli.bench.cli import parse_args, run
 from train.cli.bench.measure import step_flops
+from train.cli.bench.orchestrate import plan_for
 from train.cli.bench.profiler import profile_step
 from train.cli.bench.stats_ratios import mean_spearman, speed_ratio_interval, step_summary, time_ratio
 from train.cli.bench.steps import BareGeneratorStep, TrainerStep
@@ -192,3 +196,68 @@ def test_a_worker_that_dies_raises_with_its_log(tmp_path: Path) -> None:
     spec = WorkerSpec(CPU_ARCHITECTURES["tiny"], "generator", missing, missing, str(tmp_path), 1, 0)
     with pytest.raises(WorkerDied, match="no-such-model"):
         Worker(worker_context(cuda=False), spec, tmp_path / "generator.log")
+
+
+def test_each_generator_family_has_a_tiny_and_a_small_row_group_and_sdxl_a_gpu_one() -> None:
+    families = sorted(spec.name for spec in SPECS)
+    for size in ("tiny", "small"):
+        sd = CPU_ARCHITECTURES[size]
+        groups = [
+            arch for arch in CPU_ARCHITECTURES.values() if MODEL_PRESETS[arch.name] == MODEL_PRESETS[size]
+        ]
+        assert sorted(arch.family for arch in groups) == families, size
+        for arch in groups:
+            assert (arch.resolution, arch.batch_size) == (sd.resolution, sd.batch_size), arch.name
+            assert arch.family in PRESETS[MODEL_PRESETS[arch.name]][1], (
+                f"{arch.name}: no preset of its family"
+            )
+            assert arch.has_baseline == (arch.family == "sd")
+    sdxl = ARCHITECTURES["sdxl-blip-base"]
+    assert (sdxl.family, sdxl.device, sdxl.precision, sdxl.resolution) == ("sdxl", "cuda", "bf16", 1024)
+    # By default the other families run their supervised step and the cycle modes through their denoiser.
+    family_plan = plan_for(CPU_ARCHITECTURES["tiny-flux"], None, None, None, threads=1)
+    assert list(family_plan.pairs) == ["generator", "i2t2i_soft", "t2i2t_one_step"]
+    assert list(plan_for(sd, None, None, None, threads=1).pairs) == list(MODES)
+    assert plan_for(sd, ["generator"], 3, 0, threads=1).pairs == {"generator": 3}
+
+
+def test_a_family_without_a_baseline_is_checked_and_reported_on_its_own_medians() -> None:
+    def alone(ours: list[float]) -> dict:
+        return {key: value for key, value in _figures(ours, ours).items() if "baseline" not in key}
+
+    results = {"tiny-flux": {"generator": alone([0.1] * 4), "t2i2t_one_step": alone([0.3] * 4)}}
+    checks = acceptance(results)
+    assert checks["cycle_costs"]["tiny-flux/t2i2t_one_step"]["relative_to_supervised"] == pytest.approx(3.0)
+    assert "framework_overhead" not in checks and "cache_speedup" not in checks
+    architectures = {"tiny-flux": asdict(CPU_ARCHITECTURES["tiny-flux"])}
+    table = format_table(results, architectures)
+    assert table.startswith("**tiny-flux** (flux generator): Flux 2 double + 2 single blocks")
+    assert "| tiny-flux | t2i2t_one_step | 300.0 | 300.0 | 13.33 | 2.00 |  | 3.00x | 100 |" in table
+
+
+def _bench(tmp_path: Path, *arguments: str) -> dict:
+    """run() in this process, with its torch threads left as they are (run sets them)."""
+    common = ["--out", str(tmp_path), "--threads", str(torch.get_num_threads()), "--skip-reward"]
+    return run(parse_args([*common, *arguments]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_the_gpu_architectures_need_cuda(tmp_path: Path) -> None:
+    for name in ("sd15-blip-base", "sdxl-blip-base"):
+        with pytest.raises(SystemExit, match=f"--archs {name} needs CUDA"):
+            _bench(tmp_path, "--archs", name)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_family_architecture_benches_one_mode_end_to_end(tmp_path: Path, capsys) -> None:
+    report = _bench(tmp_path, "--archs", "tiny-sd3", "--modes", "generator", "--pairs", "2", "--warmup", "0")
+    assert "GPU part skipped" in capsys.readouterr().out
+    assert report["architectures"]["tiny-sd3"]["family"] == "sd3"
+    rows = report["results"]["tiny-sd3"]
+    assert set(rows) == {"generator"}, "no baseline row: the bare baseline is SD's"
+    generator = rows["generator"]
+    assert len(generator["seconds"]) == 2 and min(generator["seconds"]) > 0 and generator["median_ms"] > 0
+    assert generator["flops_per_step"] > 0 and "time_vs_baseline" not in generator
+    assert generator["profile"]["transformer"]["backward_ms"] > 0, "the profile finds the family's denoiser"
+    assert "**tiny-sd3** (sd3 generator)" in (tmp_path / "latest.md").read_text()

@@ -38,7 +38,7 @@ DEFAULT_PAIRS = {
 DEFAULT_WARMUP = {
     "tiny": 3,
     "small": 1,
-    **{arch.name: 2 for arch in FAMILY_ARCHITECTURES["tiny"].values()},
+    **{arch.name: 3 for arch in FAMILY_ARCHITECTURES["tiny"].values()},
     **{arch.name: 1 for arch in FAMILY_ARCHITECTURES["small"].values()},
     **dict.fromkeys(GPU_ARCHITECTURES, 3),
 }
