@@ -57,8 +57,9 @@ experiment: setup
 base: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.retrain_base
 
-# Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/cli/bench/); ~4 min on
-# 2 CPU cores, plus a bf16 SD 1.5 / BLIP-base part where CUDA works. Results: runs/bench/latest.{md,json}.
+# Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/cli/bench/), and of each
+# other generator family; ~7-8 min on 2 CPU cores, plus bf16 SD 1.5 and SDXL parts where CUDA works.
+# Results: runs/bench/latest.{md,json}.
 .PHONY: bench
 bench: setup
 	$(OFFLINE) $(PY) -m train.cli.bench
