@@ -79,11 +79,12 @@ class DDPMProcess:
     def predict_x0(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, prediction: torch.Tensor
     ) -> torch.Tensor:
-        """Inverts add_noise given the prediction; in float32."""
+        """Inverts add_noise given the prediction; in at least float32 (float64 stays float64, for gradcheck)."""
         timesteps = timesteps.to(self.scheduler.alphas_cumprod.device)
-        alpha_bar = self.scheduler.alphas_cumprod[timesteps].to(noisy.device, torch.float32)
+        dtype = torch.promote_types(torch.promote_types(noisy.dtype, prediction.dtype), torch.float32)
+        alpha_bar = self.scheduler.alphas_cumprod[timesteps].to(noisy.device, dtype)
         alpha_bar = alpha_bar.view(-1, *([1] * (noisy.ndim - 1)))
-        noisy, prediction = noisy.float(), prediction.float()
+        noisy, prediction = noisy.to(dtype), prediction.to(dtype)
         if self.prediction_type == "epsilon":
             return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
         return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction

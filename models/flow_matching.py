@@ -123,8 +123,10 @@ class FlowMatchingProcess:
     def predict_x0(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, prediction: torch.Tensor
     ) -> torch.Tensor:
-        """x_t - s * v: one Euler step from s straight to 0; in float32."""
-        return noisy.float() - self._sigmas(timesteps, noisy.ndim) * prediction.float()
+        """x_t - s * v: one Euler step from s straight to 0; in at least float32 (float64 stays float64)."""
+        dtype = torch.promote_types(torch.promote_types(noisy.dtype, prediction.dtype), torch.float32)
+        sigmas = self._sigmas(timesteps, noisy.ndim).to(dtype)
+        return noisy.to(dtype) - sigmas * prediction.to(dtype)
 
     def loss_weights(self, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
         """The library's weighting of the scheme; ones for the schemes that only shape the density ("none",

@@ -296,13 +296,15 @@ class Generator(ImageSampling, RunsInForward):
             return self.encode_images(pixels01, noise)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Differentiable decode to float32 pixels01 (clamped, so gradients stop outside [0, 1])."""
+        """Differentiable decode to pixels01 in at least float32 (a float64 model stays float64), clamped, so
+        gradients stop outside [0, 1]."""
         if self.vae is None:
-            pixels = latents.float()
+            pixels = latents
         else:
             shift = self.vae.config.shift_factor or 0.0
             scaled = latents / self.vae.config.scaling_factor + shift
-            pixels = self.vae.decode(scaled.to(_first_parameter(self.vae).dtype)).sample.float()
+            pixels = self.vae.decode(scaled.to(_first_parameter(self.vae).dtype)).sample
+        pixels = pixels.to(torch.promote_types(pixels.dtype, torch.float32))
         return (pixels / 2 + 0.5).clamp(0, 1)
 
     def predict(
