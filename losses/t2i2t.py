@@ -42,7 +42,8 @@ class T2I2TSettings(Strict):
     # OFF or a mode of T2I2T_MODES.
     mode: str = OFF
     weight: float = Field(1.0, ge=0)
-    # one_step: timesteps drawn uniformly from [0, max_timestep) (None: the whole schedule).
+    # one_step: timesteps drawn from the family's training density below max_timestep (DDPM: uniform integers;
+    # flow matching: s * 1000); None: the whole schedule.
     max_timestep: int | None = Field(None, ge=1)
     # one_step on paired batches: decode the denoising term's own UNet prediction instead of a second UNet
     # call (about half the phase's cost; same per-sample distribution; see one_step_on_denoise_pass).

@@ -5,7 +5,7 @@ timestep embedding; the DDPM objective (epsilon, or v-prediction for the 2.x-sty
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
@@ -13,24 +13,22 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from models.generators.generator_spec import (
     GeneratorParts,
-    GeneratorSpec,
     TextEncoderSlot,
     split_pooled,
     with_pooled,
 )
+from models.generators.stable_diffusion import StableDiffusionSpec
 
 
-class StableDiffusionXLSpec(GeneratorSpec):
+class StableDiffusionXLSpec(StableDiffusionSpec):
+    """SD's UNet family (its LoRA targets, key names and kohya files) with SDXL's encoders and added inputs."""
+
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
-    denoiser = "unet"
     text_encoders = (
         TextEncoderSlot("text_encoder", "tokenizer"),
         TextEncoderSlot("text_encoder_2", "tokenizer_2"),
     )
-    lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
-    kohya_export = True
-    converts_lora_keys = True
 
     def conditioning(self, generator: GeneratorParts, outputs: Sequence[BaseModelOutput]) -> torch.Tensor:
         """As StableDiffusionXLPipeline.encode_prompt (clip_skip unset): each encoder's penultimate hidden
