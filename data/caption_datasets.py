@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from data.images import ImageInput, ImageSource
-from data.skips import SkipLedger
-from data.sources import (
+from cycletune.data.images import ImageInput, ImageSource
+from cycletune.data.skips import SkipLedger
+from cycletune.data.sources import (
     SourceResult,
     SourceSettings,
     existing_path,

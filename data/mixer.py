@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data.streams import Stream
+from cycletune.data.streams import Stream
 
 UNPAIRED_KIND = {"captioner": "image_only", "generator": "text_only"}
 

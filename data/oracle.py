@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.images import load_rgb
-from data.shapes import COLOUR_RGB, Scene, SceneAttributes
+from cycletune.data.images import load_rgb
+from cycletune.data.shapes import COLOUR_RGB, Scene, SceneAttributes
 
 ImageLike = Image.Image | torch.Tensor | np.ndarray
 

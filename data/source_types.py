@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from data.caption_datasets import CocoSource, HFDatasetSource, coco_captions, hf_dataset
-from data.sources import (
+from cycletune.data.caption_datasets import CocoSource, HFDatasetSource, coco_captions, hf_dataset
+from cycletune.data.sources import (
     ImageFolderSource,
     ImageOnlySource,
     ShapesSource,

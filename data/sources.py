@@ -36,9 +36,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from data import shapes as shapes_world
-from data.images import ImageInput, ImageSource
-from data.skips import SkipLedger
+from cycletune.data import shapes as shapes_world
+from cycletune.data.images import ImageInput, ImageSource
+from cycletune.data.skips import SkipLedger
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from data.images import BadImage, ImageInput, load_rgb, to_tensor
-from data.sources import Record
+from cycletune.data.images import BadImage, ImageInput, load_rgb, to_tensor
+from cycletune.data.sources import Record
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.captioner import Captioner
-from models.generator import Generator
-from models.randomness import DrawKey
-from models.sampling_settings import SamplingSettings
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
+from cycletune.models.sampling_settings import SamplingSettings
 
 RERANK_STEP = 0
 

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
-from evaluation.availability import MetricResult, MetricUnavailable, check_metric_names, prepare
+from cycletune.evaluation.availability import MetricResult, MetricUnavailable, check_metric_names, prepare
 
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice")
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data.shapes import parse
+from cycletune.data.shapes import parse
 
 logger = logging.getLogger(__name__)
 

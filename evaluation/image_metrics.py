@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evaluation.availability import (
+from cycletune.evaluation.availability import (
     MetricResult,
     PathLike,
     check_metric_names,

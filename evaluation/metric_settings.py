@@ -15,9 +15,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from evaluation.image_metrics import ImageMetricOptions
-from evaluation.text import TextMetricOptions
-from losses.settings import Strict
+from cycletune.evaluation.image_metrics import ImageMetricOptions
+from cycletune.evaluation.text import TextMetricOptions
+from cycletune.losses.settings import Strict
 
 
 class EvaluationSettings(Strict):

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.images import load_rgb, to_tensor
-from data.oracle import read_scene
-from data.shapes import Scene, SceneAttributes, parse
-from evaluation.captions import per_sample_cider
-from evaluation.image_metrics import ImageMetricOptions
-from evaluation.rankings_file import StoredRanking, read_rankings
-from evaluation.similarity import IMAGE_SIMILARITIES, image_similarity
+from cycletune.data.images import load_rgb, to_tensor
+from cycletune.data.oracle import read_scene
+from cycletune.data.shapes import Scene, SceneAttributes, parse
+from cycletune.evaluation.captions import per_sample_cider
+from cycletune.evaluation.image_metrics import ImageMetricOptions
+from cycletune.evaluation.rankings_file import StoredRanking, read_rankings
+from cycletune.evaluation.similarity import IMAGE_SIMILARITIES, image_similarity
 
 CAPTION_QUALITY = ("cider_d", "shapes_accuracy")
 IMAGE_QUALITY = ("shapes_accuracy", *IMAGE_SIMILARITIES)

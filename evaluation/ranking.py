@@ -25,19 +25,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evaluation.candidates import (
+from cycletune.evaluation.candidates import (
     RERANK_STEP,
     CaptionSampling,
     candidate_captions,
     check_query_ids,
     generate_images,
 )
-from evaluation.similarity import Similarity, image_similarity, text_similarity_measure
-from models.captioner import Captioner
-from models.generator import Generator
-from models.randomness import DrawKey
-from models.sampling_settings import SamplingSettings
-from models.scoring import caption_scores
+from cycletune.evaluation.similarity import Similarity, image_similarity, text_similarity_measure
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.models.scoring import caption_scores
 
 
 @dataclass(frozen=True)

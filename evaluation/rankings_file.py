@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from evaluation.ranking import Ranking
-from evaluation.rankings_sheet import html_page, html_section
+from cycletune.evaluation.ranking import Ranking
+from cycletune.evaluation.rankings_sheet import html_page, html_section
 
 RANKINGS_FILE = "rankings.jsonl"
 CONTACT_SHEET_FILE = "index.html"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from evaluation.ranking import Ranking
+from cycletune.evaluation.ranking import Ranking
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; }

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data.oracle import attribute_accuracy, read_scenes
-from data.shapes import Scene, SceneAttributes, parse
-from evaluation.availability import MetricResult, check_metric_names
-from evaluation.captions import CAPTION_METRICS, caption_metrics
-from evaluation.image_metrics import IMAGE_METRICS, image_metrics
-from evaluation.metric_settings import EvaluationSettings, image_options, text_options
-from evaluation.text import text_metrics
-from models.captioner import Captioner
-from models.generator import Generator
-from models.randomness import DrawKey
-from models.sampling_settings import SamplingSettings
+from cycletune.data.oracle import attribute_accuracy, read_scenes
+from cycletune.data.shapes import Scene, SceneAttributes, parse
+from cycletune.evaluation.availability import MetricResult, check_metric_names
+from cycletune.evaluation.captions import CAPTION_METRICS, caption_metrics
+from cycletune.evaluation.image_metrics import IMAGE_METRICS, image_metrics
+from cycletune.evaluation.metric_settings import EvaluationSettings, image_options, text_options
+from cycletune.evaluation.text import text_metrics
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
+from cycletune.models.sampling_settings import SamplingSettings
 
 # Update index reserved for validation draws: the same noise at every validation, so curves compare.
 VALIDATION_STEP = -1

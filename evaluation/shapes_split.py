@@ -20,15 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
-from data import sources
-from data.batching import batched
-from data.images import load_pixels
-from evaluation.image_metrics import ssim
-from evaluation.metric_settings import EvaluationSettings
-from evaluation.sample_metrics import MetricNeeds, SampleBatch, compute_metrics, draw_images, sample_batch
-from models.captioner import Captioner
-from models.generator import Generator
-from models.sampling_settings import SamplingSettings
+from cycletune.data import sources
+from cycletune.data.batching import batched
+from cycletune.data.images import load_pixels
+from cycletune.evaluation.image_metrics import ssim
+from cycletune.evaluation.metric_settings import EvaluationSettings
+from cycletune.evaluation.sample_metrics import (
+    MetricNeeds,
+    SampleBatch,
+    compute_metrics,
+    draw_images,
+    sample_batch,
+)
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.sampling_settings import SamplingSettings
 
 # Seeds of the test parts; the configs' paired (100), image-only (101), text-only (102) and validation
 # (103) sets use the ones below them. Tuning uses the validation seed, split the same way.

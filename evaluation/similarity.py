@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evaluation.availability import MetricUnavailable, option_path
-from evaluation.image_metrics import (
+from cycletune.evaluation.availability import MetricUnavailable, option_path
+from cycletune.evaluation.image_metrics import (
     ImageMetricOptions,
     embedding_similarity,
     load_image_encoder,
@@ -27,7 +27,7 @@ from evaluation.image_metrics import (
     psnr,
     ssim,
 )
-from evaluation.text import (
+from cycletune.evaluation.text import (
     TextMetricOptions,
     load_clip_text_encoder,
     load_sbert,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evaluation.availability import (
+from cycletune.evaluation.availability import (
     MetricResult,
     MetricUnavailable,
     PathLike,
@@ -25,7 +25,7 @@ from evaluation.availability import (
     option_path,
     prepare,
 )
-from evaluation.captions import per_sample_cider
+from cycletune.evaluation.captions import per_sample_cider
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -14,8 +14,8 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 
-from models.generator_bridge import GeneratorBridge
-from models.randomness import DrawKey
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.randomness import DrawKey
 
 Direction = Literal["i2t2i", "t2i2t"]
 # The kinds of batch data/mixer.py hands out: image_only batches lack captions, text_only ones images.

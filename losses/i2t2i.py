@@ -26,16 +26,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from losses.advantages import group_advantages
-from losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
-from losses.settings import Strict
-from models.caption_decoding import IGNORE_INDEX, SampledCaptions
-from models.captioner import Captioner
-from models.device_transfer import to_device
-from models.generator import Generator
-from models.generator_bridge import GeneratorBridge
-from models.randomness import DrawKey
-from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
+from cycletune.losses.advantages import group_advantages
+from cycletune.losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
+from cycletune.losses.settings import Strict
+from cycletune.models.caption_decoding import IGNORE_INDEX, SampledCaptions
+from cycletune.models.captioner import Captioner
+from cycletune.models.device_transfer import to_device
+from cycletune.models.generator import Generator
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.randomness import DrawKey
+from cycletune.models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
 
 I2T2IStep = CycleStep[Captioner, Generator]
 

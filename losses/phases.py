@@ -15,15 +15,15 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from pydantic import Field
 
-from losses.cycle_modes import OFF, CycleModes, CycleOutput, CycleStep
-from losses.i2t2i import I2T2I_MODES, I2T2ISettings
-from losses.settings import Strict
-from losses.supervised import CaptionLossSettings, DenoiseLossSettings, caption_terms, denoise_pass
-from losses.t2i2t import T2I2T_MODES, T2I2TSettings, one_step_on_denoise_pass
-from models.captioner import Captioner
-from models.generator import Generator
-from models.generator_bridge import GeneratorBridge
-from models.randomness import DrawKey
+from cycletune.losses.cycle_modes import OFF, CycleModes, CycleOutput, CycleStep
+from cycletune.losses.i2t2i import I2T2I_MODES, I2T2ISettings
+from cycletune.losses.settings import Strict
+from cycletune.losses.supervised import CaptionLossSettings, DenoiseLossSettings, caption_terms, denoise_pass
+from cycletune.losses.t2i2t import T2I2T_MODES, T2I2TSettings, one_step_on_denoise_pass
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.randomness import DrawKey
 
 
 class CycleSettings(Strict):

@@ -12,11 +12,11 @@ from typing import Any, NamedTuple
 import torch
 from pydantic import Field
 
-from losses.settings import Strict
-from models.captioner import Captioner
-from models.device_transfer import to_device
-from models.generator import DenoiseOutput, Generator
-from models.randomness import DrawKey
+from cycletune.losses.settings import Strict
+from cycletune.models.captioner import Captioner
+from cycletune.models.device_transfer import to_device
+from cycletune.models.generator import DenoiseOutput, Generator
+from cycletune.models.randomness import DrawKey
 
 Batch = dict[str, Any]
 

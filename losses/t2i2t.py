@@ -26,12 +26,12 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
-from losses.settings import Strict
-from losses.supervised import DenoisePass
-from losses.t2i2t_reward import reward
-from models.captioner import Captioner
-from models.generator import Generator
+from cycletune.losses.cycle_modes import OFF, CycleMode, CycleModes, CycleOutput, CycleStep
+from cycletune.losses.settings import Strict
+from cycletune.losses.supervised import DenoisePass
+from cycletune.losses.t2i2t_reward import reward
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
 
 T2I2TStep = CycleStep[Generator, Captioner]
 

@@ -13,10 +13,10 @@ from typing import Protocol
 
 import torch
 
-from losses.advantages import group_advantages
-from losses.cycle_modes import CycleOutput, CycleStep
-from models.captioner import Captioner
-from models.denoising_chain import (
+from cycletune.losses.advantages import group_advantages
+from cycletune.losses.cycle_modes import CycleOutput, CycleStep
+from cycletune.models.captioner import Captioner
+from cycletune.models.denoising_chain import (
     Chain,
     Conditioning,
     DDIMPolicy,
@@ -27,9 +27,9 @@ from models.denoising_chain import (
     transition,
     transition_mean,
 )
-from models.device_transfer import to_device
-from models.generator import Generator
-from models.randomness import DrawKey
+from cycletune.models.device_transfer import to_device
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
 
 
 class RewardSettings(Protocol):

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.token_pieces import Reading, TargetPieces, added_beyond_model, source_reader
+from cycletune.models.token_pieces import Reading, TargetPieces, added_beyond_model, source_reader
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

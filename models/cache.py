@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from models.device_transfer import to_device
+from cycletune.models.device_transfer import to_device
 
 logger = logging.getLogger(__name__)
 

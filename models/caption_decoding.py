@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from models.modes import gradient_checkpointing_off
+from cycletune.models.modes import gradient_checkpointing_off
 
 if TYPE_CHECKING:
-    from models.captioners.spec import CaptionerSpec
+    from cycletune.models.captioners.spec import CaptionerSpec
 
 IGNORE_INDEX = -100
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from models.caption_decoding import IGNORE_INDEX, CaptionDecoding
-from models.captioners import spec_for
-from models.device_transfer import to_device
-from models.forward_routing import RunsInForward
+from cycletune.models.caption_decoding import IGNORE_INDEX, CaptionDecoding
+from cycletune.models.captioners import spec_for
+from cycletune.models.device_transfer import to_device
+from cycletune.models.forward_routing import RunsInForward
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from models.randomness import DrawKey
+from cycletune.models.randomness import DrawKey
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

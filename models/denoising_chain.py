@@ -24,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch.utils.checkpoint import checkpoint
 
-from models.generator import Generator
+from cycletune.models.generator import Generator
 
 
 @dataclass(frozen=True)

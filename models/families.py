@@ -18,13 +18,13 @@ from typing import Generic, TypeVar
 
 from huggingface_hub import hf_hub_download
 
-from models.captioner import Captioner
-from models.captioners import SPECS
-from models.forward_routing import RunsInForward
-from models.generator import Generator
-from models.generators import SPECS as GENERATOR_SPECS
-from models.locate import hub_offline
-from models.tiny import TINY_GENERATORS
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners import SPECS
+from cycletune.models.forward_routing import RunsInForward
+from cycletune.models.generator import Generator
+from cycletune.models.generators import SPECS as GENERATOR_SPECS
+from cycletune.models.locate import hub_offline
+from cycletune.models.tiny import TINY_GENERATORS
 
 Wrapper = TypeVar("Wrapper", bound=RunsInForward)
 

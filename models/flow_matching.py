@@ -19,8 +19,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from models.device_transfer import to_device
-from models.randomness import DrawKey
+from cycletune.models.device_transfer import to_device
+from cycletune.models.randomness import DrawKey
 
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 

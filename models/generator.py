@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, ModelMixin, SchedulerMixin
 from transformers import PreTrainedModel
 
-from models.device_transfer import to_device
-from models.forward_routing import RunsInForward
-from models.generators import spec_for_pipeline
-from models.generators.generator_spec import FamilyOptions, GeneratorSpec
-from models.image_sampling import ImageSampling, checkpoint_sampler
+from cycletune.models.device_transfer import to_device
+from cycletune.models.forward_routing import RunsInForward
+from cycletune.models.generators import spec_for_pipeline
+from cycletune.models.generators.generator_spec import FamilyOptions, GeneratorSpec
+from cycletune.models.image_sampling import ImageSampling, checkpoint_sampler
 
 if TYPE_CHECKING:
-    from models.cache import FrozenEncoderCache
-    from models.noise_process import NoiseProcess
+    from cycletune.models.cache import FrozenEncoderCache
+    from cycletune.models.noise_process import NoiseProcess
 
 # Libraries a model_index.json may name a part's class from: nothing else is imported by name.
 _PART_LIBRARIES = ("diffusers", "transformers")

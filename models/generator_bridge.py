@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from models.bridge import VocabularyBridge, describe_coverage
+from cycletune.models.bridge import VocabularyBridge, describe_coverage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from models.generator import Generator
+    from cycletune.models.generator import Generator
 
 
 class GeneratorBridge(nn.Module):

@@ -18,8 +18,8 @@ from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
-from models.noise_process import NoiseProcess
-from models.sampling_settings import SamplingSettings
+from cycletune.models.noise_process import NoiseProcess
+from cycletune.models.sampling_settings import SamplingSettings
 
 
 def checkpoint_sampler(

@@ -23,11 +23,11 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from models.modes import frozen as frozen  # re-exported: defined with the other mode helpers
+from cycletune.models.modes import frozen as frozen  # re-exported: defined with the other mode helpers
 
 if TYPE_CHECKING:
-    from models.captioner import Captioner
-    from models.generator import Generator
+    from cycletune.models.captioner import Captioner
+    from cycletune.models.generator import Generator
 
 TrainMode = Literal["lora", "full"]
 TRAIN_MODES: tuple[str, ...] = ("lora", "full")

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from diffusers import SchedulerMixin
 
-from models.randomness import DrawKey
+from cycletune.models.randomness import DrawKey
 
 
 class NoiseProcess(Protocol):

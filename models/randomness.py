@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.device_transfer import to_device
+from cycletune.models.device_transfer import to_device
 
 
 @dataclass(frozen=True)

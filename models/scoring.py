@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.generator import Generator
-from models.randomness import DrawKey
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
 
 
 @dataclass(frozen=True)

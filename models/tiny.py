@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.captioners import SPECS
-from models.captioners.blip import BlipSpec
-from models.tiny_generators import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
-from models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_clip_bpe
+from cycletune.models.captioners import SPECS
+from cycletune.models.captioners.blip import BlipSpec
+from cycletune.models.tiny_generators import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
+from cycletune.models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_clip_bpe
 
 _CLIP_MAX_LENGTH = 77
 
@@ -57,7 +57,7 @@ def save_tiny_generator(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from models.generators.stable_diffusion import StableDiffusionSpec
+    from cycletune.models.generators.stable_diffusion import StableDiffusionSpec
 
     if vae_options and not with_vae:
         raise ValueError("vae_options given with with_vae=False: a pixel-space generator has no VAE")

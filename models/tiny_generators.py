@@ -49,7 +49,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from models.tiny_vocabulary import (
+from cycletune.models.tiny_vocabulary import (
     check_vocab_size,
     clean_words,
     seeded,

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from models.captioner import Captioner
-    from models.generator import Generator
+    from cycletune.models.captioner import Captioner
+    from cycletune.models.generator import Generator
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,8 +51,8 @@ class TinyModels:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    from models.captioners.blip import BlipSpec
-    from models.tiny import save_tiny_generator
+    from cycletune.models.captioners.blip import BlipSpec
+    from cycletune.models.tiny import save_tiny_generator
 
     root = tmp_path_factory.mktemp("tiny_models")
     return TinyModels(
@@ -65,7 +65,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 @pytest.fixture
 def captioner(tiny_models: TinyModels) -> Captioner:
     """A fresh copy per test, so tests that train or edit weights leak nothing into others."""
-    from models.captioner import Captioner
+    from cycletune.models.captioner import Captioner
 
     return Captioner.from_pretrained(str(tiny_models.captioner)).eval()
 
@@ -73,7 +73,7 @@ def captioner(tiny_models: TinyModels) -> Captioner:
 @pytest.fixture
 def generator(tiny_models: TinyModels) -> Generator:
     """A fresh copy per test, so tests that train or edit weights leak nothing into others."""
-    from models.generator import Generator
+    from cycletune.models.generator import Generator
 
     return Generator.from_pretrained(str(tiny_models.generator))
 
@@ -81,7 +81,7 @@ def generator(tiny_models: TinyModels) -> Generator:
 @pytest.fixture(scope="module")
 def frozen_captioner(tiny_models: TinyModels) -> Captioner:
     """Frozen as the trainer freezes the partner (gradients pass through, none land); a module's tests share it."""
-    from models.captioner import Captioner
+    from cycletune.models.captioner import Captioner
 
     return Captioner.from_pretrained(str(tiny_models.captioner)).requires_grad_(False).eval()
 
@@ -89,6 +89,6 @@ def frozen_captioner(tiny_models: TinyModels) -> Captioner:
 @pytest.fixture(scope="module")
 def frozen_generator(tiny_models: TinyModels) -> Generator:
     """Frozen as the trainer freezes the partner (gradients pass through, none land); a module's tests share it."""
-    from models.generator import Generator
+    from cycletune.models.generator import Generator
 
     return Generator.from_pretrained(str(tiny_models.generator)).requires_grad_(False)

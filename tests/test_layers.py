@@ -77,16 +77,16 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_every_kind_of_import_is_read() -> None:
     source = """
-import models.cache
-from models import generator
-from models.lora import frozen
+import cycletune.models.cache
+from cycletune.models import generator
+from cycletune.models.lora import frozen
 from . import bridge
 from .scoring import caption_scores
 if TYPE_CHECKING:
-    from losses.phases import PhaseOutput
+    from cycletune.losses.phases import PhaseOutput
 def later():
-    import train.config as config
-    from data.shapes import WORDS
+    import cycletune.train.config as config
+    from cycletune.data.shapes import WORDS
 """
     names = set(imported_names(source, "models.tiny", is_package=False))
     expected = {

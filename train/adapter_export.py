@@ -16,9 +16,9 @@ import json
 import shlex
 from pathlib import Path
 
-from models.captioner import Captioner
-from models.generator import Generator
-from models.lora import (
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.lora import (
     DIFFUSERS_LORA_FILE,
     load_trainable_state_dict,
     save_captioner_adapter,
@@ -27,10 +27,10 @@ from models.lora import (
     save_merged_generator,
     trainable_state_dict,
 )
-from train.builders import build_captioner, build_generator
-from train.checkpoint import CheckpointError, read_config, read_tensors, verify_checkpoint
-from train.config import Config
-from train.run_dir import trainable_weights_file
+from cycletune.train.builders import build_captioner, build_generator
+from cycletune.train.checkpoint import CheckpointError, read_config, read_tensors, verify_checkpoint
+from cycletune.train.config import Config
+from cycletune.train.run_dir import trainable_weights_file
 
 # What each export folder is for the Hugging Face Hub's model-card metadata.
 PIPELINE_TAGS = {"captioner": "image-to-text", "generator": "text-to-image"}

@@ -12,18 +12,18 @@ import logging
 import torch
 from diffusers.optimization import get_scheduler
 
-from data.skips import SkipLedger
-from data.source_types import SOURCE_TYPES
-from data.sources import Record, SourceSettings
-from data.streams import Stream
-from models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
-from models.captioner import Captioner
-from models.ddpm_process import DDPMProcess
-from models.families import captioner_family, generator_family
-from models.generator import Generator
-from models.generator_bridge import GeneratorBridge
-from models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
-from train.config import (
+from cycletune.data.skips import SkipLedger
+from cycletune.data.source_types import SOURCE_TYPES
+from cycletune.data.sources import Record, SourceSettings
+from cycletune.data.streams import Stream
+from cycletune.models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
+from cycletune.models.captioner import Captioner
+from cycletune.models.ddpm_process import DDPMProcess
+from cycletune.models.families import captioner_family, generator_family
+from cycletune.models.generator import Generator
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
+from cycletune.train.config import (
     CaptionerSettings,
     Config,
     GeneratorSettings,

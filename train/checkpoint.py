@@ -32,12 +32,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from models.lora import load_trainable_state_dict, trainable_state_dict
-from train.config import Config, ConfigError, load_config
-from train.manifest import MANIFEST_NAME, fsync_directory, manifest_problem, write_manifest
-from train.optimizer_state import load_optimizer_state, save_optimizer_state
-from train.rng import restore_rng_state, rng_state_tensors
-from train.run_dir import CONFIG_FILE, RunDir, trainable_weights_file, write_config
+from cycletune.models.lora import load_trainable_state_dict, trainable_state_dict
+from cycletune.train.config import Config, ConfigError, load_config
+from cycletune.train.manifest import MANIFEST_NAME, fsync_directory, manifest_problem, write_manifest
+from cycletune.train.optimizer_state import load_optimizer_state, save_optimizer_state
+from cycletune.train.rng import restore_rng_state, rng_state_tensors
+from cycletune.train.run_dir import CONFIG_FILE, RunDir, trainable_weights_file, write_config
 
 logger = logging.getLogger(__name__)
 

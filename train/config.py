@@ -19,17 +19,17 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from data.source_types import ROLES, SOURCE_TYPES, types_feeding
-from evaluation.metric_settings import EvaluationSettings
-from losses.i2t2i import I2T2I_MODES
-from losses.phases import CycleSettings
-from losses.settings import Strict
-from losses.supervised import CaptionLossSettings, DenoiseLossSettings
-from losses.t2i2t import T2I2T_MODES
-from models.families import MODEL_TYPE, PIPELINE_CLASS
-from models.generators.generator_spec import FamilyOptions
-from models.locate import ModelSourceError, locate_model
-from models.sampling_settings import SamplingSettings
+from cycletune.data.source_types import ROLES, SOURCE_TYPES, types_feeding
+from cycletune.evaluation.metric_settings import EvaluationSettings
+from cycletune.losses.i2t2i import I2T2I_MODES
+from cycletune.losses.phases import CycleSettings
+from cycletune.losses.settings import Strict
+from cycletune.losses.supervised import CaptionLossSettings, DenoiseLossSettings
+from cycletune.losses.t2i2t import T2I2T_MODES
+from cycletune.models.families import MODEL_TYPE, PIPELINE_CLASS
+from cycletune.models.generators.generator_spec import FamilyOptions
+from cycletune.models.locate import ModelSourceError, locate_model
+from cycletune.models.sampling_settings import SamplingSettings
 
 Phase = Literal["captioner", "generator"]
 PHASES: tuple[Phase, ...] = ("captioner", "generator")
@@ -322,6 +322,25 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         target[keys[-1]] = value
 
 
+# Where `--config NAME` finds the configs shipped with CycleTune: configs/ beside this package, in a checkout
+# as in an installed wheel (pyproject.toml packages the folder as cycletune/configs).
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_file(path: str | Path) -> Path:
+    """A YAML path, or the bare name of a config packaged with CycleTune (`tiny` for configs/tiny.yaml), so
+    that an installed CycleTune starts from `cycletune train --config tiny` in any folder. A file of that
+    name in the working directory wins."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.name}.yaml"
+    if path.suffix == "" and len(path.parts) == 1 and packaged.is_file():
+        return packaged
+    names = sorted(entry.stem for entry in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {path} (packaged configs, by name: {', '.join(names)})")
+
+
 def load_config(
     path: str | Path | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
 ) -> Config:
@@ -329,9 +348,7 @@ def load_config(
     raw: dict[str, Any] = dict(base or {})
     origin = "(overrides)"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = config_file(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except (UnicodeDecodeError, yaml.YAMLError) as error:

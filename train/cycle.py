@@ -21,22 +21,29 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from models.randomness import DrawKey
-from train.adapter_export import export_run
-from train.builders import build_validation_batch
-from train.checkpoint import (
+from cycletune.models.randomness import DrawKey
+from cycletune.train.adapter_export import export_run
+from cycletune.train.builders import build_validation_batch
+from cycletune.train.checkpoint import (
     CheckpointError,
     PreemptionSignal,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
-from train.cli.help_format import HelpFormatter
-from train.config import PHASES, Config, ConfigError, check_model_sources, flags_as_overrides, load_config
-from train.run import Run, build_run, resume_target, validate_on_main, with_launcher_precision
-from train.run_dir import RunDir, write_config
-from train.step import PhaseStepResult, phase_step
-from train.tracking import (
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.config import (
+    PHASES,
+    Config,
+    ConfigError,
+    check_model_sources,
+    flags_as_overrides,
+    load_config,
+)
+from cycletune.train.run import Run, build_run, resume_target, validate_on_main, with_launcher_precision
+from cycletune.train.run_dir import RunDir, write_config
+from cycletune.train.step import PhaseStepResult, phase_step
+from cycletune.train.tracking import (
     LoggingWindow,
     StepLog,
     log_export_artifact,
@@ -44,7 +51,7 @@ from train.tracking import (
     trackers_for,
     wandb_run_dir,
 )
-from train.validation import check_validation_metrics
+from cycletune.train.validation import check_validation_metrics
 
 logger = logging.getLogger("cycletune")
 

@@ -22,13 +22,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from models.captioner import Captioner
-from models.generator import Generator
-from models.lora import DIFFUSERS_LORA_FILE
-from train.adapter_export import load_checkpoint_models
-from train.checkpoint import is_checkpoint_folder
-from train.config import Config, ConfigError, load_config
-from train.run_dir import CONFIG_FILE, RunDir, trainable_weights_file
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.lora import DIFFUSERS_LORA_FILE
+from cycletune.train.adapter_export import load_checkpoint_models
+from cycletune.train.checkpoint import is_checkpoint_folder
+from cycletune.train.config import Config, ConfigError, load_config
+from cycletune.train.run_dir import CONFIG_FILE, RunDir, trainable_weights_file
 
 
 class ModelLoadError(ValueError):

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import sources
-from data.images import ImageSource
-from train.builders import load_records
-from train.config import Config
+from cycletune.data import sources
+from cycletune.data.images import ImageSource
+from cycletune.train.builders import load_records
+from cycletune.train.config import Config
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
-from data.mixer import BatchMixer
-from models.generator_bridge import GeneratorBridge
-from train.builders import (
+from cycletune.data.mixer import BatchMixer
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.train.builders import (
     build_bridge,
     build_captioner,
     build_encoder_cache,
@@ -30,12 +30,12 @@ from train.builders import (
     check_family_runs_the_modes,
     phase_update_counts,
 )
-from train.checkpoint import CheckpointError, TrainingParts, read_config, resolve_resume
-from train.config import PHASES, Config, ConfigError, fingerprint_differences, model_fingerprint
-from train.state import TrainerState
-from train.step import batch_to_device
-from train.tracking import StepLog, log_validation_table
-from train.validation import validate
+from cycletune.train.checkpoint import CheckpointError, TrainingParts, read_config, resolve_resume
+from cycletune.train.config import PHASES, Config, ConfigError, fingerprint_differences, model_fingerprint
+from cycletune.train.state import TrainerState
+from cycletune.train.step import batch_to_device
+from cycletune.train.tracking import StepLog, log_validation_table
+from cycletune.train.validation import validate
 
 logger = logging.getLogger(__name__)
 

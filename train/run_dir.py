@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import Config, save_config
+from cycletune.train.config import Config, save_config
 
 CONFIG_FILE = "config.yaml"  # in the run folder and in every checkpoint folder
 EXPORT_FOLDER = "export"  # also the default export folder inside a checkpoint (train.cli.export)

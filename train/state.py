@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from data.skips import SkipLedger
+from cycletune.data.skips import SkipLedger
 
 
 class Resumable(Protocol):

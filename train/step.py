@@ -17,13 +17,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
-from losses.phases import PHASE_LOSSES
-from models.device_transfer import to_device
-from models.generator_bridge import GeneratorBridge
-from models.lora import frozen
-from models.randomness import DrawKey
-from train.config import Config
-from train.update import optimizer_update
+from cycletune.losses.phases import PHASE_LOSSES
+from cycletune.models.device_transfer import to_device
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.lora import frozen
+from cycletune.models.randomness import DrawKey
+from cycletune.train.config import Config
+from cycletune.train.update import optimizer_update
 
 PARTNER = {"captioner": "generator", "generator": "captioner"}
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from train.config import Config
+from cycletune.train.config import Config
 
 logger = logging.getLogger(__name__)
 

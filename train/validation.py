@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from evaluation.availability import check_metric_names, split_results
-from evaluation.sample_metrics import (
+from cycletune.evaluation.availability import check_metric_names, split_results
+from cycletune.evaluation.sample_metrics import (
     CORPUS_METRICS,
     VALIDATION_METRICS,
     VALIDATION_STEP,
@@ -21,14 +21,14 @@ from evaluation.sample_metrics import (
     compute_metrics,
     sample_batch,
 )
-from losses.supervised import caption_terms, denoise_terms
-from models.captioner import Captioner
-from models.generator import Generator
-from models.modes import eval_mode
-from models.randomness import DrawKey
-from models.sampling_settings import SamplingSettings
-from train.config import Config, ConfigError
-from train.tracking import ValidationRow
+from cycletune.losses.supervised import caption_terms, denoise_terms
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.modes import eval_mode
+from cycletune.models.randomness import DrawKey
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.train.config import Config, ConfigError
+from cycletune.train.tracking import ValidationRow
 
 logger = logging.getLogger(__name__)
 

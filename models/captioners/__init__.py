@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from models.captioners.blip import BlipSpec
-from models.captioners.blip2 import Blip2Spec
-from models.captioners.git import GitSpec
-from models.captioners.idefics import IdeficsSpec
-from models.captioners.smolvlm import SmolVLMSpec
-from models.captioners.spec import CaptionerSpec
+from cycletune.models.captioners.blip import BlipSpec
+from cycletune.models.captioners.blip2 import Blip2Spec
+from cycletune.models.captioners.git import GitSpec
+from cycletune.models.captioners.idefics import IdeficsSpec
+from cycletune.models.captioners.smolvlm import SmolVLMSpec
+from cycletune.models.captioners.spec import CaptionerSpec
 
 SPECS: tuple[CaptionerSpec, ...] = (BlipSpec(), Blip2Spec(), GitSpec(), SmolVLMSpec(), IdeficsSpec())
 

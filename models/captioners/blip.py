@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from models.captioners.spec import CaptionerSpec
-from models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_bert_vocab
+from cycletune.models.captioners.spec import CaptionerSpec
+from cycletune.models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_bert_vocab
 
 # The real BLIP tokenizer (Salesforce/blip-image-captioning-*) adds "[DEC]" as bos; generation starts from it.
 BLIP_DECODER_START = "[DEC]"

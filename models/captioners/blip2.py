@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from models.captioners.spec import CaptionerSpec
-from models.tiny_vocabulary import byte_level_bpe, clean_words, seeded
+from cycletune.models.captioners.spec import CaptionerSpec
+from cycletune.models.tiny_vocabulary import byte_level_bpe, clean_words, seeded
 
 # The OPT tokenizer's specials in their ids' order (<s> 0, <pad> 1, </s> 2, <unk> 3); "</s>" is its bos and eos.
 OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")

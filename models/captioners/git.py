@@ -21,8 +21,8 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
-from models.captioners.spec import CaptionerSpec, ImageGeometry
-from models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_bert_vocab
+from cycletune.models.captioners.spec import CaptionerSpec, ImageGeometry
+from cycletune.models.tiny_vocabulary import check_vocab_size, clean_words, seeded, write_bert_vocab
 
 # Patch tokens attend to each other both ways (one block); text tokens (-1) stay causal.
 IMAGE_BLOCK, CAUSAL = 0, -1

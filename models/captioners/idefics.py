@@ -25,8 +25,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import PretrainedConfig
 
-from models.captioners.spec import CaptionerSpec
-from models.tiny_vocabulary import check_vocab_size, clean_words, seeded, sentencepiece_bpe
+from cycletune.models.captioners.spec import CaptionerSpec
+from cycletune.models.tiny_vocabulary import check_vocab_size, clean_words, seeded, sentencepiece_bpe
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"

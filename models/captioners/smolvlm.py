@@ -25,8 +25,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import PretrainedConfig
 
-from models.captioners.spec import CaptionerSpec, ImageGeometry
-from models.tiny_vocabulary import byte_level_bpe, check_vocab_size, clean_words, seeded
+from cycletune.models.captioners.spec import CaptionerSpec, ImageGeometry
+from cycletune.models.tiny_vocabulary import byte_level_bpe, check_vocab_size, clean_words, seeded
 
 # The real tokenizer's specials (HuggingFaceTB/SmolVLM-*): unk, bos, pad first, then the chat and image tokens.
 _UNK, _BOS, _PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

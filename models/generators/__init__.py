@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from models.generators.flux import FluxSpec
-from models.generators.generator_spec import GeneratorSpec
-from models.generators.sd3 import StableDiffusion3Spec
-from models.generators.sdxl import StableDiffusionXLSpec
-from models.generators.stable_diffusion import StableDiffusionSpec
+from cycletune.models.generators.flux import FluxSpec
+from cycletune.models.generators.generator_spec import GeneratorSpec
+from cycletune.models.generators.sd3 import StableDiffusion3Spec
+from cycletune.models.generators.sdxl import StableDiffusionXLSpec
+from cycletune.models.generators.stable_diffusion import StableDiffusionSpec
 
 SPECS: tuple[GeneratorSpec, ...] = (
     StableDiffusionSpec(),

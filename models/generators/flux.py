@@ -11,8 +11,8 @@ import torch
 from diffusers import FluxPipeline
 from transformers.modeling_outputs import BaseModelOutput
 
-from models.flow_matching import FlowMatchingProcess
-from models.generators.generator_spec import (
+from cycletune.models.flow_matching import FlowMatchingProcess
+from cycletune.models.generators.generator_spec import (
     FamilyOptions,
     GeneratorParts,
     GeneratorSpec,
@@ -20,7 +20,7 @@ from models.generators.generator_spec import (
     split_pooled,
     with_pooled,
 )
-from models.generators.sd3 import flow_matching_process
+from cycletune.models.generators.sd3 import flow_matching_process
 
 # FluxPipeline's default max_sequence_length for T5, and its default guidance for FLUX.1-dev.
 T5_TOKENS = 512

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from transformers.modeling_outputs import BaseModelOutput
 
-from models.ddpm_process import DDPMProcess
+from cycletune.models.ddpm_process import DDPMProcess
 
 if TYPE_CHECKING:
-    from models.noise_process import NoiseProcess
+    from cycletune.models.noise_process import NoiseProcess
 
 
 @dataclass(frozen=True)

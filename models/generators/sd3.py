@@ -17,8 +17,8 @@ from diffusers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-from models.flow_matching import FlowMatchingProcess
-from models.generators.generator_spec import (
+from cycletune.models.flow_matching import FlowMatchingProcess
+from cycletune.models.generators.generator_spec import (
     FamilyOptions,
     GeneratorParts,
     GeneratorSpec,

@@ -11,13 +11,13 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from transformers.modeling_outputs import BaseModelOutput
 
-from models.generators.generator_spec import (
+from cycletune.models.generators.generator_spec import (
     GeneratorParts,
     TextEncoderSlot,
     split_pooled,
     with_pooled,
 )
-from models.generators.stable_diffusion import StableDiffusionSpec
+from cycletune.models.generators.stable_diffusion import StableDiffusionSpec
 
 
 class StableDiffusionXLSpec(StableDiffusionSpec):

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from transformers.modeling_outputs import BaseModelOutput
 
-from models.generators.generator_spec import GeneratorParts, GeneratorSpec, TextEncoderSlot
+from cycletune.models.generators.generator_spec import GeneratorParts, GeneratorSpec, TextEncoderSlot
 
 
 class StableDiffusionSpec(GeneratorSpec):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data.batching import batched
+from cycletune.data.batching import batched
 
 
 def test_batches_keep_order_and_only_the_last_is_short() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import BadImage, load_rgb, to_tensor
+from cycletune.data.images import BadImage, load_rgb, to_tensor
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from data.mixer import BatchMixer
-from data.sources import Record
-from data.streams import Stream
+from cycletune.data.mixer import BatchMixer
+from cycletune.data.sources import Record
+from cycletune.data.streams import Stream
 
 
 def _stream(records: list[Record], name: str) -> Stream:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from data.oracle import attribute_accuracy, read_scene, read_scenes
-from data.shapes import COLOUR_RGB, Scene, SceneAttributes, random_scene, render
+from cycletune.data.oracle import attribute_accuracy, read_scene, read_scenes
+from cycletune.data.shapes import COLOUR_RGB, Scene, SceneAttributes, random_scene, render
 
 TEST_SEED = 20261125
 SAMPLES = 500

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from data.shapes import (
+from cycletune.data.shapes import (
     COLOUR_RGB,
     COLOURS,
     POSITIONS,

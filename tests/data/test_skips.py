@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.skips import SkipLedger
-from train.builders import build_streams, build_validation_batch
-from train.config import Config
+from cycletune.data.skips import SkipLedger
+from cycletune.train.builders import build_streams, build_validation_batch
+from cycletune.train.config import Config
 
 NUM_GOOD = 9
 BAD_FILES = {"truncated.jpg": "truncated_image", "empty.jpg": "empty_file", "text.jpg": "not_an_image"}

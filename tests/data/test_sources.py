@@ -12,10 +12,10 @@ from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from data import shapes as shapes_world
-from data.caption_datasets import coco_captions, hf_dataset
-from data.images import load_rgb
-from data.sources import EmptySourceError, image_folder, image_only_folder, shapes, text_only_file
+from cycletune.data import shapes as shapes_world
+from cycletune.data.caption_datasets import coco_captions, hf_dataset
+from cycletune.data.images import load_rgb
+from cycletune.data.sources import EmptySourceError, image_folder, image_only_folder, shapes, text_only_file
 
 
 def write_image(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> Path:
@@ -60,7 +60,7 @@ def captioned_folder(tmp_path: Path) -> Path:
 def test_image_folder_keeps_good_rows_and_counts_bad_ones(
     captioned_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="data.sources"):
+    with caplog.at_level(logging.WARNING, logger="cycletune.data.sources"):
         records, skips = image_folder(captioned_folder)
     assert [(record.id, record.caption) for record in records] == [
         ("a.png:0", "a red square"),

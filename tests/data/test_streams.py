@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.sources import Record, shapes
-from data.streams import RecordDataset, SampleKey, Stream
+from cycletune.data.sources import Record, shapes
+from cycletune.data.streams import RecordDataset, SampleKey, Stream
 
 NUM_RECORDS = 12
 
@@ -127,7 +127,7 @@ def test_undecodable_records_are_reported_and_replaced_by_a_drawn_record(
         "garbage": ["garbage", "not_an_image", str(tmp_path / "garbage.png")],
     }
     dataset = RecordDataset(records, resolution=8, seed=0)
-    with caplog.at_level(logging.WARNING, logger="data.streams"):
+    with caplog.at_level(logging.WARNING, logger="cycletune.data.streams"):
         samples = [dataset[SampleKey(1, False, position)] for position in range(40)]
     for sample in samples:
         assert sample["id"] in {"good0", "good1", "good2"} and sample["caption"] == f"good {sample['id'][4:]}"
@@ -179,7 +179,7 @@ def test_shapes_records_render_on_the_fly_with_workers() -> None:
 def test_resuming_on_changed_data_warns(paired: list[Record], caplog: pytest.LogCaptureFixture) -> None:
     state = Stream(paired, batch_size=2, seed=0, resolution=8).state_dict()
     stream = Stream(paired[:-1], batch_size=2, seed=0, resolution=8)
-    with caplog.at_level(logging.WARNING, logger="data.streams"):
+    with caplog.at_level(logging.WARNING, logger="cycletune.data.streams"):
         stream.load_state_dict(state)
     assert "num_records" in caplog.text
     with pytest.raises(KeyError, match="position"):

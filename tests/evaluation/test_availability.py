@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.availability import MetricResult, check_metric_names, option_path, split_results
-from evaluation.image_metrics import IMAGE_METRICS, ImageMetricOptions, image_metrics
-from evaluation.text import TextMetricOptions, text_metrics
+from cycletune.evaluation.availability import MetricResult, check_metric_names, option_path, split_results
+from cycletune.evaluation.image_metrics import IMAGE_METRICS, ImageMetricOptions, image_metrics
+from cycletune.evaluation.text import TextMetricOptions, text_metrics
 
 
 def test_image_metrics_without_weights_skip_and_name_their_option() -> None:

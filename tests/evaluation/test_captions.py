@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from evaluation.captions import CAPTION_METRICS, caption_metrics, per_sample_cider, spice_jars_missing
+from cycletune.evaluation.captions import (
+    CAPTION_METRICS,
+    caption_metrics,
+    per_sample_cider,
+    spice_jars_missing,
+)
 
 CAPTIONS = {
     "dog": "a brown dog runs across the green park",

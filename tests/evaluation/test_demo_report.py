@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.demo_report import (
+from cycletune.evaluation.demo_report import (
     CELL_PIXELS,
     GAP_PIXELS,
     MAX_CURVES,
@@ -139,7 +139,7 @@ def test_read_metrics_keeps_the_last_value_of_a_repeated_step(tmp_path: Path) ->
 def test_only_the_first_curves_are_plotted_and_the_rest_logged(tmp_path: Path, caplog) -> None:
     keys = {f"metric_{index:02d}": float(index) for index in range(MAX_CURVES + 3)}
     path = _jsonl(tmp_path / "m.jsonl", [{"step": 1, **keys}, {"step": 2, **keys}])
-    with caplog.at_level(logging.WARNING, logger="evaluation.demo_report"):
+    with caplog.at_level(logging.WARNING, logger="cycletune.evaluation.demo_report"):
         write_demo_report(tmp_path / "out", title="t", table=TABLE, curves={"base": path}, sheet=_sheet())
     assert "3 more left out" in caplog.text
     assert (tmp_path / "out" / "curves.png").is_file()

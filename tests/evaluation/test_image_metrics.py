@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.image_metrics import (
+from cycletune.evaluation.image_metrics import (
     ImageMetricOptions,
     embedding_similarity,
     image_metrics,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evaluation.metric_settings import EvaluationSettings, image_options, text_options
+from cycletune.evaluation.metric_settings import EvaluationSettings, image_options, text_options
 
 CHANGED = EvaluationSettings(
     fid_feature_weights="inception.pth",

@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import load_pixels, to_tensor
-from data.shapes import Scene, describe, render
-from data.sources import shapes
-from evaluation.candidates import CaptionSampling
-from evaluation.rank_report import candidate_quality, rank_quality, rank_report
-from evaluation.ranking import Ranking, RerankSettings, rerank_captions, rerank_images
-from evaluation.rankings_file import RankingWriter, read_rankings
-from evaluation.similarity import text_similarity_measure
-from models.sampling_settings import SamplingSettings
-from train.queries import image_queries, text_queries
+from cycletune.data.images import load_pixels, to_tensor
+from cycletune.data.shapes import Scene, describe, render
+from cycletune.data.sources import shapes
+from cycletune.evaluation.candidates import CaptionSampling
+from cycletune.evaluation.rank_report import candidate_quality, rank_quality, rank_report
+from cycletune.evaluation.ranking import Ranking, RerankSettings, rerank_captions, rerank_images
+from cycletune.evaluation.rankings_file import RankingWriter, read_rankings
+from cycletune.evaluation.similarity import text_similarity_measure
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.train.queries import image_queries, text_queries
 
 SCENE = Scene("circle", "red", "large", "center")
 OTHER_COLOUR = Scene("circle", "blue", "large", "center")

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.availability import MetricUnavailable
-from evaluation.candidates import CaptionSampling, candidate_captions, generate_images
-from evaluation.image_metrics import ImageMetricOptions
-from evaluation.ranking import Ranking, RerankSettings, rank_captions, rank_images, ranks_of
-from evaluation.rankings_file import RankingWriter, read_rankings
-from evaluation.similarity import image_similarity, text_similarity_measure, token_f1
-from evaluation.text import TextMetricOptions
-from models.captioner import Captioner
-from models.captioners.blip import BlipSpec
-from models.generator import Generator
-from models.sampling_settings import SamplingSettings
-from models.tiny import save_tiny_generator
+from cycletune.evaluation.availability import MetricUnavailable
+from cycletune.evaluation.candidates import CaptionSampling, candidate_captions, generate_images
+from cycletune.evaluation.image_metrics import ImageMetricOptions
+from cycletune.evaluation.ranking import Ranking, RerankSettings, rank_captions, rank_images, ranks_of
+from cycletune.evaluation.rankings_file import RankingWriter, read_rankings
+from cycletune.evaluation.similarity import image_similarity, text_similarity_measure, token_f1
+from cycletune.evaluation.text import TextMetricOptions
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners.blip import BlipSpec
+from cycletune.models.generator import Generator
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.models.tiny import save_tiny_generator
 
 CAPTIONS = ["a red picture", "a blue square"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluation.text import (
+from cycletune.evaluation.text import (
     TextMetricOptions,
     clip_text_embedder,
     load_clip_text_encoder,

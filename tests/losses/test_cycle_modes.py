@@ -11,14 +11,14 @@ import torch
 from cycle_runs import tiny_config
 from pydantic import ValidationError
 
-from losses.cycle_modes import OFF, CycleModes, CycleStep
-from losses.i2t2i import I2T2I_MODES, I2T2ISettings
-from losses.t2i2t import T2I2T_MODES, T2I2TSettings
-from models.captioner import Captioner
-from models.generator import Generator
-from models.generator_bridge import GeneratorBridge
-from models.randomness import DrawKey
-from train.builders import build_bridge
+from cycletune.losses.cycle_modes import OFF, CycleModes, CycleStep
+from cycletune.losses.i2t2i import I2T2I_MODES, I2T2ISettings
+from cycletune.losses.t2i2t import T2I2T_MODES, T2I2TSettings
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.randomness import DrawKey
+from cycletune.train.builders import build_bridge
 
 TABLES: dict[str, tuple[CycleModes, type[I2T2ISettings | T2I2TSettings]]] = {
     "i2t2i": (I2T2I_MODES, I2T2ISettings),

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from losses.advantages import group_advantages
-from losses.cycle_modes import CycleOutput
-from losses.i2t2i import (
+from cycletune.losses.advantages import group_advantages
+from cycletune.losses.cycle_modes import CycleOutput
+from cycletune.losses.i2t2i import (
     I2T2I_MODES,
     I2T2ISettings,
     I2T2IStep,
@@ -18,13 +18,13 @@ from losses.i2t2i import (
     soft,
     soft_token_probs,
 )
-from models.caption_decoding import IGNORE_INDEX
-from models.captioner import Captioner
-from models.captioners.smolvlm import SmolVLMSpec
-from models.generator import Generator
-from models.generator_bridge import GeneratorBridge
-from models.lora import add_captioner_lora, frozen, prepare_trainable
-from models.randomness import DrawKey
+from cycletune.models.caption_decoding import IGNORE_INDEX
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners.smolvlm import SmolVLMSpec
+from cycletune.models.generator import Generator
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.lora import add_captioner_lora, frozen, prepare_trainable
+from cycletune.models.randomness import DrawKey
 
 KEY = DrawKey(seed=11, step=5, micro_batch=1)
 CAPTIONS = ["a small red circle at the top", "a big blue square", "a green triangle on the left"]

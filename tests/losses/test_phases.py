@@ -9,15 +9,15 @@ import torch
 from lora_weights import perturb_lora
 from phase_runs import CAPTIONS, build_models, phase_batch, phase_config, run_phase
 
-from losses.i2t2i import I2T2I_MODES, candidate_rewards
-from losses.phases import cycle_ramp
-from losses.supervised import caption_terms, denoise_terms, drop_captions
-from losses.t2i2t import T2I2T_MODES
-from models.lora import save_merged_captioner, save_merged_generator
-from models.randomness import DrawKey
-from models.tiny import save_tiny_generator
-from train.builders import build_captioner
-from train.config import Config
+from cycletune.losses.i2t2i import I2T2I_MODES, candidate_rewards
+from cycletune.losses.phases import cycle_ramp
+from cycletune.losses.supervised import caption_terms, denoise_terms, drop_captions
+from cycletune.losses.t2i2t import T2I2T_MODES
+from cycletune.models.lora import save_merged_captioner, save_merged_generator
+from cycletune.models.randomness import DrawKey
+from cycletune.models.tiny import save_tiny_generator
+from cycletune.train.builders import build_captioner
+from cycletune.train.config import Config
 
 # Every registered mode on every batch kind it declares: a new mode is covered when it is registered.
 ROUTES = [

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from losses.t2i2t import T2I2T_MODES, T2I2TSettings, T2I2TStep, one_step, sample
-from models.captioner import Captioner
-from models.generator import Generator
-from models.lora import add_generator_lora, frozen, prepare_trainable
-from models.randomness import DrawKey
+from cycletune.losses.t2i2t import T2I2T_MODES, T2I2TSettings, T2I2TStep, one_step, sample
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.lora import add_generator_lora, frozen, prepare_trainable
+from cycletune.models.randomness import DrawKey
 
 CAPTIONS = ["a red circle at the top", "a small blue square", "a large green triangle in the corner"]
 IDS = ["sample-0", "sample-1", "sample-2"]

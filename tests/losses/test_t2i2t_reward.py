@@ -15,12 +15,12 @@ from cycle_runs import run_recipe_in_process, sample_log, tiny_overrides
 from lora_weights import perturb_lora
 from pydantic import ValidationError
 
-from losses.advantages import group_advantages
-from losses.cycle_modes import CycleOutput, CycleStep
-from losses.t2i2t import T2I2T_MODES, T2I2TSettings
-from losses.t2i2t_reward import chain_ids, chosen_steps, likelihood_rewards, sample_chains
-from models.captioner import Captioner
-from models.denoising_chain import (
+from cycletune.losses.advantages import group_advantages
+from cycletune.losses.cycle_modes import CycleOutput, CycleStep
+from cycletune.losses.t2i2t import T2I2T_MODES, T2I2TSettings
+from cycletune.losses.t2i2t_reward import chain_ids, chosen_steps, likelihood_rewards, sample_chains
+from cycletune.models.captioner import Captioner
+from cycletune.models.denoising_chain import (
     Chain,
     base_policy,
     ddim_policy,
@@ -29,9 +29,9 @@ from models.denoising_chain import (
     transition,
     transition_mean,
 )
-from models.generator import Generator
-from models.lora import add_generator_lora, frozen, prepare_trainable
-from models.randomness import DrawKey
+from cycletune.models.generator import Generator
+from cycletune.models.lora import add_generator_lora, frozen, prepare_trainable
+from cycletune.models.randomness import DrawKey
 
 CAPTIONS = ["a red circle at the top", "a small blue square", "a large green triangle in the corner"]
 IDS = ["sample-0", "sample-1", "sample-2"]
@@ -216,7 +216,7 @@ def test_ratios_beyond_the_clip_range_count_only_where_they_lose(
         recorded = sample_chain(*args)
         return Chain(recorded.latents, recorded.logprobs - 0.5)
 
-    monkeypatch.setattr("losses.t2i2t_reward.sample_chain", lower_recorded_logprobs)
+    monkeypatch.setattr("cycletune.losses.t2i2t_reward.sample_chain", lower_recorded_logprobs)
     output = _run(generator, frozen_captioner, _text_batch(), settings)
     _, _, chain = sample_chains(generator, CAPTIONS[:2], IDS[:2], settings, KEY)
     repeated = [caption for caption in CAPTIONS[:2] for _ in range(2)]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from models.captioner import Captioner
-from models.generator import Generator
-from models.lora import (
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.lora import (
     add_captioner_lora,
     add_generator_lora,
     prepare_trainable,

@@ -17,17 +17,17 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from models.bridge import VocabularyBridge, describe_coverage, pair_coverage
-from models.captioner import Captioner
-from models.generator import Generator
-from models.tiny_vocabulary import (
+from cycletune.models.bridge import VocabularyBridge, describe_coverage, pair_coverage
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.tiny_vocabulary import (
     byte_level_bpe,
     default_vocabulary,
     sentencepiece_bpe,
     sentencepiece_unigram,
     write_bert_vocab,
 )
-from models.token_pieces import TargetPieces
+from cycletune.models.token_pieces import TargetPieces
 
 # Every word exists whole in both tiny vocabularies (models/tiny.py writes both from one word list).
 CAPTIONS = ["a red circle on the left of a blue square", "a small green triangle"]
@@ -133,9 +133,7 @@ def test_one_hot_caption_equals_hard_tokens_exactly(
     )
     hard_ids = frozen_generator.tokenize(CAPTIONS)
     assert torch.equal(embeds, token_embedding(hard_ids))
-    assert torch.equal(
-        _encode_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
-    )
+    assert torch.equal(_encode_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids))
     assert (
         tiny_bridge.mass_coverage(_one_hot(tokens["input_ids"], tiny_bridge), tokens["attention_mask"]) == 1.0
     )
@@ -445,9 +443,7 @@ def test_every_kind_one_hot_equals_the_generator_on_its_own_tokens(
     embeds = bridge.embed(_one_hot(ids, bridge), mask, token_embedding)
     hard_ids = frozen_generator.tokenize(CAPTIONS)
     assert torch.equal(embeds, token_embedding(hard_ids))
-    assert torch.equal(
-        _encode_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids)
-    )
+    assert torch.equal(_encode_embeddings(frozen_generator, embeds), frozen_generator.encode_text(hard_ids))
 
 
 # "dogs" is two pieces in every kind ("dog" continues, CLIP's "dog" "s</w>"); "." follows a word without a

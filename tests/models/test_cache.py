@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from losses.supervised import denoise_terms
-from models.cache import FrozenEncoderCache
-from models.generator import Generator
-from models.randomness import DrawKey
-from train.builders import build_encoder_cache, build_generator
-from train.config import Config, GeneratorSettings, load_config
+from cycletune.losses.supervised import denoise_terms
+from cycletune.models.cache import FrozenEncoderCache
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
+from cycletune.train.builders import build_encoder_cache, build_generator
+from cycletune.train.config import Config, GeneratorSettings, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center", "a green triangle"]

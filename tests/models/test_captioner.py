@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.caption_decoding import IGNORE_INDEX
-from models.captioner import Captioner
+from cycletune.models.caption_decoding import IGNORE_INDEX
+from cycletune.models.captioner import Captioner
 
 CAPTIONS = ["a small red circle", "there is a big blue square at the top left of the picture"]
 

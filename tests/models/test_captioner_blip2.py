@@ -13,12 +13,12 @@ from PIL import Image
 from tokenizers import pre_tokenizers
 from transformers import Blip2Config, Blip2ForConditionalGeneration, GPT2Tokenizer
 
-from models.captioner import Captioner
-from models.captioners import spec_for
-from models.captioners.blip2 import Blip2Spec
-from models.lora import add_captioner_lora
-from models.modes import gradient_checkpointing_off
-from train.config import load_config, save_config
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners import spec_for
+from cycletune.models.captioners.blip2 import Blip2Spec
+from cycletune.models.lora import add_captioner_lora
+from cycletune.models.modes import gradient_checkpointing_off
+from cycletune.train.config import load_config, save_config
 
 PROMPT = "a picture of"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.caption_decoding import IGNORE_INDEX, gumbel_softmax_relaxed, gumbel_softmax_st, nucleus_sample
-from models.captioner import Captioner
-from models.lora import add_captioner_lora, prepare_trainable
+from cycletune.models.caption_decoding import (
+    IGNORE_INDEX,
+    gumbel_softmax_relaxed,
+    gumbel_softmax_st,
+    nucleus_sample,
+)
+from cycletune.models.captioner import Captioner
+from cycletune.models.lora import add_captioner_lora, prepare_trainable
 
 MAX_NEW_TOKENS = 6
 

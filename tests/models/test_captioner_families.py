@@ -21,11 +21,11 @@ from phase_runs import build_models, phase_batch, phase_config, run_phase
 from PIL import Image
 from safetensors.torch import load_file
 
-from losses.i2t2i import I2T2I_MODES
-from models.captioner import Captioner
-from models.captioners import SPECS
-from train.cli import evaluate, export, generate, rerank
-from train.run_dir import RunDir
+from cycletune.losses.i2t2i import I2T2I_MODES
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners import SPECS
+from cycletune.train.cli import evaluate, export, generate, rerank
+from cycletune.train.run_dir import RunDir
 
 FAMILIES = [spec.name for spec in SPECS]
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BertTokenizer, CLIPImageProcessor, GitForCausalLM
 
-from models.captioner import Captioner
-from models.captioners.git import GitSpec
-from models.lora import add_captioner_lora
-from models.modes import gradient_checkpointing_off
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners.git import GitSpec
+from cycletune.models.lora import add_captioner_lora
+from cycletune.models.modes import gradient_checkpointing_off
 
 PROMPT = "a picture of"
 

@@ -13,11 +13,16 @@ from PIL import Image
 from tokenizers import pre_tokenizers
 from transformers import IdeficsForVisionText2Text, LlamaTokenizer
 
-from models.captioner import Captioner
-from models.captioners.idefics import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, IdeficsSpec, image_attention_mask
-from models.lora import add_captioner_lora
-from models.modes import gradient_checkpointing_off
-from train.config import load_config, save_config
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners.idefics import (
+    FAKE_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    IdeficsSpec,
+    image_attention_mask,
+)
+from cycletune.models.lora import add_captioner_lora
+from cycletune.models.modes import gradient_checkpointing_off
+from cycletune.train.config import load_config, save_config
 
 CAPTIONS = ["a red circle", "the small blue square in the center"]
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "idefics_sd15_coco.yaml"

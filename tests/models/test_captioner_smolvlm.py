@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.captioner import Captioner
-from models.captioners.smolvlm import SmolVLMSpec
-from models.lora import add_captioner_lora
-from models.modes import gradient_checkpointing_off
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners.smolvlm import SmolVLMSpec
+from cycletune.models.lora import add_captioner_lora
+from cycletune.models.modes import gradient_checkpointing_off
 
 ARCHITECTURES = ["smolvlm", "idefics3"]
 CAPTIONS = ["a red circle in the center", "the large blue square"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lora_weights import perturb_lora
 
-from models.denoising_chain import (
+from cycletune.models.denoising_chain import (
     Conditioning,
     base_policy,
     ddim_policy,
@@ -19,8 +19,8 @@ from models.denoising_chain import (
     transition,
     transition_mean,
 )
-from models.generator import Generator
-from models.lora import add_generator_lora, frozen, prepare_trainable
+from cycletune.models.generator import Generator
+from cycletune.models.lora import add_generator_lora, frozen, prepare_trainable
 
 CAPTIONS = ["a red circle at the top", "a small blue square"]
 STEPS = 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.device_transfer import to_device
+from cycletune.models.device_transfer import to_device
 
 
 def test_to_device_on_the_cpu_is_tensor_to() -> None:

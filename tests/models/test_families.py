@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 from cycle_runs import tiny_config
 
-from models import families
-from models.captioner import Captioner
-from models.families import (
+from cycletune.models import families
+from cycletune.models.captioner import Captioner
+from cycletune.models.families import (
     CAPTIONERS,
     GENERATORS,
     UnsupportedFamilyError,
     captioner_family,
     generator_family,
 )
-from models.generator import Generator
-from train.builders import build_captioner, build_generator
+from cycletune.models.generator import Generator
+from cycletune.train.builders import build_captioner, build_generator
 
 
 @pytest.mark.parametrize("family", CAPTIONERS, ids=lambda family: family.name)
@@ -56,7 +56,10 @@ def test_an_unknown_model_type_is_refused_naming_folder_type_and_supported_famil
 def test_an_unknown_pipeline_class_is_refused(tiny_models, tmp_path: Path) -> None:
     index = json.loads((tiny_models.generator / "model_index.json").read_text())
     (tmp_path / "model_index.json").write_text(json.dumps(index | {"_class_name": "KandinskyV22Pipeline"}))
-    with pytest.raises(UnsupportedFamilyError, match=r"_class_name 'KandinskyV22Pipeline'.*sd \(model_index.json _class_name 'StableDiffusionPipeline'\)"):
+    with pytest.raises(
+        UnsupportedFamilyError,
+        match=r"_class_name 'KandinskyV22Pipeline'.*sd \(model_index.json _class_name 'StableDiffusionPipeline'\)",
+    ):
         generator_family(str(tmp_path))
 
 

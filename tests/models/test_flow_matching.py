@@ -11,8 +11,8 @@ from diffusers.pipelines.flux import pipeline_flux
 from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from models.flow_matching import FlowMatchingProcess
-from models.randomness import DrawKey
+from cycletune.models.flow_matching import FlowMatchingProcess
+from cycletune.models.randomness import DrawKey
 
 KEY = DrawKey(seed=7, step=3)
 IDS = [f"img-{index}" for index in range(64)]

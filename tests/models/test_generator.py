@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, IPNDMScheduler, PNDMScheduler, StableDiffusionPipeline
 
-from models.generator import Generator
+from cycletune.models.generator import Generator
 
 CAPTIONS = ["a red circle at the top", "a small blue square"]
 
@@ -85,7 +85,9 @@ def test_load_overrides_and_bad_input(tiny_models, tmp_path: Path) -> None:
         Generator.from_pretrained(str(tmp_path))
     names_all = {name: ["diffusers", "X"] for name in ("unet", "text_encoder", "tokenizer", "scheduler")}
     (tmp_path / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionPipeline", **names_all, "vae": ["diffusers", "AutoencoderTiny"]})
+        json.dumps(
+            {"_class_name": "StableDiffusionPipeline", **names_all, "vae": ["diffusers", "AutoencoderTiny"]}
+        )
     )
     with pytest.raises(ValueError, match="vae class 'AutoencoderTiny'"):
         Generator.from_pretrained(str(tmp_path))
@@ -316,5 +318,7 @@ def test_parts_load_only_from_diffusers_or_transformers(tiny_models, tmp_path: P
     index = json.loads((folder / "model_index.json").read_text())
     index["text_encoder"] = ["os", "system"]
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"text_encoder is os.system, not a class of diffusers or transformers"):
+    with pytest.raises(
+        ValueError, match=r"text_encoder is os.system, not a class of diffusers or transformers"
+    ):
         Generator.from_pretrained(str(folder))

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.captioner import Captioner
-from models.generator import Generator
-from models.generator_bridge import GeneratorBridge
-from models.generators import SPECS
-from models.tiny import TINY_GENERATORS
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.generators import SPECS
+from cycletune.models.tiny import TINY_GENERATORS
 
 # Words of the tiny vocabulary, captions of different lengths so one is padded.
 CAPTIONS = ["a red circle on the left of a blue square", "a small green triangle"]

@@ -23,10 +23,10 @@ from phase_runs import build_models, phase_batch, phase_config, run_phase
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.cache import FrozenEncoderCache
-from models.generator import Generator
-from models.generators import SPECS
-from models.lora import (
+from cycletune.models.cache import FrozenEncoderCache
+from cycletune.models.generator import Generator
+from cycletune.models.generators import SPECS
+from cycletune.models.lora import (
     DIFFUSERS_LORA_FILE,
     KOHYA_LORA_FILE,
     add_generator_lora,
@@ -34,10 +34,10 @@ from models.lora import (
     save_generator_lora,
     save_merged_generator,
 )
-from models.tiny import TINY_GENERATORS
-from train.builders import check_family_runs_the_modes
-from train.cli import evaluate, generate, rerank
-from train.run_dir import RunDir
+from cycletune.models.tiny import TINY_GENERATORS
+from cycletune.train.builders import check_family_runs_the_modes
+from cycletune.train.cli import evaluate, generate, rerank
+from cycletune.train.run_dir import RunDir
 
 FAMILIES = [spec.name for spec in SPECS]
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}

@@ -18,11 +18,11 @@ import torch
 from diffusers import AutoencoderKL
 from lora_weights import perturb_lora
 
-from models.generator import Generator
-from models.generators import SPECS
-from models.generators.generator_spec import FamilyOptions
-from models.lora import add_generator_lora, prepare_trainable
-from models.tiny import TINY_GENERATORS
+from cycletune.models.generator import Generator
+from cycletune.models.generators import SPECS
+from cycletune.models.generators.generator_spec import FamilyOptions
+from cycletune.models.lora import add_generator_lora, prepare_trainable
+from cycletune.models.tiny import TINY_GENERATORS
 
 FAMILIES = [spec.name for spec in SPECS]
 RESOLUTION = 16

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from models.generator import Generator
+from cycletune.models.generator import Generator
 
 CAPTIONS = ["a red circle at the top", "a small blue square"]
 STEPS, GRAD_STEPS = 3, 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.locate import ModelSourceError, locate_model, looks_local
+from cycletune.models.locate import ModelSourceError, locate_model, looks_local
 
 KEY = "captioner.pretrained_model_name_or_path"
 

@@ -20,9 +20,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import BlipForConditionalGeneration
 
-from models.captioner import Captioner
-from models.generator import Generator
-from models.lora import (
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.lora import (
     DIFFUSERS_LORA_FILE,
     KOHYA_LORA_FILE,
     add_captioner_lora,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.captioner import Captioner
-from models.lora import add_captioner_lora, frozen, prepare_trainable
-from models.modes import eval_mode, module_modes
+from cycletune.models.captioner import Captioner
+from cycletune.models.lora import add_captioner_lora, frozen, prepare_trainable
+from cycletune.models.modes import eval_mode, module_modes
 
 
 def _mixed_mode_captioner(tiny_models) -> Captioner:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.generator import Generator
-from models.randomness import DrawKey
-from models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
-from models.tiny import save_tiny_generator
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
+from cycletune.models.scoring import DenoiseDraws, caption_scores, grouped_denoise_loss
+from cycletune.models.tiny import save_tiny_generator
 
 KEY = DrawKey(seed=7, step=3)
 

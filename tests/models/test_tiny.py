@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data import shapes
-from models.captioner import Captioner
-from models.captioners.blip import BlipSpec
-from models.generator import Generator
-from models.tiny import main, save_preset, save_tiny_generator
-from models.tiny_vocabulary import SHAPES_WORDS, default_vocabulary
+from cycletune.data import shapes
+from cycletune.models.captioner import Captioner
+from cycletune.models.captioners.blip import BlipSpec
+from cycletune.models.generator import Generator
+from cycletune.models.tiny import main, save_preset, save_tiny_generator
+from cycletune.models.tiny_vocabulary import SHAPES_WORDS, default_vocabulary
 
 SHAPES_CAPTIONS = [
     "a small red circle at the top left",

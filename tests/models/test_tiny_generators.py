@@ -34,9 +34,9 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from models.tiny import PRESETS, TINY_GENERATORS
-from models.tiny_generators import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
-from models.tiny_vocabulary import default_vocabulary, sentencepiece_unigram, write_clip_bpe
+from cycletune.models.tiny import PRESETS, TINY_GENERATORS
+from cycletune.models.tiny_generators import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
+from cycletune.models.tiny_vocabulary import default_vocabulary, sentencepiece_unigram, write_clip_bpe
 
 CAPTION = "a small red circle at the top left"
 

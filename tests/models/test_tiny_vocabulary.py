@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from models.tiny_vocabulary import byte_level_bpe, default_vocabulary, sentencepiece_bpe
+from cycletune.models.tiny_vocabulary import byte_level_bpe, default_vocabulary, sentencepiece_bpe
 
 WORDS = list(default_vocabulary())
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from train.cli.drill import differing_tensors as differing_tensors  # re-exported for the tests
-from train.config import Config, load_config
-from train.run_dir import RunDir
+from cycletune.train.cli.drill import differing_tensors as differing_tensors  # re-exported for the tests
+from cycletune.train.config import Config, load_config
+from cycletune.train.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"

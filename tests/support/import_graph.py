@@ -11,6 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("data", "models", "losses", "evaluation", "train")
+# The installed namespace of the packages (pyproject.toml's package-dir).
+NAMESPACE = "cycletune"
 
 
 def module_name(path: Path) -> str:
@@ -33,14 +35,20 @@ def imported_names(source: str, module: str, is_package: bool) -> Iterator[str]:
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
+            yield from (_in_checkout(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
+            base = _in_checkout(base)
             yield base
             yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def _in_checkout(name: str) -> str:
+    """cycletune.models.cache (the installed name every import uses) -> models.cache (its folder here)."""
+    return name.removeprefix(f"{NAMESPACE}.")
 
 
 def import_edges(modules: dict[str, Path]) -> dict[str, set[str]]:

@@ -13,12 +13,12 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, gather_object
 
-from models.modes import module_modes
-from train.builders import build_validation_batch
-from train.config import PHASES, load_config
-from train.run import build_run, validate_on_main
-from train.run_dir import RunDir
-from train.tracking import StepLog
+from cycletune.models.modes import module_modes
+from cycletune.train.builders import build_validation_batch
+from cycletune.train.config import PHASES, load_config
+from cycletune.train.run import build_run, validate_on_main
+from cycletune.train.run_dir import RunDir
+from cycletune.train.tracking import StepLog
 
 
 def main(out: Path, config_file: str, overrides: list[str]) -> None:

@@ -12,19 +12,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.generators import SPECS
-from models.tiny import PRESETS
-from train.cli.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, MODEL_PRESETS, Architecture
-from train.cli.bench.bench_modes import BASELINE, MODES, bench_config
-from train.cli.bench.bench_report import format_table
-from train.cli.bench.checks import acceptance
-from train.cli.bench.cli import parse_args, run
-from train.cli.bench.measure import step_flops
-from train.cli.bench.orchestrate import plan_for
-from train.cli.bench.profiler import profile_step
-from train.cli.bench.stats_ratios import mean_spearman, speed_ratio_interval, step_summary, time_ratio
-from train.cli.bench.steps import BareGeneratorStep, TrainerStep
-from train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
+from cycletune.models.generators import SPECS
+from cycletune.models.tiny import PRESETS
+from cycletune.train.cli.bench.architectures import (
+    ARCHITECTURES,
+    CPU_ARCHITECTURES,
+    MODEL_PRESETS,
+    Architecture,
+)
+from cycletune.train.cli.bench.bench_modes import BASELINE, MODES, bench_config
+from cycletune.train.cli.bench.bench_report import format_table
+from cycletune.train.cli.bench.checks import acceptance
+from cycletune.train.cli.bench.cli import parse_args, run
+from cycletune.train.cli.bench.measure import step_flops
+from cycletune.train.cli.bench.orchestrate import plan_for
+from cycletune.train.cli.bench.profiler import profile_step
+from cycletune.train.cli.bench.stats_ratios import (
+    mean_spearman,
+    speed_ratio_interval,
+    step_summary,
+    time_ratio,
+)
+from cycletune.train.cli.bench.steps import BareGeneratorStep, TrainerStep
+from cycletune.train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
 
 REPO = Path(__file__).resolve().parents[2]
 

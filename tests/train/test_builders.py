@@ -16,12 +16,12 @@ from datasets import Dataset
 from lora_weights import perturb_lora
 from PIL import Image
 
-from data.images import load_rgb
-from data.source_types import SOURCE_TYPES
-from losses.supervised import caption_terms, denoise_terms
-from models.randomness import DrawKey
-from train.builders import build_captioner, build_generator, load_records, phase_update_counts
-from train.config import Config, load_config
+from cycletune.data.images import load_rgb
+from cycletune.data.source_types import SOURCE_TYPES
+from cycletune.losses.supervised import caption_terms, denoise_terms
+from cycletune.models.randomness import DrawKey
+from cycletune.train.builders import build_captioner, build_generator, load_records, phase_update_counts
+from cycletune.train.config import Config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -17,8 +17,8 @@ from accelerate import Accelerator
 from cycle_runs import tiny_config
 from safetensors.torch import load_file
 
-from train import checkpoint as checkpoint_module
-from train.checkpoint import (
+from cycletune.train import checkpoint as checkpoint_module
+from cycletune.train.checkpoint import (
     CheckpointError,
     PreemptionSignal,
     TrainingParts,
@@ -27,8 +27,8 @@ from train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from train.config import Config
-from train.run_dir import RunDir
+from cycletune.train.config import Config
+from cycletune.train.run_dir import RunDir
 
 
 class TwoLayers(torch.nn.Module):

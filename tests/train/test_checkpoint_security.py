@@ -17,9 +17,9 @@ import pytest
 import torch
 from cycle_runs import run_cycle, run_recipe_in_process, tiny_overrides
 
-from data.shapes import all_scenes, render
-from train.cli import evaluate, export, generate, rerank
-from train.manifest import MANIFEST_NAME, write_manifest
+from cycletune.data.shapes import all_scenes, render
+from cycletune.train.cli import evaluate, export, generate, rerank
+from cycletune.train.manifest import MANIFEST_NAME, write_manifest
 
 pytestmark = pytest.mark.slow
 

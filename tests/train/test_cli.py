@@ -15,15 +15,15 @@ import torch
 from cycle_runs import REPO, TINY_CONFIG, environment, run_cycle, tiny_overrides
 from PIL import Image
 
-from data.shapes import all_scenes, describe, render
-from models.captioner import Captioner
-from models.generator import Generator
-from models.lora import save_merged_captioner, save_merged_generator
-from train.builders import build_captioner, build_generator, build_validation_batch
-from train.cli import evaluate, generate, rerank
-from train.config import ConfigError, load_config
-from train.inference import ModelSources
-from train.validation import check_validation_metrics, validate
+from cycletune.data.shapes import all_scenes, describe, render
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.lora import save_merged_captioner, save_merged_generator
+from cycletune.train.builders import build_captioner, build_generator, build_validation_batch
+from cycletune.train.cli import evaluate, generate, rerank
+from cycletune.train.config import ConfigError, load_config
+from cycletune.train.inference import ModelSources
+from cycletune.train.validation import check_validation_metrics, validate
 
 # Every metric that needs weights the tests do not have, and the option its skip message must name.
 WEIGHT_OPTIONS = {
@@ -349,7 +349,7 @@ def test_validation_logs_the_configured_metrics(
     captioner, _ = build_captioner(config.captioner)
     generator, _ = build_generator(config.generator)
     batch = build_validation_batch(config)
-    with caplog.at_level(logging.WARNING, logger="train.validation"):
+    with caplog.at_level(logging.WARNING, logger="cycletune.train.validation"):
         metrics, rows = validate(captioner, generator, batch, config)
     expected = {
         "bleu_4",

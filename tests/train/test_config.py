@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from data.source_types import ROLES, SOURCE_TYPES
-from train.config import (
+from cycletune.data.source_types import ROLES, SOURCE_TYPES
+from cycletune.train.config import (
     ConfigError,
     apply_override,
     fingerprint_differences,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cycle_runs import RECIPE, REPO, TINY_CONFIG, environment, tiny_overrides
 
-from evaluation.availability import EVAL_EXTRA_PACKAGES
+from cycletune.evaluation.availability import EVAL_EXTRA_PACKAGES
 
 pytestmark = pytest.mark.slow
 

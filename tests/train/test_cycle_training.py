@@ -10,9 +10,9 @@ import torch
 from cycle_runs import run_cycle, sample_log, tiny_overrides
 from safetensors.torch import load_file
 
-from losses.i2t2i import I2T2I_MODES
-from losses.t2i2t import T2I2T_MODES
-from train.run_dir import RunDir
+from cycletune.losses.i2t2i import I2T2I_MODES
+from cycletune.losses.t2i2t import T2I2T_MODES
+from cycletune.train.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import torch
 from cycle_runs import REPO, environment
 from PIL import Image
 
-from evaluation import shapes_split
-from evaluation.shapes_split import PARTS, PairResults
-from train.cli.demo import (
+from cycletune.evaluation import shapes_split
+from cycletune.evaluation.shapes_split import PARTS, PairResults
+from cycletune.train.cli.demo import (
     ARM_OVERRIDES,
     ARMS,
     DEFAULT_BASE,
@@ -26,9 +26,9 @@ from train.cli.demo import (
     train_once,
     write_report,
 )
-from train.cli.demo import arm_command as demo_arm_command
-from train.config import load_config
-from train.run_dir import RunDir
+from cycletune.train.cli.demo import arm_command as demo_arm_command
+from cycletune.train.config import load_config
+from cycletune.train.run_dir import RunDir
 
 
 class _Results:

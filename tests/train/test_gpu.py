@@ -11,9 +11,9 @@ import pytest
 import torch
 from cycle_runs import run_cycle, tiny_overrides
 
-from train.cli.bench.architectures import Architecture
-from train.cli.bench.bench_modes import MODES, bench_config
-from train.cli.bench.steps import TrainerStep
+from cycletune.train.cli.bench.architectures import Architecture
+from cycletune.train.cli.bench.bench_modes import MODES, bench_config
+from cycletune.train.cli.bench.steps import TrainerStep
 
 pytestmark = [
     pytest.mark.gpu,

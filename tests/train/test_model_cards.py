@@ -13,8 +13,8 @@ from cycle_runs import REPO, run_recipe_in_process
 from huggingface_hub import ModelCard
 from peft import AutoPeftModel
 
-from train.inference import add_model_arguments, model_sources
-from train.run_dir import CONFIG_FILE
+from cycletune.train.inference import add_model_arguments, model_sources
+from cycletune.train.run_dir import CONFIG_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cycle_runs import REPO, run_cycle, tiny_config, tiny_overrides
 
-from train.config import ConfigError, check_model_sources, load_config
+from cycletune.train.config import ConfigError, check_model_sources, load_config
 
 
 def test_sources_of_the_tiny_models_pass(tiny_models) -> None:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from cycle_runs import tiny_config
 
-from losses.phases import captioner_phase, generator_phase
-from models.lora import frozen
-from models.randomness import DrawKey
-from train.builders import build_bridge, build_captioner, build_generator
+from cycletune.losses.phases import captioner_phase, generator_phase
+from cycletune.models.lora import frozen
+from cycletune.models.randomness import DrawKey
+from cycletune.train.builders import build_bridge, build_captioner, build_generator
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cycle_runs import TINY_CONFIG, launch_command, run_launched, tiny_overrides
 
-from train.config import PHASES
+from cycletune.train.config import PHASES
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from cycle_runs import TINY_CONFIG, run_cycle, tiny_overrides
 
-from train.config import load_config
-from train.run_dir import (
+from cycletune.train.config import load_config
+from cycletune.train.run_dir import (
     CONFIG_FILE,
     RunDir,
     checkpoint_step,

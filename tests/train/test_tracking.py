@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from train.tracking import LoggingWindow, trackers_for
+from cycletune.train.tracking import LoggingWindow, trackers_for
 
 
 def test_window_means_each_models_terms_over_its_own_updates_and_keeps_the_last_lr() -> None:

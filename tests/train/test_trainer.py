@@ -31,10 +31,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_offline import history, logged_config, records
 
-from data.shapes import all_scenes, describe, render
-from models.captioner import Captioner
-from models.generator import Generator
-from train.run_dir import RunDir
+from cycletune.data.shapes import all_scenes, describe, render
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.train.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from train.update import optimizer_update
+from cycletune.train.update import optimizer_update
 
 
 def _model_with_grads(scale: float) -> torch.nn.Linear:

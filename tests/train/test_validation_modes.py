@@ -9,10 +9,10 @@ import pytest
 import torch
 from cycle_runs import tiny_config
 
-from models.captioner import Captioner
-from models.modes import module_modes
-from train.builders import build_captioner, build_generator, build_validation_batch
-from train.validation import validate
+from cycletune.models.captioner import Captioner
+from cycletune.models.modes import module_modes
+from cycletune.train.builders import build_captioner, build_generator, build_validation_batch
+from cycletune.train.validation import validate
 
 MAX_NEW_TOKENS = 8
 

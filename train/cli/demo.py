@@ -31,14 +31,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from evaluation.demo_report import ContactSheet, format_table, write_demo_report
-from evaluation.shapes_split import PARTS, PairResults, TestSplit, evaluate_pair, load_test_split
-from models.sampling_settings import SamplingSettings
-from train.cli.help_format import HelpFormatter
-from train.cli.launch import launch_command, run_timed
-from train.config import Config, load_config
-from train.inference import ModelSources
-from train.run_dir import RunDir
+from cycletune.evaluation.demo_report import ContactSheet, format_table, write_demo_report
+from cycletune.evaluation.shapes_split import PARTS, PairResults, TestSplit, evaluate_pair, load_test_split
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.launch import launch_command, run_timed
+from cycletune.train.config import Config, load_config
+from cycletune.train.inference import ModelSources
+from cycletune.train.run_dir import RunDir
 
 DEFAULT_CONFIG = Path("configs/shapes.yaml")
 DEFAULT_BASE = Path("pretrained/shapes-base")

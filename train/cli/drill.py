@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from train.cli.help_format import HelpFormatter
-from train.manifest import MANIFEST_NAME, manifest_problem
-from train.run_dir import RunDir, checkpoint_step, staging_step
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.manifest import MANIFEST_NAME, manifest_problem
+from cycletune.train.run_dir import RunDir, checkpoint_step, staging_step
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny.yaml"

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data.batching import batched
-from data.images import load_pixels
-from evaluation.availability import MetricResult, check_metric_names
-from evaluation.sample_metrics import (
+from cycletune.data.batching import batched
+from cycletune.data.images import load_pixels
+from cycletune.evaluation.availability import MetricResult, check_metric_names
+from cycletune.evaluation.sample_metrics import (
     SHAPES_METRICS,
     VALIDATION_METRICS,
     MetricNeeds,
@@ -32,14 +32,14 @@ from evaluation.sample_metrics import (
     compute_metrics,
     sample_batch,
 )
-from models.captioner import Captioner
-from models.generator import Generator
-from models.sampling_settings import SamplingSettings
-from train.cli.help_format import HelpFormatter
-from train.cli.sampling_arguments import add_output_argument, add_steps_and_guidance_arguments
-from train.config import Config, ConfigError
-from train.inference import add_model_arguments, load_options, model_sources
-from train.queries import ImageQuery, config_records, image_queries
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.sampling_arguments import add_output_argument, add_steps_and_guidance_arguments
+from cycletune.train.config import Config, ConfigError
+from cycletune.train.inference import add_model_arguments, load_options, model_sources
+from cycletune.train.queries import ImageQuery, config_records, image_queries
 
 
 def default_metrics(config: Config) -> list[str]:

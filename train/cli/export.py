@@ -11,12 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from train import adapter_export
-from train.adapter_export import export_run, load_checkpoint_models
-from train.checkpoint import CheckpointError
-from train.cli.help_format import HelpFormatter
-from train.cli.sampling_arguments import add_output_argument
-from train.run_dir import EXPORT_FOLDER
+from cycletune.train import adapter_export
+from cycletune.train.adapter_export import export_run, load_checkpoint_models
+from cycletune.train.checkpoint import CheckpointError
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.sampling_arguments import add_output_argument
+from cycletune.train.run_dir import EXPORT_FOLDER
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,22 +20,29 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data.batching import batched
-from data.images import load_pixels
-from evaluation.candidates import generate_images, nucleus_captions
-from evaluation.rankings_file import save_png
-from models.captioner import Captioner
-from models.generator import Generator
-from models.sampling_settings import SamplingSettings
-from train.cli.help_format import HelpFormatter
-from train.cli.sampling_arguments import (
+from cycletune.data.batching import batched
+from cycletune.data.images import load_pixels
+from cycletune.evaluation.candidates import generate_images, nucleus_captions
+from cycletune.evaluation.rankings_file import save_png
+from cycletune.models.captioner import Captioner
+from cycletune.models.generator import Generator
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
     add_output_argument,
     add_seed_argument,
 )
-from train.inference import add_model_arguments, load_options, model_sources
-from train.queries import ImageQuery, TextQuery, folder_records, image_queries, prompt_records, text_queries
+from cycletune.train.inference import add_model_arguments, load_options, model_sources
+from cycletune.train.queries import (
+    ImageQuery,
+    TextQuery,
+    folder_records,
+    image_queries,
+    prompt_records,
+    text_queries,
+)
 
 
 def caption_folder(

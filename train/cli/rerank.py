@@ -19,31 +19,37 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.batching import batched
-from data.images import load_pixels
-from evaluation.availability import MetricUnavailable
-from evaluation.candidates import CaptionSampling
-from evaluation.metric_settings import EvaluationSettings, image_options, text_options
-from evaluation.rank_report import CAPTION_QUALITY, IMAGE_QUALITY, rank_report
-from evaluation.ranking import RerankSettings, rerank_captions, rerank_images
-from evaluation.rankings_file import RankingWriter
-from evaluation.similarity import (
+from cycletune.data.batching import batched
+from cycletune.data.images import load_pixels
+from cycletune.evaluation.availability import MetricUnavailable
+from cycletune.evaluation.candidates import CaptionSampling
+from cycletune.evaluation.metric_settings import EvaluationSettings, image_options, text_options
+from cycletune.evaluation.rank_report import CAPTION_QUALITY, IMAGE_QUALITY, rank_report
+from cycletune.evaluation.ranking import RerankSettings, rerank_captions, rerank_images
+from cycletune.evaluation.rankings_file import RankingWriter
+from cycletune.evaluation.similarity import (
     IMAGE_SIMILARITIES,
     TEXT_SIMILARITIES,
     image_similarity,
     text_similarity_measure,
 )
-from models.sampling_settings import SamplingSettings
-from train.cli.help_format import HelpFormatter
-from train.cli.sampling_arguments import (
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
     add_output_argument,
     add_seed_argument,
 )
-from train.config import Config, ConfigError
-from train.inference import ModelSources, add_model_arguments, load_options, model_sources
-from train.queries import config_records, folder_records, image_queries, prompt_records, text_queries
+from cycletune.train.config import Config, ConfigError
+from cycletune.train.inference import ModelSources, add_model_arguments, load_options, model_sources
+from cycletune.train.queries import (
+    config_records,
+    folder_records,
+    image_queries,
+    prompt_records,
+    text_queries,
+)
 
 # Weight paths of the similarities, named as in the config's evaluation section; each is also a flag.
 _WEIGHT_OPTIONS = {

@@ -24,10 +24,10 @@ import diffusers
 import torch
 import transformers
 
-from train.cli.help_format import HelpFormatter
-from train.cli.launch import launch_command, run_timed
-from train.config import load_config
-from train.run_dir import RunDir
+from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.launch import launch_command, run_timed
+from cycletune.train.config import load_config
+from cycletune.train.run_dir import RunDir
 
 VALIDATION_METRICS = "shapes_caption_accuracy,shapes_image_accuracy"
 

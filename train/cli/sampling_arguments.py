@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from evaluation.candidates import CaptionSampling
-from models.sampling_settings import SamplingSettings
+from cycletune.evaluation.candidates import CaptionSampling
+from cycletune.models.sampling_settings import SamplingSettings
 
 
 def add_seed_argument(parser: argparse.ArgumentParser) -> None:

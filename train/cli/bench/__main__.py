@@ -2,6 +2,6 @@
 
 import sys
 
-from train.cli.bench.cli import main
+from cycletune.train.cli.bench.cli import main
 
 sys.exit(main())

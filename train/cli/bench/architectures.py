@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from models.generators.stable_diffusion import StableDiffusionSpec
-from models.tiny import save_preset
+from cycletune.models.generators.stable_diffusion import StableDiffusionSpec
+from cycletune.models.tiny import save_preset
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.cli.bench.architectures import Architecture
-from train.config import Config, load_config
+from cycletune.train.cli.bench.architectures import Architecture
+from cycletune.train.config import Config, load_config
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import peft
 import torch
 import transformers
 
-from train.cli.bench.bench_modes import BASELINE
-from train.cli.bench.checks import CACHE_SPEEDUP_TARGET, CYCLE_COST_LIMIT, FRAMEWORK_RATIO_FLOOR
+from cycletune.train.cli.bench.bench_modes import BASELINE
+from cycletune.train.cli.bench.checks import CACHE_SPEEDUP_TARGET, CYCLE_COST_LIMIT, FRAMEWORK_RATIO_FLOOR
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from train.cli.bench.bench_modes import BASELINE, CYCLE_MODES, FLAGGED_MODES, MODES, measured
-from train.cli.bench.stats_ratios import speed_ratio_interval
+from cycletune.train.cli.bench.bench_modes import BASELINE, CYCLE_MODES, FLAGGED_MODES, MODES, measured
+from cycletune.train.cli.bench.stats_ratios import speed_ratio_interval
 
 CYCLE_COST_LIMIT = 1.6
 FRAMEWORK_RATIO_FLOOR = 0.95

@@ -33,13 +33,18 @@ from typing import Any
 
 import torch
 
-from train.cli.bench.architectures import ARCHITECTURES, CPU_ARCHITECTURES, GPU_ARCHITECTURES, save_models
-from train.cli.bench.bench_modes import FAMILY_MODES, MODES
-from train.cli.bench.bench_report import machine_info, write_report
-from train.cli.bench.checks import acceptance
-from train.cli.bench.orchestrate import bench_architecture, plan_for
-from train.cli.bench.reward_cost import reward_cost
-from train.cli.help_format import HelpFormatter
+from cycletune.train.cli.bench.architectures import (
+    ARCHITECTURES,
+    CPU_ARCHITECTURES,
+    GPU_ARCHITECTURES,
+    save_models,
+)
+from cycletune.train.cli.bench.bench_modes import FAMILY_MODES, MODES
+from cycletune.train.cli.bench.bench_report import machine_info, write_report
+from cycletune.train.cli.bench.checks import acceptance
+from cycletune.train.cli.bench.orchestrate import bench_architecture, plan_for
+from cycletune.train.cli.bench.reward_cost import reward_cost
+from cycletune.train.cli.help_format import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[3]
 # The shapes demo's committed base generator (make base), scored by the reward-cost comparison.

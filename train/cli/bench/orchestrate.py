@@ -10,10 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.cli.bench.architectures import FAMILY_ARCHITECTURES, GPU_ARCHITECTURES, Architecture
-from train.cli.bench.bench_modes import BASELINE, CYCLE_MODES, FAMILY_MODES, MODES, PROFILED_MODES, measured
-from train.cli.bench.stats_ratios import step_summary, time_ratio
-from train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
+from cycletune.train.cli.bench.architectures import FAMILY_ARCHITECTURES, GPU_ARCHITECTURES, Architecture
+from cycletune.train.cli.bench.bench_modes import (
+    BASELINE,
+    CYCLE_MODES,
+    FAMILY_MODES,
+    MODES,
+    PROFILED_MODES,
+    measured,
+)
+from cycletune.train.cli.bench.stats_ratios import step_summary, time_ratio
+from cycletune.train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
 
 # bf16 dense throughput measured on this workplace's H100 (the MFU denominator).
 H100_BF16_FLOPS = 790e12

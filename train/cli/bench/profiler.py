@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from train.cli.bench.measure import synchronize
-from train.cli.bench.steps import TrainerStep
+from cycletune.train.cli.bench.measure import synchronize
+from cycletune.train.cli.bench.steps import TrainerStep
 
 
 def _profiled_parts(runner: TrainerStep) -> dict[str, Any]:

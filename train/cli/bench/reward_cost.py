@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from data.sources import shapes as shapes_source
-from data.streams import Stream
-from models.generator import Generator
-from models.randomness import DrawKey
-from models.sampling_settings import SamplingSettings
-from models.scoring import caption_scores
-from train.cli.bench.measure import timed
-from train.cli.bench.stats_ratios import mean_spearman, median
+from cycletune.data.sources import shapes as shapes_source
+from cycletune.data.streams import Stream
+from cycletune.models.generator import Generator
+from cycletune.models.randomness import DrawKey
+from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.models.scoring import caption_scores
+from cycletune.train.cli.bench.measure import timed
+from cycletune.train.cli.bench.stats_ratios import mean_spearman, median
 
 
 def reward_cost(

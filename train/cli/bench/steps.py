@@ -13,17 +13,17 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from data.mixer import BatchMixer
-from models.generators.stable_diffusion import StableDiffusionSpec
-from train.builders import (
+from cycletune.data.mixer import BatchMixer
+from cycletune.models.generators.stable_diffusion import StableDiffusionSpec
+from cycletune.train.builders import (
     BASE_DTYPES,
     build_streams,
 )
-from train.cli.bench.measure import timed
-from train.cli.bench.stats_ratios import median
-from train.config import Config
-from train.run import build_run
-from train.step import batch_to_device, phase_step
+from cycletune.train.cli.bench.measure import timed
+from cycletune.train.cli.bench.stats_ratios import median
+from cycletune.train.config import Config
+from cycletune.train.run import build_run
+from cycletune.train.step import batch_to_device, phase_step
 
 
 def fixed_batch(config: Config, phase: str) -> dict[str, Any]:

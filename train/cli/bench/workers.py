@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from train.cli.bench.architectures import Architecture
-from train.cli.bench.bench_modes import BASELINE, MODES, bench_config
-from train.cli.bench.measure import peak_memory_mb, step_flops, timed
-from train.cli.bench.profiler import profile_step
-from train.cli.bench.steps import BareGeneratorStep, TrainerStep
+from cycletune.train.cli.bench.architectures import Architecture
+from cycletune.train.cli.bench.bench_modes import BASELINE, MODES, bench_config
+from cycletune.train.cli.bench.measure import peak_memory_mb, step_flops, timed
+from cycletune.train.cli.bench.profiler import profile_step
+from cycletune.train.cli.bench.steps import BareGeneratorStep, TrainerStep
 
 
 @dataclass
