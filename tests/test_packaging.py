@@ -8,6 +8,7 @@ editable install is not visible there (the path file adds a folder, whose own .p
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -88,6 +89,14 @@ def test_the_wheel_holds_only_the_namespace(installed: Path) -> None:
     assert f"{NAMESPACE}/train/cycle.py" in names
 
 
+# The README's first steps with an installed CycleTune, run here as written (in a fresh folder).
+README_COMMANDS = (
+    "cycletune tiny --out runs/tiny-models",
+    "cycletune train --config tiny",
+    "cycletune generate --help",
+)
+
+
 @pytest.mark.slow
 def test_installed_cycletune_trains_from_a_packaged_config_and_shadows_nothing(
     installed: Path, tmp_path: Path
@@ -96,15 +105,13 @@ def test_installed_cycletune_trains_from_a_packaged_config_and_shadows_nothing(
     probe = "import importlib.util as u; print([n for n in ('data','models','train','losses','evaluation') if u.find_spec(n)])"
     assert run([python, "-c", probe], cwd=tmp_path).stdout.strip() == "[]"
 
-    cycletune = str(installed / "cycletune")
-    assert "train" in run([cycletune, "--help"], cwd=tmp_path).stdout
-    run([cycletune, "tiny", "--out", "runs/tiny-models"], cwd=tmp_path)
-    trained = run(
-        [cycletune, "train", "--config", "tiny", "train.max_train_steps=2", "train.validation_steps=null"],
-        cwd=tmp_path,
-    )
-    assert "checkpoint-2" in trained.stdout + trained.stderr
-    assert (tmp_path / "runs" / "tiny" / "export" / "captioner" / "adapter_model.safetensors").is_file()
-    assert (
-        tmp_path / "runs" / "tiny" / "export" / "generator" / "pytorch_lora_weights.safetensors"
-    ).is_file()
+    outputs = [
+        run([str(installed / words[0]), *words[1:]], cwd=tmp_path)
+        for words in map(shlex.split, README_COMMANDS)
+    ]
+    trained, generate_help = outputs[1], outputs[2]
+    assert "checkpoint-4" in trained.stdout + trained.stderr
+    export = tmp_path / "runs" / "tiny" / "export"
+    assert (export / "captioner" / "adapter_model.safetensors").is_file()
+    assert (export / "generator" / "pytorch_lora_weights.safetensors").is_file()
+    assert generate_help.stdout.startswith("usage: cycletune generate")
