@@ -112,21 +112,42 @@ def generate_images(
     seed: int = SamplingSettings.seed,
     num_inference_steps: int = SamplingSettings.num_inference_steps,
     guidance_scale: float = SamplingSettings.guidance_scale,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
 ) -> Tensor:
-    """[T, num_images, 3, H, W] pixels01: each text's images from its own initial noise, drawn per id."""
+    """[T, num_images, 3, H, W] pixels01: each text's images from its own initial noise, drawn per id.
+
+    `negative_prompt` and `scheduler` are Generator.sample's; with a scheduler, the noise it adds at each
+    step is drawn per image too, so an image is a function of its text's id and the seed in any batch.
+    """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     check_query_ids(texts, ids)
-    latent_shape = generator.latent_shape(1)[1:]
     key = DrawKey(seed, RERANK_STEP)
-    latents = key.randn(ids, "rerank/images", (num_images, *latent_shape), generator.device).flatten(0, 1)
+    step_generators = None
+    if scheduler is not None:
+        step_generators = [
+            key.generators([query_id], f"rerank/image_steps/{index}")[0]
+            for query_id in ids
+            for index in range(num_images)
+        ]
     images = generator.sample(
         [text for text in texts for _ in range(num_images)],
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
-        latents=latents,
+        latents=initial_noise(generator, ids, num_images=num_images, seed=seed),
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+        step_generators=step_generators,
     )
     return images.view(len(texts), num_images, *images.shape[1:])
+
+
+def initial_noise(generator: Generator, ids: Sequence[str], *, num_images: int, seed: int) -> Tensor:
+    """[len(ids) * num_images, C, H, W]: the initial latents generate_images draws, each id's in a row."""
+    latent_shape = generator.latent_shape(1)[1:]
+    key = DrawKey(seed, RERANK_STEP)
+    return key.randn(ids, "rerank/images", (num_images, *latent_shape), generator.device).flatten(0, 1)
 
 
 def check_query_ids(queries: Sequence[Any] | Tensor, ids: Sequence[str]) -> None:

@@ -30,7 +30,6 @@ from cycletune.evaluation.candidates import (
     CaptionSampling,
     candidate_captions,
     check_query_ids,
-    generate_images,
 )
 from cycletune.evaluation.similarity import Similarity, image_similarity, text_similarity_measure
 from cycletune.models.captioner import Captioner
@@ -223,29 +222,6 @@ def rank_images(
         )
         for index, query_id in enumerate(ids)
     ]
-
-
-def rerank_images(
-    captioner: Captioner,
-    generator: Generator,
-    texts: Sequence[str],
-    ids: Sequence[str],
-    *,
-    num_images: int = 4,
-    similarity: Similarity | None = None,
-    settings: RerankSettings = RerankSettings(),
-) -> list[Ranking]:
-    """The best image per text: num_images generations per text, ranked by rank_images."""
-    images = generate_images(
-        generator,
-        texts,
-        ids,
-        num_images=num_images,
-        seed=settings.sampling.seed,
-        num_inference_steps=settings.sampling.num_inference_steps,
-        guidance_scale=settings.sampling.guidance_scale,
-    )
-    return rank_images(captioner, texts, ids, images, similarity=similarity, settings=settings)
 
 
 def _ranking(

@@ -1,12 +1,12 @@
 """Rankings on disk: rankings.jsonl (one row per candidate), PNGs under images/, and an HTML contact sheet.
 
-RankingWriter writes them as they come; read_rankings reads the JSONL back for reports.
+RankingWriter writes them as they come (a query's rows at once, so an interrupted run keeps whole queries);
+read_rankings reads the JSONL back, for reports and for the contact sheet itself.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,43 +16,27 @@ from PIL import Image
 from torch import Tensor
 
 from cycletune.evaluation.ranking import Ranking
-from cycletune.evaluation.rankings_sheet import html_page, html_section
+from cycletune.evaluation.rankings_sheet import StoredRanking, html_page, html_section
 
 RANKINGS_FILE = "rankings.jsonl"
 CONTACT_SHEET_FILE = "index.html"
 IMAGES_FOLDER = "images"
 
 
-@dataclass(frozen=True)
-class StoredRanking:
-    """A Ranking read back from rankings.jsonl: image paths instead of tensors."""
-
-    mode: str
-    query_id: str
-    query_text: str | None
-    query_image: Path | None
-    captions: list[str]
-    images: list[Path]
-    scores: dict[str, list[float]]
-    ranks: dict[str, list[int]]
-    higher_is_better: dict[str, bool]
-    primary: str
-    references: list[str]
-    reference_image: Path | None
-
-
 class RankingWriter:
     """Writes rankings as they come: PNGs under images/, one JSONL row per candidate, and at close an HTML
-    contact sheet (index.html, relative links, candidates in primary-rank order) that a person can open."""
+    contact sheet (index.html, relative links, candidates in primary-rank order) of every ranking in
+    rankings.jsonl, read back from it. With `append`, the rankings a previous run left there stay (the
+    caller has dropped any query it cut short) and the sheet shows them too."""
 
-    def __init__(self, out_dir: Path, title: str) -> None:
+    def __init__(self, out_dir: Path, title: str, *, append: bool = False) -> None:
         self.out_dir = Path(out_dir)
         (self.out_dir / IMAGES_FOLDER).mkdir(parents=True, exist_ok=True)
         self.title = title
         self.jsonl_path = self.out_dir / RANKINGS_FILE
         self.html_path = self.out_dir / CONTACT_SHEET_FILE
-        self._jsonl = self.jsonl_path.open("w", encoding="utf-8")
-        self._sections: list[str] = []
+        self._jsonl = self.jsonl_path.open("a" if append else "w", encoding="utf-8")
+        self._next_query = 0
 
     def __enter__(self) -> RankingWriter:
         return self
@@ -60,14 +44,19 @@ class RankingWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def write(self, ranking: Ranking) -> None:
-        query = len(self._sections)
+    def write(self, ranking: Ranking, query: int | None = None) -> None:
+        """Store one ranking as query number `query` (its rows' "query", its files' names): the query's
+        position among all the run's, so a resumed run numbers as an uninterrupted one. Default: the
+        number after the last one written."""
+        query = self._next_query if query is None else query
+        self._next_query = query + 1
         stem = f"q{query:05d}"
         query_image = self._save(ranking.query_image, f"{stem}.png")
         reference_image = self._save(ranking.reference_image, f"{stem}_reference.png")
         candidate_images = [
             self._save(image, f"{stem}_c{index:02d}.png") for index, image in enumerate(ranking.images)
         ]
+        lines = []
         for index, (caption, image) in enumerate(zip(ranking.captions, candidate_images, strict=True)):
             row = {
                 "mode": ranking.mode,
@@ -86,15 +75,16 @@ class RankingWriter:
                 "higher_is_better": ranking.higher_is_better,
                 "primary": ranking.primary,
             }
-            self._jsonl.write(json.dumps(row) + "\n")
+            lines.append(json.dumps(row) + "\n")
+        self._jsonl.write("".join(lines))
         self._jsonl.flush()
-        self._sections.append(html_section(ranking, query_image, reference_image, candidate_images))
 
     def close(self) -> None:
         if self._jsonl.closed:
             return
         self._jsonl.close()
-        self.html_path.write_text(html_page(self.title, self._sections), encoding="utf-8")
+        sections = [html_section(ranking, self.out_dir) for ranking in read_rankings(self.jsonl_path)]
+        self.html_path.write_text(html_page(self.title, sections), encoding="utf-8")
 
     def _save(self, image: Tensor | None, name: str) -> str | None:
         """Save an image as a PNG under images/; returns its path relative to the output folder."""
@@ -143,6 +133,7 @@ def read_rankings(path: Path) -> list[StoredRanking]:
                     query_image=resolved(first["query_image"]),
                     captions=[row["caption"] for row in rows],
                     images=[folder / row["image"] for row in rows],
+                    kinds=[row["kind"] for row in rows],
                     scores={name: [row["scores"][name] for row in rows] for name in first["scores"]},
                     ranks={name: [row["ranks"][name] for row in rows] for name in first["ranks"]},
                     higher_is_better=first["higher_is_better"],

@@ -1,10 +1,39 @@
-"""The HTML contact sheet of a rankings folder: each query with its candidates in primary-rank order."""
+"""The HTML contact sheet of a rankings folder: each query with its candidates in primary-rank order.
+
+It is rendered from the rankings as rankings.jsonl stores them, so a resumed run's sheet shows the queries
+an earlier run ranked exactly as those it ranked itself.
+"""
 
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
+from pathlib import Path
 
-from cycletune.evaluation.ranking import Ranking
+
+@dataclass(frozen=True)
+class StoredRanking:
+    """A Ranking (evaluation/ranking.py) read back from rankings.jsonl: image paths instead of tensors."""
+
+    mode: str
+    query_id: str
+    query_text: str | None
+    query_image: Path | None
+    captions: list[str]
+    images: list[Path]
+    kinds: list[str]
+    scores: dict[str, list[float]]
+    ranks: dict[str, list[int]]
+    higher_is_better: dict[str, bool]
+    primary: str
+    references: list[str]
+    reference_image: Path | None
+
+    @property
+    def best(self) -> int:
+        """Index of the candidate ranked first by the primary measure."""
+        return self.ranks[self.primary].index(0)
+
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; }
@@ -18,19 +47,22 @@ table { border-collapse: collapse; } td { padding: 0 0.4em 0 0; }
 """
 
 
-def html_section(
-    ranking: Ranking, query_image: str | None, reference_image: str | None, candidate_images: list[str]
-) -> str:
+def html_section(ranking: StoredRanking, folder: Path) -> str:
+    """One query's section; its image links are relative to `folder`, the sheet's own."""
     escape = html.escape
+
+    def link(path: Path) -> str:
+        return escape(path.relative_to(folder).as_posix())
+
     figures = []
-    if query_image is not None:
+    if ranking.query_image is not None:
         figures.append(
-            f'<figure class="query"><img src="{escape(query_image)}" alt="query">'
+            f'<figure class="query"><img src="{link(ranking.query_image)}" alt="query">'
             "<figcaption>query</figcaption></figure>"
         )
-    if reference_image is not None:
+    if ranking.reference_image is not None:
         figures.append(
-            f'<figure class="query"><img src="{escape(reference_image)}" alt="reference">'
+            f'<figure class="query"><img src="{link(ranking.reference_image)}" alt="reference">'
             "<figcaption>reference image</figcaption></figure>"
         )
     order = sorted(range(len(ranking.captions)), key=lambda index: ranking.ranks[ranking.primary][index])
@@ -42,7 +74,7 @@ def html_section(
         )
         best = ' class="best"' if index == ranking.best else ""
         figures.append(
-            f'<figure{best}><img src="{escape(candidate_images[index])}" alt="candidate {index}">'
+            f'<figure{best}><img src="{link(ranking.images[index])}" alt="candidate {index}">'
             f"<figcaption><b>{escape(ranking.captions[index])}</b> <i>({escape(ranking.kinds[index])})</i>"
             f"<table>{rows}</table></figcaption></figure>"
         )

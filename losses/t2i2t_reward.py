@@ -1,9 +1,11 @@
 """text -> image -> caption `reward` mode: a DDPO-style policy gradient on the generator's sampling chains.
 
 Where one_step and sample backpropagate through the frozen captioner and the VAE decoder, this mode needs only
-their forward passes: each caption gets G stochastic DDIM chains (models/denoising_chain.py), their images are
-scored by the frozen captioner, and the generator is trained to make the better-scored chains' transitions
-likelier. The mode is registered in losses/t2i2t.py's T2I2T_MODES, whose T2I2TSettings holds its knobs.
+their forward passes: each caption gets G stochastic chains of the generator's own sampler
+(models/denoising_chain.py: DDIM for the DDPM families, the Euler sampler's SDE for the flow-matching ones),
+their images are scored by the frozen captioner, and the generator is trained to make the better-scored
+chains' transitions likelier. The mode is registered in losses/t2i2t.py's T2I2T_MODES, whose T2I2TSettings
+holds its knobs.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from cycletune.losses.cycle_modes import CycleOutput, CycleStep
 from cycletune.models.captioner import Captioner
 from cycletune.models.denoising_chain import (
     Chain,
+    ChainPolicy,
     Conditioning,
-    DDIMPolicy,
     base_policy,
-    ddim_policy,
+    chain_policy,
     gaussian_kl,
     sample_chain,
     transition,
@@ -57,13 +59,13 @@ def sample_chains(
     ids: Sequence[str],
     settings: RewardSettings,
     key: DrawKey,
-) -> tuple[DDIMPolicy, Conditioning, Chain]:
-    """settings.num_images stochastic DDIM chains per caption (no grad), caption i's chains consecutive.
+) -> tuple[ChainPolicy, Conditioning, Chain]:
+    """settings.num_images stochastic chains per caption (no grad), caption i's chains consecutive.
 
     The conditioning keeps the text encoder's graph (it trains under full fine-tuning) for the recomputed
     transitions; the chains themselves are sampled without one.
     """
-    policy = ddim_policy(generator, settings.num_inference_steps, settings.eta)
+    policy = chain_policy(generator, settings.num_inference_steps, settings.eta)
     per_chain = chain_ids(ids, settings.num_images)
     shape, device = generator.latent_shape(1)[1:], generator.device
     steps = len(policy.timesteps)
@@ -89,7 +91,7 @@ def likelihood_rewards(
     return -captioner.caption_loss(generator.decode_latents(latents), **captioner.tokenize(captions))
 
 
-def chosen_steps(key: DrawKey, ids: Sequence[str], policy: DDIMPolicy, share: float) -> torch.Tensor:
+def chosen_steps(key: DrawKey, ids: Sequence[str], policy: ChainPolicy, share: float) -> torch.Tensor:
     """[N, k] step indices (CPU) of the transitions each chain trains on, drawn per chain id without
     replacement from the stochastic steps (policy.stochastic_steps): k is the whole part of share * S as in
     DDPO's timestep_fraction, at least 1 and at most the stochastic steps' count."""
@@ -114,14 +116,14 @@ def reward(step: CycleStep[Generator, Captioner], settings: RewardSettings) -> C
     advantage A = group_advantages over each caption's G chains; for each chain's chosen transitions
     (chosen_steps), r = exp(log p_theta(x_{t-1} | x_t) - the log-probability recorded while sampling) and
     loss = -mean(min(A r, A clip(r, 1 - clip_range, 1 + clip_range))) + kl_weight * mean(KL), the KL being
-    the exact Gaussian KL of each chosen transition to the base UNet's (adapters off) at the same x_t. One
-    update per sampled batch makes r = 1 up to float error and LoRA dropout (different masks while
+    the exact Gaussian KL of each chosen transition to the base denoiser's (adapters off) at the same x_t.
+    One update per sampled batch makes r = 1 up to float error and LoRA dropout (different masks while
     sampling and recomputing): with dropout the ratio strays beyond a 1e-4 clip range, and half of those
     samples (A r above the clipped value) then carry no gradient.
 
     Memory: the chains are sampled first without a graph; then each slot of chosen transitions (one per
-    chain) is one checkpointed UNet call over all chains, so the graph kept until backward is each slot's
-    inputs and outputs, never a chain's activations.
+    chain) is one checkpointed denoiser call over all chains, so the graph kept until backward is each
+    slot's inputs and outputs, never a chain's activations.
     """
     generator, captioner, key = step.trained, step.partner, step.key
     ids, captions = step.batch["ids"], step.batch["captions"]

@@ -1,16 +1,19 @@
 """Generator sampling: the sampler loop (DDIM or flow-matching Euler, by the family's noise process) with
-classifier-free guidance, and the sampler a checkpoint ships.
+classifier-free guidance, the sampler a checkpoint ships, and drawing with any compatible diffusers scheduler.
 
 Sampling is what validation, evaluation and the T2I2T cycle's DRaFT-K run on top of the training wrapper in
 models/generator.py, which mixes ImageSampling in. One loop serves both: `sample` is `sample_with_grad`
-with no step recorded.
+with no step recorded. A scheduler named by the user (EulerDiscreteScheduler, DPMSolverMultistepScheduler,
+...) draws through the family's own diffusers pipeline around the same parts instead: its scheduler-specific
+input scaling, initial noise sigma and step noise are the library's, not rewritten here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import diffusers
 import torch
@@ -20,6 +23,11 @@ from torch.utils.checkpoint import checkpoint
 
 from cycletune.models.noise_process import NoiseProcess
 from cycletune.models.sampling_settings import SamplingSettings
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from cycletune.models.generators.generator_spec import FamilyOptions
 
 
 def checkpoint_sampler(
@@ -42,15 +50,39 @@ def checkpoint_sampler(
     return sampler
 
 
+def compatible_scheduler(class_name: str, sampler: SchedulerMixin) -> type[SchedulerMixin]:
+    """The diffusers scheduler class `class_name`, if diffusers lists it among `sampler`'s compatibles (same
+    noise schedule and model output, so it can be built from `sampler`'s config); otherwise a ValueError
+    listing those that are. Schedulers whose optional dependency is missing (torchsde) are not listed."""
+    compatible = sorted(
+        found.__name__ for found in sampler.compatibles if _diffusers_scheduler(found.__name__) is not None
+    )
+    scheduler_class = _diffusers_scheduler(class_name)
+    if scheduler_class is None or class_name not in compatible:
+        kind = "is not a diffusers scheduler" if scheduler_class is None else "is not compatible with"
+        raise ValueError(
+            f"scheduler {class_name!r} {kind} this generator's {type(sampler).__name__}; "
+            f"compatible: {', '.join(compatible)}"
+        )
+    return scheduler_class
+
+
 def _scheduler_class(name_or_path: str, model_index: dict[str, Any]) -> type[SchedulerMixin]:
     """The diffusers scheduler class model_index.json names for the pipeline's sampling."""
     class_name = model_index["scheduler"][1]
-    scheduler_class = getattr(diffusers, class_name, None)
-    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+    scheduler_class = _diffusers_scheduler(class_name)
+    if scheduler_class is None:
         raise ValueError(
             f"{name_or_path!r}: model_index.json scheduler {class_name!r} is not a diffusers scheduler"
         )
     return scheduler_class
+
+
+def _diffusers_scheduler(class_name: str) -> type[SchedulerMixin] | None:
+    """diffusers' scheduler class of that name; None for any other name (a model, a placeholder of a
+    scheduler whose optional dependency is missing): nothing outside diffusers is ever looked up."""
+    found = getattr(diffusers, class_name, None)
+    return found if isinstance(found, type) and issubclass(found, SchedulerMixin) else None
 
 
 class ImageSampling:
@@ -60,13 +92,19 @@ class ImageSampling:
     """
 
     process: NoiseProcess
+    sampling_scheduler: SchedulerMixin
+    vae: AutoencoderKL | None
+    options: FamilyOptions
+    resolution: int
     device: torch.device
     dtype: torch.dtype
     latent_shape: Callable[[int], tuple[int, int, int, int]]
+    token_lengths: Callable[[], list[int]]
     tokenize: Callable[[list[str]], torch.Tensor]
     encode_text: Callable[[torch.Tensor], torch.Tensor]
     decode_latents: Callable[[torch.Tensor], torch.Tensor]
     predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    pipeline: Callable[..., DiffusionPipeline]
 
     def sample_with_grad(
         self,
@@ -151,18 +189,98 @@ class ImageSampling:
         guidance_scale: float = SamplingSettings.guidance_scale,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
+        negative_prompt: str | None = None,
+        scheduler: str | None = None,
+        step_generators: Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """Sampling with classifier-free guidance against the empty caption; returns pixels01."""
+        """Sampling with classifier-free guidance away from `negative_prompt` (None: the empty caption);
+        returns pixels01.
+
+        `scheduler` names a diffusers scheduler class compatible with the checkpoint's sampler: the family's
+        diffusers pipeline then draws with it (built from the checkpoint's sampler config), from the same
+        initial latents; `step_generators`, one per caption, seed the noise a stochastic scheduler
+        (EulerAncestral, DDPM) adds at each step, so that a caption's draws are its own in any batch.
+        For Flux, classifier-free guidance is FluxPipeline's true CFG (true_cfg_scale), on top of its
+        distilled guidance input.
+        """
+        if negative_prompt and guidance_scale <= 1.0:
+            raise ValueError(
+                f"negative_prompt {negative_prompt!r} steers classifier-free guidance, which "
+                f"guidance_scale={guidance_scale} turns off: set guidance_scale > 1"
+            )
         if latents is None:
             shape = self.latent_shape(len(captions))
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         guided = guidance_scale > 1.0
+        negative = [negative_prompt or ""] * len(captions)
+        if scheduler is not None:
+            return self._pipeline_sample(
+                captions,
+                latents,
+                scheduler=scheduler,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                negative_prompts=negative if guided else None,
+                step_generators=step_generators,
+            )
         final = self.sample_with_grad(
             self.encode_text(self.tokenize(captions)),
             latents,
             num_inference_steps=num_inference_steps,
             grad_steps=0,
             guidance_scale=guidance_scale,
-            uncond_hidden_states=self.encode_text(self.tokenize([""] * len(captions))) if guided else None,
+            uncond_hidden_states=self.encode_text(self.tokenize(negative)) if guided else None,
         )
         return self.decode_latents(final)
+
+    def _pipeline_sample(
+        self,
+        captions: list[str],
+        latents: torch.Tensor,
+        *,
+        scheduler: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompts: list[str] | None,
+        step_generators: Sequence[torch.Generator] | None,
+    ) -> torch.Tensor:
+        """`sample` through the family pipeline with the named scheduler; pixels01 in float32.
+
+        The negative prompts are always given when guided (the empty caption by default), so every family
+        guides as the built-in sampler does: SDXL's pipeline would otherwise zero the unconditional
+        embeddings, and Flux's would not guide at all.
+        """
+        if self.vae is None:
+            raise ValueError(
+                f"scheduler {scheduler!r}: the diffusers pipelines decode with a VAE; a pixel-space generator "
+                "draws with its built-in sampler only"
+            )
+        sampler = compatible_scheduler(scheduler, self.sampling_scheduler)
+        pipe = self.pipeline(scheduler=sampler.from_config(self.sampling_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        parameters = inspect.signature(pipe.__call__).parameters
+        options: dict[str, Any] = {}
+        if "max_sequence_length" in parameters:  # T5 families: the generator's T5 budget, not the default
+            options["max_sequence_length"] = self.token_lengths()[-1]
+        latents = latents.to(self.device, self.dtype)
+        if "true_cfg_scale" in parameters:
+            # Flux: guidance_scale is its distilled guidance input (the pipeline's default is the family's),
+            # and its prepare_latents packs only the noise it draws itself.
+            options["true_cfg_scale"] = guidance_scale
+            if self.options.embedded_guidance_scale is not None:
+                options["guidance_scale"] = self.options.embedded_guidance_scale
+            latents = pipe._pack_latents(latents, *latents.shape)
+        else:
+            options["guidance_scale"] = guidance_scale
+        images = pipe(
+            list(captions),
+            negative_prompt=negative_prompts,
+            height=self.resolution,
+            width=self.resolution,
+            num_inference_steps=num_inference_steps,
+            latents=latents,
+            generator=None if step_generators is None else list(step_generators),
+            output_type="pt",
+            **options,
+        ).images
+        return images.float()

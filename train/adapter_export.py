@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from cycletune.models.captioner import Captioner
 from cycletune.models.generator import Generator
@@ -166,13 +169,22 @@ def full_precision_copies(
     Under mixed precision the frozen base weights were cast to bf16/fp16 in place; merging adapters into
     them would bake that rounding into a standalone model, so merged and full exports start from fp32 bases.
     """
+    trained = {"captioner": captioner, "generator": generator}
+    return rebuilt_models(config, lambda phase, names: trainable_state_dict(trained[phase], names))
+
+
+def rebuilt_models(
+    config: Config, trained_weights: Callable[[str, list[str]], dict[str, torch.Tensor]]
+) -> tuple[Captioner, Generator]:
+    """The config's base models built afresh (fp32), each loaded with trained_weights(phase, its trainable
+    names): full-precision exports, and the export of an FSDP run, whose own models hold only shards."""
     copies = []
-    for trained, build, settings in (
-        (captioner, build_captioner, config.captioner),
-        (generator, build_generator, config.generator),
+    for phase, build, settings in (
+        ("captioner", build_captioner, config.captioner),
+        ("generator", build_generator, config.generator),
     ):
         fresh, names = build(settings)
-        load_trainable_state_dict(fresh, trainable_state_dict(trained, names), names)
+        load_trainable_state_dict(fresh, trained_weights(phase, names), names)
         copies.append(fresh)
     return copies[0], copies[1]
 

@@ -18,7 +18,7 @@ from cycletune.data.sources import Record, SourceSettings
 from cycletune.data.streams import Stream
 from cycletune.models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from cycletune.models.captioner import Captioner
-from cycletune.models.ddpm_process import DDPMProcess
+from cycletune.models.denoising_chain import chain_policy
 from cycletune.models.families import captioner_family, generator_family
 from cycletune.models.generator import Generator
 from cycletune.models.generator_bridge import GeneratorBridge
@@ -84,25 +84,29 @@ def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") ->
 
 
 def check_family_runs_the_modes(config: Config, generator: Generator) -> None:
-    """Refuse, before the first step, a cycle mode the generator's family cannot run: T2I2T reward trains
-    stochastic DDIM chains, which the flow-matching families (SD3, Flux) do not sample."""
-    if config.cycle.t2i2t.mode == "reward" and not isinstance(generator.process, DDPMProcess):
-        raise ValueError(
-            f"cycle.t2i2t.mode=reward needs a DDPM-family generator (sd, sdxl); {generator.spec.name} "
-            f"trains with {generator.prediction_type}"
-        )
+    """Refuse, before the first step, a cycle mode the generator cannot run: T2I2T reward samples the
+    stochastic form of the family's sampler (DDIM, or the flow-matching Euler sampler's SDE), built here
+    once so that what it refuses (a DDIM scheduler with dynamic thresholding) fails before training."""
+    settings = config.cycle.t2i2t
+    if settings.mode == "reward":
+        chain_policy(generator, settings.num_inference_steps, settings.eta)
 
 
 def build_encoder_cache(
-    config: Config, generator: Generator, max_bytes: int = DEFAULT_MAX_BYTES
+    config: Config, generator: Generator, max_bytes: int = DEFAULT_MAX_BYTES, *, sharded: bool = False
 ) -> FrozenEncoderCache | None:
     """The frozen-encoder cache for generator.cache_frozen_encoders, each side only where reuse is exact.
 
     Text states change when the text encoder trains (train_mode full); image posteriors change when random
     augmentation (data.random_flip) alters the pixels, and a pixel-space generator has no VAE to skip.
+    Under FSDP (`sharded`) it is off: each rank caches its own samples, and an encoder that runs on one rank
+    (a miss) but not on another (a hit) would gather its shards on one rank alone, stalling every rank.
     """
     settings = config.generator
     if not settings.cache_frozen_encoders:
+        return None
+    if sharded:
+        logger.info("encoder cache: off, FSDP shards the encoders (ranks must run them in step)")
         return None
     text_off = "the text encoder trains (generator.train_mode full)" if settings.train_mode == "full" else ""
     images_off = ""

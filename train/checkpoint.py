@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from cycletune.models.lora import load_trainable_state_dict, trainable_state_dict
 from cycletune.train.config import Config, ConfigError, load_config
+from cycletune.train.engines import gathered, sharded_like
 from cycletune.train.manifest import MANIFEST_NAME, fsync_directory, manifest_problem, write_manifest
-from cycletune.train.optimizer_state import load_optimizer_state, save_optimizer_state
+from cycletune.train.optimizer_state import load_optimizer_state, optimizer_state_file
 from cycletune.train.rng import restore_rng_state, rng_state_tensors
 from cycletune.train.run_dir import CONFIG_FILE, RunDir, trainable_weights_file, write_config
 
@@ -177,14 +178,21 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_file(rng_state_tensors(), str(staging / rng_state_name(accelerator.process_index)))
+    # Full tensors whatever the engine (see train/engines.py); FSDP shards are gathered by every rank.
+    if accelerator.is_main_process or accelerator.is_fsdp2:
+        for name, (module, names) in parts.models.items():
+            weights = gathered(trainable_state_dict(module, names))
+            optimizer_state = optimizer_state_file(parts.optimizers[name])
+            if accelerator.is_main_process:
+                save_file(
+                    {key: value.contiguous() for key, value in weights.items()},
+                    str(staging / trainable_weights_file(name)),
+                )
+                optimizer_state.save(staging / optimizer_state_name(name))
+                _write_json(parts.schedulers[name].state_dict(), staging / lr_scheduler_name(name))
     if accelerator.is_main_process:
         write_config(config, staging)
         _write_json(parts.trainer_state.state_dict(), staging / TRAINER_STATE_NAME)
-        for name, (module, names) in parts.models.items():
-            weights = {key: value.contiguous() for key, value in trainable_state_dict(module, names).items()}
-            save_file(weights, str(staging / trainable_weights_file(name)))
-            save_optimizer_state(parts.optimizers[name], staging / optimizer_state_name(name))
-            _write_json(parts.schedulers[name].state_dict(), staging / lr_scheduler_name(name))
         if accelerator.scaler is not None:
             _write_json(accelerator.scaler.state_dict(), staging / GRAD_SCALER_NAME)
     accelerator.wait_for_everyone()
@@ -215,6 +223,10 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, parts: TrainingParts
     for name, (module, names) in parts.models.items():
         weights_path = folder / trainable_weights_file(name)
         weights = read_tensors(weights_path)
+        live = dict(module.named_parameters())
+        weights = {
+            key: sharded_like(value, live[key]) if key in live else value for key, value in weights.items()
+        }
         with _reading(weights_path):
             load_trainable_state_dict(module, weights, names)
         optimizer_path = folder / optimizer_state_name(name)

@@ -21,8 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from cycletune.models.lora import trainable_state_dict
 from cycletune.models.randomness import DrawKey
-from cycletune.train.adapter_export import export_run
+from cycletune.train.adapter_export import export_run, rebuilt_models
 from cycletune.train.builders import build_validation_batch
 from cycletune.train.checkpoint import (
     CheckpointError,
@@ -40,7 +41,15 @@ from cycletune.train.config import (
     flags_as_overrides,
     load_config,
 )
-from cycletune.train.run import Run, build_run, resume_target, validate_on_main, with_launcher_precision
+from cycletune.train.engines import gathered, honour_fsdp_on_cpu
+from cycletune.train.run import (
+    Run,
+    build_run,
+    resume_target,
+    validate_run,
+    validates_here,
+    with_launcher_precision,
+)
 from cycletune.train.run_dir import RunDir, write_config
 from cycletune.train.step import PhaseStepResult, phase_step
 from cycletune.train.tracking import (
@@ -106,7 +115,7 @@ def train(run: Run) -> bool:
     """The loop: a step is one optimizer update of the model the schedule names; every `train.*_steps`
     key counts these steps. Returns True if a signal stopped it."""
     config, accelerator, state = run.config, run.accelerator, run.state
-    validates = accelerator.is_main_process and config.train.validation_steps is not None
+    validates = validates_here(accelerator) and config.train.validation_steps is not None
     validation_batch = build_validation_batch(config) if validates else None
     preemption = PreemptionSignal()
     progress = tqdm(
@@ -138,7 +147,7 @@ def train(run: Run) -> bool:
         window = record_step(run, phase, result, started, window)
         progress.update(1)
         if config.train.validation_steps and state.step % config.train.validation_steps == 0:
-            validate_on_main(run, validation_batch)
+            validate_run(run, validation_batch)
         if state.step % config.train.checkpointing_steps == 0 or result.stop:
             save_checkpoint(accelerator, Path(config.output_dir), state.step, run.parts, config)
             if accelerator.is_main_process:
@@ -156,9 +165,15 @@ def finish(run: Run, command: list[str]) -> None:
     """Export adapters in the formats other tools load and say where everything is."""
     accelerator, state, run_dir = run.accelerator, run.state, RunDir(Path(run.config.output_dir))
     accelerator.wait_for_everyone()
+    captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
+    if accelerator.is_fsdp2:  # the models hold shards: every rank gathers, the main process exports copies
+        weights = {
+            phase: gathered(trainable_state_dict(*module)) for phase, module in run.parts.models.items()
+        }
+        if accelerator.is_main_process:
+            captioner, generator = rebuilt_models(run.config, lambda phase, names: weights[phase])
     if not accelerator.is_main_process:
         return
-    captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
     export_dir = export_run(
         captioner,
         generator,
@@ -200,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    honour_fsdp_on_cpu(accelerator)
     try:
         config = with_launcher_precision(config, accelerator)
     except ConfigError as error:

@@ -8,6 +8,7 @@ JSON header and raw tensor bytes.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +16,39 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cycletune.train.engines import gathered, sharded_like
+
 _METADATA_KEY = "optimizer"
 
 
-def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Write optimizer.state_dict(): tensors as `state.<param index>.<name>`, everything else as JSON."""
+@dataclass(frozen=True)
+class OptimizerStateFile:
+    """An optimizer checkpoint file: tensors as `state.<param index>.<name>`, everything else as JSON."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def save(self, path: Path) -> None:
+        save_file(self.tensors, str(path), metadata=self.metadata)
+
+
+def optimizer_state_file(optimizer: torch.optim.Optimizer) -> OptimizerStateFile:
+    """optimizer.state_dict() in full tensors (FSDP shards gathered: under FSDP every rank calls this)."""
     state_dict = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for index, param_state in state_dict["state"].items():
-        for name, value in param_state.items():
+        for name, value in gathered(param_state).items():
             if torch.is_tensor(value):
                 tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
     metadata = {"param_groups": state_dict["param_groups"], "scalars": scalars}
-    save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(metadata)})
+    return OptimizerStateFile(tensors, {_METADATA_KEY: json.dumps(metadata)})
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Restore what save_optimizer_state wrote; groups' tuples (betas) come back as tuples."""
+    """Restore what optimizer_state_file wrote; groups' tuples (betas) come back as tuples."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()[_METADATA_KEY])
         state: dict[int, dict[str, Any]] = {}
@@ -53,4 +67,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
         for name, value in saved.items():
             if isinstance(live.get(name), tuple):
                 saved[name] = tuple(value)
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, param_state in state.items():  # moments cut like their (possibly FSDP-sharded) parameter
+        for name, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == params[index].shape:
+                param_state[name] = sharded_like(value, params[index])
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -32,6 +32,7 @@ from cycletune.train.builders import (
 )
 from cycletune.train.checkpoint import CheckpointError, TrainingParts, read_config, resolve_resume
 from cycletune.train.config import PHASES, Config, ConfigError, fingerprint_differences, model_fingerprint
+from cycletune.train.engines import prepare_model
 from cycletune.train.state import TrainerState
 from cycletune.train.step import batch_to_device
 from cycletune.train.tracking import StepLog, log_validation_table
@@ -91,7 +92,8 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     captioner, captioner_names = build_captioner(config.captioner, accelerator.mixed_precision)
     generator, generator_names = build_generator(config.generator, accelerator.mixed_precision)
     check_family_runs_the_modes(config, generator)
-    generator.encoder_cache = build_encoder_cache(config, generator)  # frozen encoders' outputs, reused
+    # Frozen encoders' outputs, reused.
+    generator.encoder_cache = build_encoder_cache(config, generator, sharded=accelerator.is_fsdp2)
     modules = {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
     updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)
     optimizers, schedulers = {}, {}
@@ -104,25 +106,37 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
         streams, image_only_ratio=config.data.image_only_ratio, text_only_ratio=config.data.text_only_ratio
     )
     bridge = build_bridge(config, captioner, generator, accelerator.device)
-    prepared = accelerator.prepare(captioner, generator, optimizers["captioner"], optimizers["generator"])
-    models = dict(zip(PHASES, prepared[:2], strict=True))
-    optimizers = dict(zip(PHASES, prepared[2:], strict=True))
+    prepared = {phase: prepare_model(accelerator, modules[phase][0], optimizers[phase]) for phase in PHASES}
+    models = {phase: model for phase, (model, _) in prepared.items()}
+    optimizers = {phase: optimizer for phase, (_, optimizer) in prepared.items()}
     state = TrainerState(streams=streams, skipped_records=skipped_records)
     parts = TrainingParts(modules, optimizers, schedulers, state)
     return Run(config, accelerator, models, parts, mixer, bridge, state, logs=None)
 
 
-def validate_on_main(run: Run, validation_batch: dict[str, Any] | None) -> None:
-    """Validate on the main process (it holds the batch; the others wait), log the metrics and table.
+def validates_here(accelerator: Accelerator) -> bool:
+    """Whether this rank runs validation: the main process, and under FSDP every rank, since each forward
+    gathers the weights' shards from all ranks (the main process alone would wait for the others forever)."""
+    return accelerator.is_main_process or accelerator.is_fsdp2
 
+
+def validate_run(run: Run, validation_batch: dict[str, Any] | None) -> None:
+    """Validate where validates_here (those ranks hold the batch; the others wait); the main process logs.
+
+    Both models run as their own forward (as in a training step), which under FSDP gathers their shards.
     Every submodule's train/eval mode is restored afterwards (validate() runs under eval_mode).
     """
     if validation_batch is not None:
         captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
         device_batch = batch_to_device(validation_batch, run.accelerator.device)
         with run.accelerator.autocast():
-            metrics, rows = validate(captioner, generator, device_batch, run.config)
-        run.accelerator.log(metrics, step=run.state.step)
-        run.logs[1].append(run.state.step, **metrics)
-        log_validation_table(run.accelerator, rows, run.state.step)
+            metrics, rows = captioner(
+                lambda captioner: generator(
+                    lambda generator: validate(captioner, generator, device_batch, run.config)
+                )
+            )
+        if run.accelerator.is_main_process:
+            run.accelerator.log(metrics, step=run.state.step)
+            run.logs[1].append(run.state.step, **metrics)
+            log_validation_table(run.accelerator, rows, run.state.step)
     run.accelerator.wait_for_everyone()

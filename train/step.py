@@ -53,6 +53,14 @@ def sync_gradients_if(
         yield
 
 
+def _through_partner(
+    model: torch.nn.Module, *, partner: torch.nn.Module, phase_loss: Callable[..., Any]
+) -> Any:
+    """The phase's loss with the partner running as its own forward too: under FSDP that forward gathers the
+    partner's sharded weights; under DDP the partner is unwrapped and the call is plain."""
+    return partner(lambda frozen_partner: phase_loss(model, partner=frozen_partner))
+
+
 def phase_step(
     accelerator: Accelerator,
     phase: str,
@@ -88,10 +96,8 @@ def phase_step(
         bad_records.extend(batch.get("bad_records", []))
         stage("forward")
         with sync_gradients_if(accelerator, trained, micro == accumulation - 1), frozen(partner):
-            phase_loss = partial(
-                PHASE_LOSSES[phase], partner=partner, batch=batch, config=config, key=key, bridge=bridge
-            )
-            output = trained(phase_loss)
+            phase_loss = partial(PHASE_LOSSES[phase], batch=batch, config=config, key=key, bridge=bridge)
+            output = trained(partial(_through_partner, partner=partner, phase_loss=phase_loss))
             loss = sum(output.terms.values())
             stage("backward")
             accelerator.backward(loss / accumulation)

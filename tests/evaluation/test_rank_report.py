@@ -15,9 +15,9 @@ from PIL import Image
 from cycletune.data.images import load_pixels, to_tensor
 from cycletune.data.shapes import Scene, describe, render
 from cycletune.data.sources import shapes
-from cycletune.evaluation.candidates import CaptionSampling
+from cycletune.evaluation.candidates import CaptionSampling, generate_images
 from cycletune.evaluation.rank_report import candidate_quality, rank_quality, rank_report
-from cycletune.evaluation.ranking import Ranking, RerankSettings, rerank_captions, rerank_images
+from cycletune.evaluation.ranking import Ranking, RerankSettings, rank_images, rerank_captions
 from cycletune.evaluation.rankings_file import RankingWriter, read_rankings
 from cycletune.evaluation.similarity import text_similarity_measure
 from cycletune.models.sampling_settings import SamplingSettings
@@ -151,14 +151,18 @@ def test_report_on_the_shapes_world_with_tiny_models(
         assert files.plot.parent.name == f"report_{metric}"
 
     prompts = text_queries(records[:3])
-    rankings = rerank_images(
-        frozen_captioner,
+    texts, ids = [query.text for query in prompts], [query.id for query in prompts]
+    images = generate_images(
         frozen_generator,
-        [query.text for query in prompts],
-        [query.id for query in prompts],
+        texts,
+        ids,
         num_images=3,
-        similarity=text_similarity_measure("token_f1"),
-        settings=FAST,
+        seed=FAST.sampling.seed,
+        num_inference_steps=FAST.sampling.num_inference_steps,
+        guidance_scale=FAST.sampling.guidance_scale,
+    )
+    rankings = rank_images(
+        frozen_captioner, texts, ids, images, similarity=text_similarity_measure("token_f1"), settings=FAST
     )
     with RankingWriter(tmp_path / "images", "images") as writer:
         for query, ranking in zip(prompts, rankings, strict=True):

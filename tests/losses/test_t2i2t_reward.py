@@ -32,6 +32,7 @@ from cycletune.models.denoising_chain import (
 from cycletune.models.generator import Generator
 from cycletune.models.lora import add_generator_lora, frozen, prepare_trainable
 from cycletune.models.randomness import DrawKey
+from cycletune.models.tiny import TINY_GENERATORS
 
 CAPTIONS = ["a red circle at the top", "a small blue square", "a large green triangle in the corner"]
 IDS = ["sample-0", "sample-1", "sample-2"]
@@ -40,9 +41,26 @@ KEY = DrawKey(seed=0, step=3)
 SETTINGS = T2I2TSettings(mode="reward", num_images=2, num_inference_steps=3, train_timesteps=0.5)
 
 
+# The tests parametrized over families: the tiny SD generator's DDIM chains, and the flow-matching families'
+# SDE form of their Euler sampler (models/flow_sde_policy.py).
+FAMILIES = ["sd", "sd3", "flux"]
+
+
+@pytest.fixture(scope="module")
+def flow_generator_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reward_flow_generators")
+    return {
+        family: TINY_GENERATORS[family](root / family, seed=0, resolution=16) for family in ("sd3", "flux")
+    }
+
+
 @pytest.fixture
-def generator(generator: Generator) -> Generator:
-    """The trainer's LoRA generator, its adapters perturbed: a policy that differs from the base UNet."""
+def generator(request: pytest.FixtureRequest, generator: Generator, flow_generator_folders) -> Generator:
+    """The trainer's LoRA generator, its adapters perturbed: a policy that differs from the base denoiser.
+    The tiny SD one, or the family a test names by indirect parametrization."""
+    family = getattr(request, "param", "sd")
+    if family != "sd":
+        generator = Generator.from_pretrained(str(flow_generator_folders[family]))
     add_generator_lora(generator, rank=4, alpha=4.0)
     names = prepare_trainable(generator, train_mode="lora")
     perturb_lora(generator, names, seed=2, scale=0.1, replace=False)
@@ -68,6 +86,7 @@ def _flat_grad(generator: Generator) -> torch.Tensor:
     return torch.cat([param.grad.flatten() for param in _lora(generator).values()])
 
 
+@pytest.mark.parametrize("generator", FAMILIES, indirect=True)
 @pytest.mark.parametrize("kind", ["paired", "text_only"])
 def test_only_the_generator_lora_learns_and_the_captioner_stays_as_it_was(
     generator: Generator, captioner: Captioner, kind: str
@@ -129,6 +148,7 @@ def test_gradient_is_the_advantage_weighted_score_plus_the_kl_gradient(
     torch.testing.assert_close(output.metrics["reward_mean"], rewards.mean())
 
 
+@pytest.mark.parametrize("generator", FAMILIES, indirect=True)
 def test_an_update_makes_the_better_chain_likelier_and_the_worse_one_less_likely(
     generator: Generator, frozen_captioner: Captioner
 ) -> None:

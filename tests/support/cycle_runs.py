@@ -47,15 +47,17 @@ def environment(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch_command(script: list[str], processes: int = 1) -> list[str]:
-    """`python SCRIPT ...`, or `accelerate launch` of it on `processes` CPU processes (gloo)."""
+def launch_command(script: list[str], processes: int = 1, engine: Path | None = None) -> list[str]:
+    """`python SCRIPT ...`, or `accelerate launch` of it on `processes` CPU processes (gloo): DDP, or the
+    engine an accelerate config file names (configs/accelerate/)."""
     if processes == 1:
         return [sys.executable, *script]
+    distributed = ["--multi_gpu"] if engine is None else ["--config_file", str(engine)]
     launch = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *distributed,
         "--num_processes",
         str(processes),
     ]
@@ -80,16 +82,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cycle_command(overrides: list[str], processes: int = 1) -> list[str]:
-    return launch_command(["train/cycle.py", "--config", str(TINY_CONFIG), *overrides], processes)
+def cycle_command(overrides: list[str], processes: int = 1, engine: Path | None = None) -> list[str]:
+    return launch_command(["train/cycle.py", "--config", str(TINY_CONFIG), *overrides], processes, engine)
 
 
 def run_cycle(
-    overrides: list[str], processes: int = 1, check: bool = True, **env: str
+    overrides: list[str], processes: int = 1, check: bool = True, engine: Path | None = None, **env: str
 ) -> subprocess.CompletedProcess:
     """Run the trainer to completion; on failure show the run's output in the assertion."""
     extra = {"ACCELERATE_USE_CPU": "1"} if processes > 1 else {}
-    return run_launched(cycle_command(overrides, processes), check, **extra, **env)
+    return run_launched(cycle_command(overrides, processes, engine), check, **extra, **env)
 
 
 def run_launched(command: list[str], check: bool = True, **env: str) -> subprocess.CompletedProcess:

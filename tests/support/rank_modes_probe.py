@@ -16,7 +16,7 @@ from accelerate.utils import extract_model_from_parallel, gather_object
 from cycletune.models.modes import module_modes
 from cycletune.train.builders import build_validation_batch
 from cycletune.train.config import PHASES, load_config
-from cycletune.train.run import build_run, validate_on_main
+from cycletune.train.run import build_run, validate_run
 from cycletune.train.run_dir import RunDir
 from cycletune.train.tracking import StepLog
 
@@ -33,7 +33,7 @@ def main(out: Path, config_file: str, overrides: list[str]) -> None:
 
     before = modes()
     run.state.step = config.train.validation_steps
-    validate_on_main(run, build_validation_batch(config) if accelerator.is_main_process else None)
+    validate_run(run, build_validation_batch(config) if accelerator.is_main_process else None)
     gathered = gather_object([{"rank": accelerator.process_index, "before": before, "after": modes()}])
     if accelerator.is_main_process:
         out.write_text(json.dumps(gathered))

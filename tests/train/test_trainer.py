@@ -308,45 +308,89 @@ LINEAR_ADAM = [
 REORDERING_BOUND = 2.0**15 * 2.0**-24
 
 
-def test_two_processes_equal_one_process_on_the_union_of_their_batches(tiny_models, tmp_path: Path) -> None:
-    settings = [
-        "train.max_train_steps=2",
-        "train.checkpointing_steps=2",
-        "train.validation_steps=null",
-        *LINEAR_ADAM,
-    ]
-    two = tmp_path / "two"
-    run_cycle([*tiny_overrides(tiny_models, two), *settings, "data.train_batch_size=2"], processes=2)
+# One update of each model (captioner, then generator), a cycle mode on each side, as every multi-process
+# run below takes.
+TWO_UPDATES = [
+    "train.max_train_steps=2",
+    "train.validation_steps=null",
+    "cycle.i2t2i.mode=soft",
+    "cycle.t2i2t.mode=one_step",
+    *LINEAR_ADAM,
+]
+FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_models, tmp_path_factory) -> Path:
+    """Two DDP processes of 2 samples each, both models updated once."""
+    two = tmp_path_factory.mktemp("two")
+    run_cycle([*tiny_overrides(tiny_models, two), *TWO_UPDATES, "train.checkpointing_steps=2"], processes=2)
+    return two
+
+
+def assert_within_reordering(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    # Each model had one update; LoRA-A got no gradient (its B was zero), so the LoRA-B carry the claim
+    # (PEFT names them lora_B, the diffusers file lora.up).
+    updated = [key for key in expected if "lora_B" in key or "lora.up" in key]
+    assert any("generator" in key for key in updated) and any("captioner" in key for key in updated)
+    assert updated and all(expected[key].abs().max() > 0 for key in updated), "no LoRA-B was updated"
+    for key in updated:
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=REORDERING_BOUND * scale, msg=key)
+
+
+def test_two_processes_equal_one_process_on_the_union_of_their_batches(
+    two_process_run, tiny_models, tmp_path: Path
+) -> None:
+    two = two_process_run
     one = tmp_path / "one"
-    run_cycle([*tiny_overrides(tiny_models, one), *settings, "data.train_batch_size=4"])
+    run_cycle([*tiny_overrides(tiny_models, one), *TWO_UPDATES, "data.train_batch_size=4"])
 
     for two_entry, one_entry in zip(sample_log(two), sample_log(one), strict=True):
         rank0, rank1 = two_entry["ids"][:2], two_entry["ids"][2:]
         assert not set(rank0) & set(rank1), "ranks must see disjoint samples"
         assert sorted(two_entry["ids"]) == sorted(one_entry["ids"])
     assert {entry["phase"] for entry in sample_log(two)} == {"captioner", "generator"}
-    expected, distributed = exported_weights(one), exported_weights(two)
-    assert expected.keys() == distributed.keys()
-    # Each model had one update; LoRA-A got no gradient (its B was zero), so the LoRA-B carry the claim.
-    updated = [key for key in expected if "lora_B" in key]
-    assert updated and all(expected[key].abs().max() > 0 for key in updated), "no LoRA-B was updated"
-    for key in updated:
-        scale = float(expected[key].abs().max())
-        torch.testing.assert_close(
-            distributed[key], expected[key], rtol=0, atol=REORDERING_BOUND * scale, msg=key
-        )
+    assert_within_reordering(exported_weights(two), exported_weights(one))
 
     # A checkpoint written by two processes resumes in one.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(RunDir(two).checkpoint(2), RunDir(resumed).checkpoint(2))
     run_cycle(
         [
-            *tiny_overrides(tiny_models, two),
+            *tiny_overrides(tiny_models, resumed),
             "train.max_train_steps=4",
             "train.checkpointing_steps=2",
             "train.resume_from_checkpoint=latest",
             "data.train_batch_size=4",
         ]
     )
-    assert [step for step, _ in RunDir(two).checkpoints()] == [2, 4]
+    assert [step for step, _ in RunDir(resumed).checkpoints()] == [2, 4]
+
+
+def test_fsdp_trains_resumes_exactly_and_exports_what_ddp_exports(
+    two_process_run, tiny_models, tmp_path: Path
+) -> None:
+    """FSDP2 through Accelerate's launcher on two CPU processes: its models hold shards (each rank trains a
+    half of every trainable tensor), its checkpoints and export hold full tensors."""
+    fsdp = tmp_path / "fsdp"
+    overrides = [*tiny_overrides(tiny_models, fsdp), *TWO_UPDATES, "train.checkpointing_steps=1"]
+    run = run_cycle(overrides, processes=2, engine=FSDP_CONFIG)
+    assert "FSDP2 on CPU (gloo)" in run.stderr
+    assert_within_reordering(exported_weights(fsdp), exported_weights(two_process_run))
+
+    # Resumed after the captioner's update, the generator's update and the export are bit-identical.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(RunDir(fsdp).checkpoint(1), RunDir(resumed).checkpoint(1))
+    overrides = [*tiny_overrides(tiny_models, resumed), *TWO_UPDATES, "train.resume_from_checkpoint=latest"]
+    run_cycle(overrides, processes=2, engine=FSDP_CONFIG)
+    uninterrupted, after_resume = exported_weights(fsdp), exported_weights(resumed)
+    assert uninterrupted.keys() == after_resume.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(after_resume[key], value), key
 
 
 def _bad_and_odd_image_folder(folder: Path) -> None:

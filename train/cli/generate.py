@@ -13,12 +13,9 @@ image or prompt gets the same output in any batch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from cycletune.data.batching import batched
 from cycletune.data.images import load_pixels
@@ -28,11 +25,14 @@ from cycletune.models.captioner import Captioner
 from cycletune.models.generator import Generator
 from cycletune.models.sampling_settings import SamplingSettings
 from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.jsonl_rows import add_resume_arguments, write_rows, written_ids
 from cycletune.train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
     add_output_argument,
+    add_prompt_drawing_arguments,
     add_seed_argument,
+    image_drawing,
 )
 from cycletune.train.inference import add_model_arguments, load_options, model_sources
 from cycletune.train.queries import (
@@ -88,10 +88,7 @@ def draw_prompts(
             generator,
             [query.text for _, query in batch],
             [query.id for _, query in batch],
-            num_images=args.num_images,
-            seed=args.seed,
-            num_inference_steps=args.inference_steps,
-            guidance_scale=args.guidance_scale,
+            **image_drawing(args),
         )
         for (position, query), query_images in zip(batch, images, strict=True):
             files = []
@@ -100,37 +97,6 @@ def draw_prompts(
                 save_png(image, args.out / name)
                 files.append(name)
             yield {"id": query.id, "prompt": query.text, "files": files}
-
-
-def written_ids(jsonl: Path, resume: bool) -> set[str]:
-    """The ids a previous run wrote to `jsonl` (--resume), whose rows are kept; without --resume the file
-    starts afresh. A row cut short by an interruption is dropped, and its query made again."""
-    if not resume or not jsonl.is_file():
-        jsonl.write_text("", encoding="utf-8")
-        return set()
-    rows, kept = [], []
-    for line in jsonl.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line)["id"])
-            kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    jsonl.write_text("".join(kept), encoding="utf-8")
-    return set(rows)
-
-
-def write_rows(rows: Iterator[dict], jsonl: Path, total: int, quiet: bool) -> Iterator[dict]:
-    """Append each row to the JSONL as soon as it is made (an interrupted run keeps what it made), under a
-    progress bar (off when not a TTY, or with --quiet)."""
-    with (
-        jsonl.open("a", encoding="utf-8") as out,
-        tqdm(total=total, unit="row", disable=True if quiet else None) as bar,
-    ):
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            bar.update()
-            yield row
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,17 +127,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     images.add_argument("--num-images", type=int, default=1, help="images per prompt")
     images.add_argument("--batch-size", type=int, default=4, help="prompts per sampling batch")
     add_image_sampling_arguments(images)
+    add_prompt_drawing_arguments(images)
     for subparser in (captions, images):
         add_seed_argument(subparser)
         add_model_arguments(subparser)
-        subparser.add_argument(
-            "--resume",
-            action="store_true",
-            help="keep the rows a previous (interrupted) run wrote; make the rest",
-        )
-        subparser.add_argument(
-            "--quiet", action="store_true", help="no progress bar (it is off when not a TTY)"
-        )
+        add_resume_arguments(subparser, "keep the rows a previous (interrupted) run wrote; make the rest")
     return parser.parse_args(argv)
 
 

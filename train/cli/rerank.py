@@ -10,23 +10,28 @@
 Without --images / --prompts the inputs are the config's validation data (data.validation, else
 data.paired), references included, which the report needs. Each run writes OUT/rankings.jsonl (one row per
 candidate: caption, image file, scores and ranks under both rankings), OUT/images/*.png and OUT/index.html,
-a contact sheet to open in a browser. See evaluation/ranking.py and evaluation/rank_report.py for the method.
+a contact sheet to open in a browser. Each query's rows are written as soon as it is ranked, so an
+interrupted run keeps its work; --resume (with the same flags) ranks only the queries still missing, and
+the folder ends as an uninterrupted run leaves it (every draw is seeded per query id). See
+evaluation/ranking.py and evaluation/rank_report.py for the method.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from cycletune.data.batching import batched
 from cycletune.data.images import load_pixels
 from cycletune.evaluation.availability import MetricUnavailable
-from cycletune.evaluation.candidates import CaptionSampling
+from cycletune.evaluation.candidates import CaptionSampling, generate_images
 from cycletune.evaluation.metric_settings import EvaluationSettings, image_options, text_options
 from cycletune.evaluation.rank_report import CAPTION_QUALITY, IMAGE_QUALITY, rank_report
-from cycletune.evaluation.ranking import RerankSettings, rerank_captions, rerank_images
-from cycletune.evaluation.rankings_file import RankingWriter
+from cycletune.evaluation.ranking import Ranking, RerankSettings, rank_images, rerank_captions
+from cycletune.evaluation.rankings_file import RANKINGS_FILE, RankingWriter
 from cycletune.evaluation.similarity import (
     IMAGE_SIMILARITIES,
     TEXT_SIMILARITIES,
@@ -35,21 +40,28 @@ from cycletune.evaluation.similarity import (
 )
 from cycletune.models.sampling_settings import SamplingSettings
 from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.jsonl_rows import add_resume_arguments, progress_bar, written_ids
 from cycletune.train.cli.sampling_arguments import (
     add_caption_sampling_arguments,
     add_image_sampling_arguments,
     add_output_argument,
+    add_prompt_drawing_arguments,
     add_seed_argument,
+    image_drawing,
 )
 from cycletune.train.config import Config, ConfigError
 from cycletune.train.inference import ModelSources, add_model_arguments, load_options, model_sources
 from cycletune.train.queries import (
+    ImageQuery,
+    TextQuery,
     config_records,
     folder_records,
     image_queries,
     prompt_records,
     text_queries,
 )
+
+Query = TypeVar("Query", ImageQuery, TextQuery)
 
 # Weight paths of the similarities, named as in the config's evaluation section; each is also a flag.
 _WEIGHT_OPTIONS = {
@@ -109,6 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="re-caption vs prompt; auto: SBERT if available, else token_f1; cider_d: idf over one batch",
     )
     images.add_argument("--recaption-beams", type=int, default=SamplingSettings.num_beams)
+    add_prompt_drawing_arguments(images)
 
     for subparser in (captions, images):
         add_output_argument(subparser, required=True, help="output folder")
@@ -118,6 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         add_seed_argument(subparser)
         add_model_arguments(subparser)
         _add_weight_arguments(subparser)
+        add_resume_arguments(
+            subparser, "keep the queries a previous (interrupted) run ranked in OUT; rank the rest"
+        )
 
     report = modes.add_parser(
         "report",
@@ -155,23 +171,30 @@ def rank_caption_candidates(args: argparse.Namespace, models: ModelSources) -> N
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
     )
-    with RankingWriter(args.out, f"Best caption per image ({len(queries)} images)") as writer:
-        for batch in batched(queries, args.batch_size):
-            pixels = load_pixels([query.image for query in batch], generator.resolution).to(args.device)
-            rankings = rerank_captions(
-                captioner,
-                generator,
-                pixels,
-                [query.id for query in batch],
-                candidate_sampling=sampling,
-                similarity=similarity,
-                settings=_rerank_settings(args, score_timesteps=args.score_timesteps),
-            )
-            for query, ranking in zip(batch, rankings, strict=True):
-                ranking.references = list(query.references)
-                writer.write(ranking)
-                print(f"{query.id}: {ranking.captions[ranking.best]}")
-    print(f"rankings: {writer.jsonl_path}\ncontact sheet: {writer.html_path}")
+
+    def rank(batch: list[ImageQuery]) -> list[Ranking]:
+        pixels = load_pixels([query.image for query in batch], generator.resolution).to(args.device)
+        rankings = rerank_captions(
+            captioner,
+            generator,
+            pixels,
+            [query.id for query in batch],
+            candidate_sampling=sampling,
+            similarity=similarity,
+            settings=_rerank_settings(args, score_timesteps=args.score_timesteps),
+        )
+        for query, ranking in zip(batch, rankings, strict=True):
+            ranking.references = list(query.references)
+        return rankings
+
+    _rank_queries(
+        args,
+        queries,
+        rank,
+        candidates=len(sampling.kinds),
+        title=f"Best caption per image ({len(queries)} images)",
+        summary=lambda query, ranking: f"{query.id}: {ranking.captions[ranking.best]}",
+    )
 
 
 def rank_image_candidates(args: argparse.Namespace, models: ModelSources) -> None:
@@ -181,22 +204,65 @@ def rank_image_candidates(args: argparse.Namespace, models: ModelSources) -> Non
         args.text_similarity, text_options(_evaluation_settings(args, models.config), args.device)
     )
     captioner, generator = models.load(**load_options(args))
-    with RankingWriter(args.out, f"Best image per text ({len(queries)} texts)") as writer:
-        for batch in batched(queries, args.batch_size):
-            rankings = rerank_images(
-                captioner,
-                generator,
-                [query.text for query in batch],
-                [query.id for query in batch],
-                num_images=args.num_images,
-                similarity=similarity,
-                settings=_rerank_settings(args, num_beams=args.recaption_beams),
-            )
-            for query, ranking in zip(batch, rankings, strict=True):
-                if query.image is not None:
-                    ranking.reference_image = load_pixels([query.image], generator.resolution)[0]
-                writer.write(ranking)
-                print(f"{query.id}: best image {ranking.best} ({query.text})")
+
+    def rank(batch: list[TextQuery]) -> list[Ranking]:
+        texts, ids = [query.text for query in batch], [query.id for query in batch]
+        images = generate_images(generator, texts, ids, **image_drawing(args))
+        rankings = rank_images(
+            captioner,
+            texts,
+            ids,
+            images,
+            similarity=similarity,
+            settings=_rerank_settings(args, num_beams=args.recaption_beams),
+        )
+        for query, ranking in zip(batch, rankings, strict=True):
+            if query.image is not None:
+                ranking.reference_image = load_pixels([query.image], generator.resolution)[0]
+        return rankings
+
+    _rank_queries(
+        args,
+        queries,
+        rank,
+        candidates=args.num_images,
+        title=f"Best image per text ({len(queries)} texts)",
+        summary=lambda query, ranking: f"{query.id}: best image {ranking.best} ({query.text})",
+    )
+
+
+def _rank_queries(
+    args: argparse.Namespace,
+    queries: Sequence[Query],
+    rank: Callable[[list[Query]], list[Ranking]],
+    *,
+    candidates: int,
+    title: str,
+    summary: Callable[[Query, Ranking], str],
+) -> None:
+    """Rank the queries batch by batch into args.out, each stored as soon as it is ranked, under a progress
+    bar over queries. With --resume, a query whose `candidates` rows rankings.jsonl already holds is kept
+    (one cut short by the interruption is ranked again); every query is numbered by its position among all
+    of them, so the rows and files are named as an uninterrupted run names them."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = written_ids(
+        args.out / RANKINGS_FILE,
+        args.resume,
+        id_field="query_id",
+        complete=lambda rows: sorted(row["candidate"] for row in rows) == list(range(candidates)),
+    )
+    todo = [(position, query) for position, query in enumerate(queries) if query.id not in done]
+    with (
+        RankingWriter(args.out, title, append=True) as writer,
+        progress_bar(len(todo), args.quiet, "query") as bar,
+    ):
+        for batch in batched(todo, args.batch_size):
+            rankings = rank([query for _, query in batch])
+            for (position, query), ranking in zip(batch, rankings, strict=True):
+                writer.write(ranking, position)
+                bar.update()
+                bar.write(summary(query, ranking))
+    print(f"ranked {len(todo)} queries ({len(queries) - len(todo)} kept from before)")
     print(f"rankings: {writer.jsonl_path}\ncontact sheet: {writer.html_path}")
 
 

@@ -1,6 +1,7 @@
 """The sampling flags the generate and rerank CLIs share, with their defaults from the settings types.
 
---num_inference_steps, --guidance_scale and --seed draw images (models/sampling_settings.py); --top-p,
+--num_inference_steps, --guidance_scale and --seed draw images (models/sampling_settings.py), and for the
+tools that draw images from prompts, --negative_prompt and --scheduler (models/image_sampling.py); --top-p,
 --temperature and --max-new-tokens sample captions (evaluation/candidates.py). One definition keeps the
 flags' names, types and defaults the same in every tool. Where a flag means what a diffusers script's flag
 means, it has that name first (--num_inference_steps, --guidance_scale, --output_dir,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from cycletune.evaluation.candidates import CaptionSampling
 from cycletune.models.sampling_settings import SamplingSettings
@@ -28,6 +30,36 @@ def add_image_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         steps_default=SamplingSettings.num_inference_steps,
         guidance_default=SamplingSettings.guidance_scale,
     )
+
+
+def add_prompt_drawing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--negative_prompt and --scheduler, as diffusers' pipelines and users name them."""
+    parser.add_argument(
+        "--negative_prompt",
+        help="text classifier-free guidance steers away from; needs --guidance_scale > 1 (Flux: true CFG, "
+        "as FluxPipeline's true_cfg_scale) (default: the empty prompt)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="CLASS",
+        help="a diffusers scheduler class compatible with the checkpoint's (EulerDiscreteScheduler, "
+        "DPMSolverMultistepScheduler, UniPCMultistepScheduler, ...; FlowMatchEulerDiscreteScheduler for SD3 "
+        "and Flux), built from its config; the family's diffusers pipeline then draws "
+        "(default: the built-in sampler: DDIM, or flow-matching Euler)",
+    )
+
+
+def image_drawing(args: argparse.Namespace) -> dict[str, Any]:
+    """generate_images' keywords from the flags of a tool that draws images from prompts (--num-images,
+    the image sampling and prompt drawing flags, --seed), so each tool draws alike."""
+    return {
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "num_inference_steps": args.inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt,
+        "scheduler": args.scheduler,
+    }
 
 
 def add_steps_and_guidance_arguments(

@@ -99,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--out", default=str(REPO / "runs" / "bench"), help="results, models and logs folder")
+    parser.add_argument("--out", default="runs/bench", help="results, models and logs folder")
     parser.add_argument(
         "--archs",
         nargs="+",
