@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from cycletune.models.lockstep import finished_everywhere
 from cycletune.models.modes import gradient_checkpointing_off
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class CaptionDecoding:
                 samples.append(sample)
                 in_caption.append(~ended)
                 ended = ended | (sample.argmax(dim=-1) == end)
-                if ended.all() or step == max_length - 1:
+                if step == max_length - 1 or finished_everywhere(ended, self.model):
                     break
                 next_embeds = (sample.to(embeddings.dtype) @ embeddings)[:, None]
                 logits, cache = self.spec.text_logits(
@@ -220,7 +221,7 @@ class CaptionDecoding:
                 token = token.masked_fill(ended, pad)
                 new_tokens.append(token)
                 ended = ended | (token == end)
-                if ended.all() or step == max_new_tokens - 1:
+                if step == max_new_tokens - 1 or finished_everywhere(ended, self.model):
                     break
                 logits, cache = self.spec.text_logits(
                     self.model, image, input_ids=token[:, None], cache=cache, use_cache=True

@@ -1,6 +1,6 @@
 """Every command in the README's shell blocks is run here as written, in order, on the tiny models, or its
-comment says why it is not: it needs real weights or a GPU, or it takes minutes and is its own check
-(`make demo`, `make test`, `make bench`, ...). A README example that drifts from the code fails here.
+comment says why it is not: it needs real weights or a GPU, it takes minutes and is its own check
+(`make demo`, `make test`, `make bench`, ...), or it is a multi-process launch that the test it names runs. A README example that drifts from the code fails here.
 
 The commands run in a fresh folder laid out like the checkout (its folders linked, `runs/` its own), so
 they build on each other as they do for a reader, and never touch the checkout's `runs/`. Python entry points
@@ -33,6 +33,8 @@ PACKAGING_TEST = REPO / "tests" / "test_packaging.py"
 SHELL_LANGUAGES = frozenset({"bash", "sh", "shell", "console"})
 # What a comment says of a command the tests cannot run.
 NOT_RUN = re.compile(r"\bneeds (real weights|a GPU|\d+ GPUs)\b|\bminutes\b")
+# A multi-process launch this file cannot run in-process, run instead by the test its comment names.
+RUN_BY = re.compile(r"\brun by (tests/[\w/]+\.py)\b")
 # Small shell tools that make a command's input files: cheap enough to run in a shell of their own.
 SHELL_TOOLS = frozenset({"printf", "echo", "mkdir", "cp", "cat", "ls"})
 SHELL_SYNTAX = frozenset({">", ">>", "<", "|", "||", "&&", ";", "&"})
@@ -52,6 +54,11 @@ class Command:
     @property
     def not_run(self) -> bool:
         return NOT_RUN.search(self.note) is not None
+
+    @property
+    def run_by(self) -> Path | None:
+        match = RUN_BY.search(self.note)
+        return None if match is None else REPO / match.group(1)
 
     def __str__(self) -> str:
         return f"README.md:{self.line}: {self.text}"
@@ -224,6 +231,19 @@ class Reader:
         return run_recipe_in_process(argv)
 
 
+def assert_launched_by(command: Command, test_file: Path) -> None:
+    """A launch the README says a test runs: that test exists and launches the same accelerate config."""
+    words = shlex.split(command.text)
+    assert test_file.is_file(), f"{command}\nno test file {test_file.relative_to(REPO)}"
+    assert "--config_file" in words, (
+        f"{command}\nonly accelerate launches with a --config_file are run elsewhere"
+    )
+    engine = words[words.index("--config_file") + 1]
+    assert engine in test_file.read_text(encoding="utf-8"), (
+        f"{command}\n{test_file.relative_to(REPO)} does not launch {engine}"
+    )
+
+
 @pytest.fixture
 def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder laid out like the checkout, its own `runs/` empty, as the working directory."""
@@ -283,6 +303,9 @@ def test_every_readme_command_runs_as_written_or_says_why_not(
         if command.not_run:
             continue
         try:
+            if command.run_by is not None:
+                assert_launched_by(command, command.run_by)
+                continue
             reader.run(command)
         except AssertionError as failure:
             output = capsys.readouterr()

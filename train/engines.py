@@ -23,6 +23,8 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from cycletune.models.lockstep import mark_sharded
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,6 +85,7 @@ def prepare_model(
     )
     plugin.transformer_cls_names_to_wrap = [name for name in names if name in _unit_classes(model)]
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    mark_sharded(prepared_model)  # its caption decoding then goes on until every rank's captions ended
     units = sum(isinstance(part, FSDPModule) for part in prepared_model.modules())
     logger.info(
         "FSDP2: %s in %d units (%s)",

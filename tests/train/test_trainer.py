@@ -317,7 +317,7 @@ TWO_UPDATES = [
     "cycle.t2i2t.mode=one_step",
     *LINEAR_ADAM,
 ]
-FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
+FSDP_CONFIG = REPO / "configs/accelerate/fsdp.yaml"
 
 
 @pytest.fixture(scope="module")
