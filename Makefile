@@ -64,11 +64,25 @@ base: setup
 bench: setup
 	$(OFFLINE) $(PY) -m train.cli.bench
 
+# A short GPU loan's checks in at most 9 minutes (train/cli/bench/bench_gpu.py): the GPU tests, then the bf16 SD
+# 1.5-scale bench, 10 pairs per mode, with the speed levers as rows; exits 2 at once without CUDA.
+# `$(PY) -m train.cli.bench.bench_gpu --dry-run` prints the commands and the time budget. Results: runs/bench-gpu/.
+.PHONY: bench-gpu
+bench-gpu: setup
+	$(OFFLINE) $(PY) -m train.cli.bench.bench_gpu
+
 # SIGKILL a tiny run at 20 seeded random points (10 inside checkpoint saves), resume each, and require
 # bit-exact exports and no damaged checkpoint chosen (train/cli/drill.py; a few minutes on 2 CPU cores).
 .PHONY: drill
 drill: setup
 	$(OFFLINE) $(PY) -m train.cli.drill --seed $${SEED:-0}
+
+# Peak GPU memory of every phase and cycle mode for SD 1.5 + BLIP-base at 512 px, batch 4, bf16, with and
+# without gradient checkpointing, and the check against the GPU peaks measured at batch 8 (train/cli/memory.py):
+# the trainer's own step run on fake tensors, on a CPU, no model downloaded; ~8 min on 2 CPU cores.
+.PHONY: memory
+memory: setup
+	$(OFFLINE) $(PY) -m train.cli.memory --measured
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cycletune.data.images import ImageInput, ImageSource
+from cycletune.data.shards import Shard, read_shards
 from cycletune.data.skips import SkipLedger
 from cycletune.data.sources import (
     SourceResult,
     SourceSettings,
     existing_path,
     finish_source,
+    numbered_records,
     skip,
     typed_field,
     valid_captions,
@@ -30,6 +32,12 @@ if TYPE_CHECKING:
 # Karpathy's split assigns 30k COCO val2014 images to "restval"; the standard practice (and his own
 # training code) trains on train + restval, so asking for "train" returns both.
 _KARPATHY_SPLIT_ALIASES = {"train": frozenset({"train", "restval"})}
+# Rows of a streamed shard read per batch from `datasets`.
+_ROWS_PER_READ = 256
+
+
+# `data_files` as load_dataset takes it: a pattern, a list of them, or {split: pattern(s)}.
+DataFiles = str | list[str] | dict[str, str | list[str]]
 
 
 class HFDatasetSource(SourceSettings):
@@ -40,6 +48,13 @@ class HFDatasetSource(SourceSettings):
     revision: str | None = None
     image_column: str = "image"
     caption_column: str = "text"
+    data_files: DataFiles | None = None
+    data_dir: str | None = None
+    # Read the data files shard by shard while training (data/shards.py) instead of loading them first.
+    streaming: bool = False
+
+    def streamed(self) -> bool:
+        return self.streaming
 
 
 def hf_dataset(
@@ -49,6 +64,9 @@ def hf_dataset(
     caption_column: str = "text",
     name: str | None = None,
     revision: str | None = None,
+    data_files: DataFiles | None = None,
+    data_dir: str | None = None,
+    streaming: bool = False,
 ) -> SourceResult:
     """Paired records from a Hugging Face dataset: a hub id, a local data folder, or a save_to_disk folder.
 
@@ -56,23 +74,13 @@ def hf_dataset(
     file paths (relative paths are looked up in the dataset folder first, then the working directory).
     The caption column may hold a string or a list of strings per row. A folder written by save_to_disk
     holding a single Dataset is used whatever `split` says (the split only appears in the ids).
+    streaming=True reads every shard of hf_stream_shards into memory (validation sets, small sets).
     """
-    from datasets import Image as ImageFeature
-    from datasets import Value
-
-    dataset = _load_hf(path, split, name, revision)
-    for column in (image_column, caption_column):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"{path} (split {split!r}) has no column {column!r}; columns: {dataset.column_names}"
-            )
-    feature = dataset.features[image_column]
-    is_path_column = isinstance(feature, Value) and feature.dtype in ("string", "large_string")
-    if not isinstance(feature, ImageFeature) and not is_path_column:
-        raise ValueError(
-            f"{path}: image column {image_column!r} is {feature}; "
-            "expected a datasets Image feature or a column of file path strings"
-        )
+    options = {"name": name, "revision": revision, "data_files": data_files, "data_dir": data_dir}
+    if streaming:
+        return read_shards(hf_stream_shards(path, split, image_column, caption_column, **options))
+    dataset = _load_hf(path, split, **options)
+    _check_columns(dataset, path, split, image_column, caption_column)
     base_dir = Path(path) if Path(path).is_dir() else None
     image_rows = _hf_image_rows(dataset, image_column, base_dir)
     captions = dataset.with_format("arrow")[caption_column].to_pylist()
@@ -101,7 +109,10 @@ class _EmbeddedImage:
         return self.dataset[self.row][self.column]["bytes"]
 
 
-def _load_hf(path: str, split: str, name: str | None, revision: str | None) -> datasets.Dataset:
+def _load_hf(
+    path: str, split: str, *, streaming: bool = False, **options: Any
+) -> datasets.Dataset | datasets.IterableDataset:
+    """load_dataset's result, or a save_to_disk folder's split; streamed, the folder's by its arrow files."""
     import datasets
 
     folder = Path(path)
@@ -109,10 +120,115 @@ def _load_hf(path: str, split: str, name: str | None, revision: str | None) -> d
         splits = datasets.load_from_disk(str(folder))
         if split not in splits:
             raise ValueError(f"{path}: unknown split {split!r}; the saved dataset has {sorted(splits)}")
-        return splits[split]
-    if (folder / datasets.config.DATASET_STATE_JSON_FILENAME).is_file():
-        return datasets.load_from_disk(str(folder))
-    return datasets.load_dataset(path, name=name, split=split, revision=revision)
+        dataset = splits[split]
+    elif (folder / datasets.config.DATASET_STATE_JSON_FILENAME).is_file():
+        dataset = datasets.load_from_disk(str(folder))
+    else:
+        return datasets.load_dataset(path, split=split, streaming=streaming, **options)
+    return dataset.to_iterable_dataset(num_shards=max(1, len(dataset.cache_files))) if streaming else dataset
+
+
+def _check_columns(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    path: str,
+    split: str,
+    image_column: str,
+    caption_column: str,
+) -> None:
+    """Refuse, before any row is read, a dataset without the two columns or with an unusable image column."""
+    from datasets import Image as ImageFeature
+    from datasets import Value
+
+    columns = list(dataset.features or {})
+    for column in (image_column, caption_column):
+        if column not in columns:
+            raise ValueError(f"{path} (split {split!r}) has no column {column!r}; columns: {columns}")
+    feature = dataset.features[image_column]
+    is_path_column = isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+    if not isinstance(feature, ImageFeature) and not is_path_column:
+        raise ValueError(
+            f"{path}: image column {image_column!r} is {feature}; "
+            "expected a datasets Image feature or a column of file path strings"
+        )
+
+
+def hf_stream_shards(
+    path: str, split: str = "train", image_column: str = "image", caption_column: str = "text", **options: Any
+) -> list[Shard]:
+    """The dataset as shards for streaming: one per shard of load_dataset(..., streaming=True) (for data
+    files, one per file), images left encoded. A save_to_disk folder streams by its arrow files. `options`
+    are hf_dataset's load_dataset arguments (name, revision, data_files, data_dir).
+
+    Ids are "<path>:<split>:<shard>:<row in shard>". Each shard is read whole into memory while walked, so
+    keep data files to a few hundred MB; webdataset shards are the format for large image sets, since a
+    worker walking past a tar reads only its headers, where a data file's rows are read whole.
+    """
+    import datasets
+
+    stream = _load_hf(path, split, streaming=True, **options)
+    _check_columns(stream, path, split, image_column, caption_column)
+    if isinstance(stream.features[image_column], datasets.Image):
+        stream = stream.cast_column(image_column, datasets.Image(decode=False))
+    name, data_dir = options.get("name"), options.get("data_dir")
+    label = f"{path if name is None else f'{path}/{name}'}:{split}"
+    base_dir = next((Path(folder) for folder in (data_dir, path) if folder and Path(folder).is_dir()), None)
+    columns = (image_column, caption_column)
+    return [
+        Shard(f"{label}:{index}", _HFStreamShard(stream, index, f"{label}:{index}", *columns, base_dir))
+        for index in range(stream.num_shards)
+    ]
+
+
+@dataclass(frozen=True)
+class _HFStreamShard:
+    """Reads one shard of a streamed dataset: its rows as records, images still encoded (bytes or files)."""
+
+    dataset: datasets.IterableDataset
+    index: int
+    label: str  # "<path>:<split>:<shard>", the prefix of its rows' ids
+    image_column: str
+    caption_column: str
+    base_dir: Path | None
+
+    def __call__(self) -> SourceResult:
+        skips = SkipLedger()
+        entries: list[tuple[str, ImageSource, str]] = []
+        shard = self.dataset.shard(num_shards=self.dataset.num_shards, index=self.index)
+        # iter(batch_size) reads the whole shard even in a loader worker, where iterating the dataset itself
+        # would read only the worker's share of its shards.
+        columns = (self.image_column, self.caption_column)
+        batches = shard.iter(batch_size=_ROWS_PER_READ)
+        rows = (row for batch in batches for row in zip(*(batch[column] for column in columns), strict=True))
+        for row_number, (image_value, caption_value) in enumerate(rows):
+            where = f"{self.label}:{row_number}"
+            image = _row_image(image_value, self.base_dir)
+            if isinstance(image, str):
+                skip(skips, image, where)
+                continue
+            for caption in valid_captions(caption_value, self.caption_column, skips, where):
+                entries.append((where, image, caption))
+        return SourceResult(numbered_records(entries), skips)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's encoded bytes held by a record (a streamed row's), returned for load_rgb."""
+
+    data: bytes
+
+    def __call__(self) -> ImageInput:
+        return self.data
+
+
+def _row_image(value: Any, base_dir: Path | None) -> ImageSource | str:
+    """A streamed row's image: its bytes, its file, or the skip reason (a str)."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return EncodedImage(value["bytes"])
+    file = value.get("path") if isinstance(value, dict) else value
+    if not file:
+        return "missing_image"
+    resolved = _resolve_relative(Path(file), base_dir)
+    return resolved if resolved.is_file() else "missing_file"
 
 
 def _hf_image_rows(dataset: datasets.Dataset, column: str, base_dir: Path | None) -> list[ImageSource | str]:

@@ -12,7 +12,8 @@ on row 91,234 of a manifest. Problems only visible when decoding (a truncated JP
 streams.RecordDataset.
 
 Stable ids (used for logging, evaluation tables and resuming):
-  HF datasets      "<path>:<split>:<row>"
+  HF datasets      "<path>:<split>:<row>"       (streamed: "<path>:<split>:<shard>:<row in shard>")
+  webdataset       "<KEY>"                      (the member name without its extension)
   image folders    "<file name relative to the folder>"
   COCO captions    "coco:<image_id>:<annotation_id>"
   Karpathy splits  "karpathy:<cocoid>:<sentid>"
@@ -24,6 +25,8 @@ each caption is its own record and the ids get a ":<k>" suffix in manifest order
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -47,11 +50,15 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".
 
 @dataclass(frozen=True)
 class Record:
-    """One sample: an image (a file, or a callable returning what load_rgb accepts), a caption, or both."""
+    """One sample: an image (a file, or a callable returning what load_rgb accepts), a caption, or both.
+
+    `where` names the image in messages when it is not a file of its own (a member of a tar shard).
+    """
 
     id: str
     image: ImageSource | None
     caption: str | None
+    where: str = ""
 
 
 class SourceResult(NamedTuple):
@@ -71,6 +78,10 @@ class SourceSettings(BaseModel):
 
     type: str
 
+    def streamed(self) -> bool:
+        """Whether training reads this source shard by shard (data/shards.py) instead of in memory."""
+        return False
+
 
 class ImageFolderSource(SourceSettings):
     type: Literal["imagefolder"]
@@ -79,22 +90,23 @@ class ImageFolderSource(SourceSettings):
 
 
 def image_folder(path: str | os.PathLike, caption_column: str = "text") -> SourceResult:
-    """Paired records from a folder with metadata.jsonl files (the datasets "imagefolder" convention).
+    """Paired records from a folder with metadata.jsonl or metadata.csv files (the datasets "imagefolder"
+    convention).
 
-    Every metadata.jsonl under the folder is read; each row is {"file_name": <path relative to that
-    metadata file>, caption_column: <caption or list of captions>}.
+    Every metadata file under the folder is read; each row is {"file_name": <path relative to that
+    metadata file>, caption_column: <caption>} (a JSON row may also hold a list of captions).
     """
     root = existing_path(path, directory=True)
-    manifests = sorted(root.rglob("metadata.jsonl"))
+    manifests = sorted(file for name in _MANIFESTS for file in root.rglob(name))
     if not manifests:
         raise FileNotFoundError(
-            f"{root}: no metadata.jsonl (rows {{'file_name': ..., {caption_column!r}: ...}}); "
+            f"{root}: no metadata.jsonl or metadata.csv (rows {{'file_name': ..., {caption_column!r}: ...}}); "
             "use image_only_folder for a folder of images without captions"
         )
     skips = SkipLedger()
     entries: list[tuple[str, ImageSource, str]] = []
     for manifest in manifests:
-        for where, row in _jsonl_rows(manifest, skips, label=str(manifest)):
+        for where, row in _MANIFESTS[manifest.name](manifest, skips, str(manifest)):
             file_name = typed_field(row, "file_name", str, skips, where)
             captions = [] if file_name is None else _caption_field(row, caption_column, skips, where)
             if not captions:
@@ -210,6 +222,25 @@ def _jsonl_rows(file: Path, skips: SkipLedger, label: str) -> Iterator[tuple[str
         yield where, row
 
 
+def _csv_rows(file: Path, skips: SkipLedger, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row of a CSV file with a header line, as `datasets` reads metadata.csv."""
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        skip(skips, "bad_encoding", label, str(error))
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            yield f"{label}:{reader.line_num}", row
+    except csv.Error as error:
+        skip(skips, "bad_csv", f"{label}:{reader.line_num}", str(error))
+
+
+# The manifests of an image folder, by file name, and how each is read.
+_MANIFESTS = {"metadata.jsonl": _jsonl_rows, "metadata.csv": _csv_rows}
+
+
 def _text_lines(file: Path, skips: SkipLedger, label: str) -> Iterator[tuple[str, str]]:
     """("<label>:<line number>", text) per line; lines that are not UTF-8 are counted and skipped."""
     for number, raw_line in enumerate(file.read_bytes().splitlines(), start=1):
@@ -292,6 +323,14 @@ def finish_source(
     if not entries:
         details = f": {skips.summary()}" if skips.total else ""
         raise EmptySourceError(f"{kind} {source}: no valid records{details}")
+    records = numbered_records(entries)
+    if skips.total:
+        logger.warning("%s %s: kept %d records, %s", kind, source, len(records), skips.summary())
+    return SourceResult(records, skips)
+
+
+def numbered_records(entries: list[tuple[str, ImageSource | None, str | None]]) -> list[Record]:
+    """Records of (base id, image, caption) entries; the captions of a repeated base id get ":<k>"."""
     repeats = Counter(base_id for base_id, _, _ in entries)
     seen: Counter[str] = Counter()
     records = []
@@ -299,6 +338,4 @@ def finish_source(
         record_id = base_id if repeats[base_id] == 1 else f"{base_id}:{seen[base_id]}"
         seen[base_id] += 1
         records.append(Record(record_id, image, caption))
-    if skips.total:
-        logger.warning("%s %s: kept %d records, %s", kind, source, len(records), skips.summary())
-    return SourceResult(records, skips)
+    return records

@@ -12,9 +12,10 @@ import logging
 import torch
 from diffusers.optimization import get_scheduler
 
+from cycletune.data.shards import InMemoryShard, Shard, ShardedSource, read_shards
 from cycletune.data.skips import SkipLedger
 from cycletune.data.source_types import SOURCE_TYPES
-from cycletune.data.sources import Record, SourceSettings
+from cycletune.data.sources import Record, SourceResult, SourceSettings
 from cycletune.data.streams import Stream
 from cycletune.models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from cycletune.models.captioner import Captioner
@@ -23,6 +24,7 @@ from cycletune.models.families import captioner_family, generator_family
 from cycletune.models.generator import Generator
 from cycletune.models.generator_bridge import GeneratorBridge
 from cycletune.models.lora import add_captioner_lora, add_generator_lora, prepare_trainable
+from cycletune.models.speed_levers import apply_denoiser_levers
 from cycletune.train.config import (
     CaptionerSettings,
     Config,
@@ -51,7 +53,9 @@ def build_captioner(settings: CaptionerSettings, mixed_precision: str = "no") ->
     if settings.train_mode == "lora":
         add_captioner_lora(captioner, **_lora_kwargs(settings))
     if settings.gradient_checkpointing:
-        captioner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        captioner.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     # Loaded in eval mode; trained in train mode from update 1 (dropout and checkpointing act), while
     # models.modes.frozen puts it in eval mode whenever it serves as the partner.
     captioner.train()
@@ -76,11 +80,15 @@ def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") ->
         generator.denoiser.enable_gradient_checkpointing()
         if settings.train_mode == "full":
             for encoder in generator.text_encoders:
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                encoder.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
     generator.train()  # as the captioner: train mode when trained, eval mode as the partner
-    return generator, prepare_trainable(
+    names = prepare_trainable(
         generator, train_mode=settings.train_mode, base_dtype=BASE_DTYPES[mixed_precision]
     )
+    apply_denoiser_levers(generator, settings.denoiser_levers())  # on the final weights (memory format)
+    return generator, names
 
 
 def check_family_runs_the_modes(config: Config, generator: Generator) -> None:
@@ -134,14 +142,19 @@ def _lora_kwargs(settings: ModelSettings) -> dict:
 def build_optimizer(
     module: torch.nn.Module, names: list[str], settings: OptimizerSettings
 ) -> torch.optim.AdamW:
+    """AdamW over the named parameters; optimizer.fused picks torch's fused kernel (else torch's default,
+    None, which keeps the param groups a checkpoint saves as they were before the key existed)."""
     wanted = set(names)
     params = [param for name, param in module.named_parameters() if name in wanted]
+    if settings.fused:
+        logger.info("%s optimizer: fused AdamW over %d tensors", type(module).__name__, len(params))
     return torch.optim.AdamW(
         params,
         lr=settings.learning_rate,
         betas=(settings.adam_beta1, settings.adam_beta2),
         weight_decay=settings.adam_weight_decay,
         eps=settings.adam_epsilon,
+        fused=settings.fused or None,
     )
 
 
@@ -166,18 +179,26 @@ def build_lr_scheduler(
 
 
 def load_records(
-    source_list: list[SourceSettings], role: str, resolution: int
+    source_list: list[SourceSettings], role: str, resolution: int, limit: int | None = None
 ) -> tuple[list[Record], SkipLedger]:
-    """Records of every source in a data role, and the manifest rows the sources dropped reading them.
+    """Records of every source in a data role (the first `limit`), and the manifest rows the sources
+    dropped reading them. A streaming source is read shard by shard only until the limit is reached.
 
     Unpaired roles keep only the side they use; each source also logs a summary of what it dropped.
     """
     records: list[Record] = []
     skips = SkipLedger()
     for settings in source_list:
-        loaded, source_skips = SOURCE_TYPES[settings.type].read(settings, resolution)
+        wanted = None if limit is None else limit - len(records)
+        if wanted is not None and wanted <= 0:
+            break
+        source = SOURCE_TYPES[settings.type]
+        if settings.streamed():
+            loaded, source_skips = read_shards(source.shards(settings), wanted)
+        else:
+            loaded, source_skips = source.read(settings, resolution)
         logger.info("data.%s: %d records from a %s source", role, len(loaded), settings.type)
-        records.extend(loaded)
+        records.extend(loaded[:wanted])
         skips.merge(source_skips)
     if role == "image_only":
         records = [dataclasses.replace(record, caption=None) for record in records]
@@ -186,7 +207,33 @@ def load_records(
     return records, skips
 
 
-def _stream(records: list[Record], config: Config, role: str, rank: int, world_size: int) -> Stream:
+def _load_shards(
+    source_list: list[SourceSettings], role: str, resolution: int
+) -> tuple[ShardedSource, SkipLedger]:
+    """A data role with a streaming source as one sharded source: the streaming sources' shards, and each
+    in-memory source as one shard (read now, its dropped rows returned as load_records returns them)."""
+    shards: list[Shard] = []
+    skips = SkipLedger()
+    for index, settings in enumerate(source_list):
+        source = SOURCE_TYPES[settings.type]
+        if settings.streamed():
+            found = source.shards(settings)
+            logger.info("data.%s: %d shards from a %s source", role, len(found), settings.type)
+            shards.extend(found)
+            continue
+        loaded, source_skips = source.read(settings, resolution)
+        logger.info("data.%s: %d records from a %s source", role, len(loaded), settings.type)
+        skips.merge(source_skips)
+        shards.append(
+            Shard(f"data.{role}[{index}]:{settings.type}", InMemoryShard(SourceResult(loaded, SkipLedger())))
+        )
+    sides = {"images": role != "text_only", "captions": role != "image_only"}
+    return ShardedSource(tuple(shards), **sides), skips
+
+
+def _stream(
+    records: list[Record] | ShardedSource, config: Config, role: str, rank: int, world_size: int
+) -> Stream:
     data = config.data
     return Stream(
         records,
@@ -205,12 +252,18 @@ def _stream(records: list[Record], config: Config, role: str, rank: int, world_s
 def build_streams(config: Config, rank: int, world_size: int) -> tuple[dict[str, Stream], SkipLedger]:
     """One resumable, rank-sharded stream per data role that has sources, and what the sources dropped.
 
-    The trainer's ledger starts from these build-time skips; batches then report records that fail to decode.
+    A role with a streaming source (settings.streamed()) reads shard by shard; the others in memory.
+    The trainer's ledger starts from these build-time skips; batches then report records that fail to
+    decode, and a sharded stream also the rows its shards drop, as its workers first read them.
     """
     streams = {}
     skips = SkipLedger()
     for role in ("paired", "image_only", "text_only"):
-        records, role_skips = load_records(getattr(config.data, role), role, config.data.resolution)
+        source_list = getattr(config.data, role)
+        if any(settings.streamed() for settings in source_list):
+            records, role_skips = _load_shards(source_list, role, config.data.resolution)
+        else:
+            records, role_skips = load_records(source_list, role, config.data.resolution)
         skips.merge(role_skips)
         if records:
             streams[role] = _stream(records, config, role, rank, world_size)
@@ -240,8 +293,10 @@ def build_validation_batch(config: Config) -> dict:
     Its "bad_records" also lists the rows the sources dropped, so everything skipped can reach the ledger.
     """
     role = "validation" if config.data.validation else "paired"
-    records, skips = load_records(getattr(config.data, role), role, config.data.resolution)
-    count = min(config.train.num_validation_samples, len(records))
+    records, skips = load_records(
+        getattr(config.data, role), role, config.data.resolution, limit=config.train.num_validation_samples
+    )
+    count = len(records)
     batch_config = config.model_copy(deep=True)
     batch_config.data.train_batch_size = count
     batch_config.data.random_flip = False

@@ -30,6 +30,7 @@ from cycletune.models.families import MODEL_TYPE, PIPELINE_CLASS
 from cycletune.models.generators.generator_spec import FamilyOptions
 from cycletune.models.locate import ModelSourceError, locate_model
 from cycletune.models.sampling_settings import SamplingSettings
+from cycletune.models.speed_levers import DenoiserLevers
 
 Phase = Literal["captioner", "generator"]
 PHASES: tuple[Phase, ...] = ("captioner", "generator")
@@ -58,6 +59,9 @@ class OptimizerSettings(Strict):
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    # torch's fused AdamW kernel (one kernel per step instead of one per tensor group): the same update
+    # to rounding, faster on CUDA where the step has many parameter tensors.
+    fused: bool = False
 
 
 class ModelSettings(Strict):
@@ -107,6 +111,14 @@ class GeneratorModelSettings(ModelSettings):
     mode_scale: float = 1.29
     # Flux-dev's guidance input (a distilled guidance strength, not CFG); None: the family's default (3.5).
     embedded_guidance_scale: float | None = Field(None, ge=0)
+    # Speed levers on the denoiser (models/speed_levers.py): torch.compile it (the backend: inductor
+    # generates kernels; aot_eager and eager only trace, to find graph breaks); keep it and the VAE in
+    # channels_last memory; pin its scaled-dot-product attention to one kernel (sdpa: torch picks per call;
+    # flash and efficient need fp16/bf16 on CUDA, cudnn CUDA).
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    channels_last: bool = False
+    attention: Literal["sdpa", "flash", "efficient", "cudnn", "math"] = "sdpa"
 
     def family_options(self) -> FamilyOptions:
         """The family-specific keys as the generator wrapper takes them."""
@@ -117,6 +129,14 @@ class GeneratorModelSettings(ModelSettings):
             logit_std=self.logit_std,
             mode_scale=self.mode_scale,
             embedded_guidance_scale=self.embedded_guidance_scale,
+        )
+
+    def denoiser_levers(self) -> DenoiserLevers:
+        """The speed-lever keys as models/speed_levers.py applies them."""
+        return DenoiserLevers(
+            compile_backend=self.compile_backend if self.compile else None,
+            channels_last=self.channels_last,
+            attention=self.attention,
         )
 
 
@@ -186,6 +206,10 @@ class TrainSettings(Strict):
     num_validation_samples: int = Field(4, ge=1)
     validation_inference_steps: int = Field(SamplingSettings.num_inference_steps, ge=1)
     validation_guidance_scale: float = Field(SamplingSettings.guidance_scale, ge=0)
+    # TF32 tensor cores for float32 matmuls on CUDA (Ampere and later; torch already allows them in cuDNN
+    # convolutions), as diffusers' trainers' --allow_tf32: 10 mantissa bits instead of 23 in those products.
+    # Mostly for mixed_precision no: under bf16/fp16 autocast the big matmuls are not float32.
+    allow_tf32: bool = False
 
     @model_validator(mode="after")
     def _schedule_not_empty(self) -> TrainSettings:

@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from cycletune.train.engines import gathered, sharded_like
 
 _METADATA_KEY = "optimizer"
+# AdamW group keys that choose a kernel rather than hold state.
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
         for name, value in saved.items():
             if isinstance(live.get(name), tuple):
                 saved[name] = tuple(value)
+        # How the update is computed (fused / foreach kernels) is the run's config, not the checkpoint's.
+        saved.update({name: live[name] for name in _IMPLEMENTATION_FLAGS if name in live})
     params = [param for group in optimizer.param_groups for param in group["params"]]
     for index, param_state in state.items():  # moments cut like their (possibly FSDP-sharded) parameter
         for name, value in param_state.items():

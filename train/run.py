@@ -19,6 +19,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from cycletune.data.mixer import BatchMixer
 from cycletune.models.generator_bridge import GeneratorBridge
+from cycletune.models.speed_levers import set_tf32
 from cycletune.train.builders import (
     build_bridge,
     build_captioner,
@@ -89,6 +90,7 @@ def with_launcher_precision(config: Config, accelerator: Accelerator) -> Config:
 
 def build_run(config: Config, accelerator: Accelerator) -> Run:
     """Models (trained one in train mode), optimizers, per-model LR schedules, data streams, bridge."""
+    set_tf32(config.train.allow_tf32)
     captioner, captioner_names = build_captioner(config.captioner, accelerator.mixed_precision)
     generator, generator_names = build_generator(config.generator, accelerator.mixed_precision)
     check_family_runs_the_modes(config, generator)

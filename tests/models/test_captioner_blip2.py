@@ -108,7 +108,7 @@ def test_cached_steps_give_the_teacher_forced_logits_and_gradients(tiny_blip2: P
     """Train mode with gradient checkpointing on, as the sampled cycle modes decode: the cache must survive."""
     base = Captioner.from_pretrained(str(tiny_blip2))
     model = Blip2ForConditionalGeneration.from_pretrained(tiny_blip2)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     captioner = Captioner(model, base.processor).train()
     spec = captioner.spec
     torch.manual_seed(0)

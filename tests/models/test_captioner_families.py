@@ -158,7 +158,7 @@ def test_gumbel_decoding_keeps_its_cache_under_gradient_checkpointing(family_mod
         return probs.detach(), image.grad
 
     plain = decode()
-    captioner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    captioner.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     checkpointed = decode()
     assert torch.equal(plain[0], checkpointed[0])
     torch.testing.assert_close(checkpointed[1], plain[1], atol=1e-6, rtol=1e-4)

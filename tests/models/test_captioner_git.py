@@ -45,7 +45,7 @@ def _training_git(tiny_git: Path) -> Captioner:
     )
     captioner = Captioner(model, processor)
     add_captioner_lora(captioner, rank=2, alpha=2)
-    captioner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    captioner.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return captioner.train()
 
 

@@ -156,7 +156,7 @@ def test_cached_steps_give_the_teacher_forced_logits_and_gradients(tiny_idefics:
     """Train mode with gradient checkpointing on, as the sampled cycle modes decode: the cache must survive,
     and each cached step must read the image (image_attention_mask continued by position)."""
     model = IdeficsForVisionText2Text.from_pretrained(tiny_idefics)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     captioner = Captioner(model, Captioner.from_pretrained(str(tiny_idefics)).processor).train()
     spec = captioner.spec
     pixels01 = torch.stack([_image(2)[0], _image(3)[0]]).requires_grad_(True)

@@ -44,7 +44,7 @@ def _captioner(folder: Path, *, checkpointed: bool = False) -> Captioner:
     captioner = Captioner.from_pretrained(str(folder), max_length=12)
     if not checkpointed:
         return captioner.eval()
-    captioner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    captioner.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return captioner.train()
 
 

@@ -6,26 +6,37 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cycletune.models.generators import SPECS
 from cycletune.models.tiny import PRESETS
+from cycletune.train.cli.bench import bench_gpu
 from cycletune.train.cli.bench.architectures import (
     ARCHITECTURES,
     CPU_ARCHITECTURES,
     MODEL_PRESETS,
     Architecture,
 )
-from cycletune.train.cli.bench.bench_modes import BASELINE, MODES, bench_config
-from cycletune.train.cli.bench.bench_report import format_table
+from cycletune.train.cli.bench.bench_modes import (
+    BASELINE,
+    LEVERS,
+    MODES,
+    bench_config,
+    lever_rows,
+    measured,
+    mode_named,
+)
+from cycletune.train.cli.bench.bench_report import format_checks, format_table
 from cycletune.train.cli.bench.checks import acceptance
 from cycletune.train.cli.bench.cli import parse_args, run
 from cycletune.train.cli.bench.measure import step_flops
-from cycletune.train.cli.bench.orchestrate import plan_for
+from cycletune.train.cli.bench.orchestrate import DEFAULT_PAIRS, bench_architecture, plan_for
 from cycletune.train.cli.bench.profiler import profile_step
 from cycletune.train.cli.bench.stats_ratios import (
     mean_spearman,
@@ -271,3 +282,119 @@ def test_a_family_architecture_benches_one_mode_end_to_end(tmp_path: Path, capsy
     assert generator["flops_per_step"] > 0 and "time_vs_baseline" not in generator
     assert generator["profile"]["transformer"]["backward_ms"] > 0, "the profile finds the family's denoiser"
     assert "**tiny-sd3** (sd3 generator)" in (tmp_path / "latest.md").read_text()
+
+
+def test_lever_rows_stack_one_lever_each_after_their_mode(tiny_models, tmp_path: Path) -> None:
+    assert lever_rows("generator", ["fused", "compile"]) == ["generator+fused", "generator+fused+compile"]
+    stacked = mode_named("generator+fused+compile")
+    assert stacked.phase == "generator" and not stacked.cache
+    assert stacked.overrides == (*LEVERS["fused"], *LEVERS["compile"])
+    sd = CPU_ARCHITECTURES["tiny"]
+    plan = plan_for(sd, ["generator_cached", "generator"], 3, 0, threads=1, levers=["fused", "tf32"])
+    assert list(plan.pairs) == ["generator_cached", "generator", "generator+fused", "generator+fused+tf32"]
+    assert set(plan.pairs.values()) == {3}
+    alone = plan_for(sd, ["captioner"], None, 0, threads=1, levers=["flash"])
+    assert list(alone.pairs) == ["generator+flash", "captioner"], "without their mode the lever rows lead"
+    assert alone.pairs["generator+flash"] == DEFAULT_PAIRS["tiny"]["generator"]
+    config = bench_config(
+        sd,
+        tiny_models.captioner,
+        tiny_models.generator,
+        mode_named("+".join(["generator", *LEVERS])),
+        tmp_path,
+    )
+    generator = config.generator
+    assert (generator.compile, generator.channels_last, generator.attention) == (True, True, "flash")
+    assert generator.optimizer.fused and config.captioner.optimizer.fused and config.train.allow_tf32
+    assert bench_config(sd, tiny_models.captioner, tiny_models.generator, MODES["generator"], tmp_path) == (
+        bench_config(sd, tiny_models.captioner, tiny_models.generator, mode_named("generator"), tmp_path)
+    )
+
+
+def _gpu_results(lever_seconds: float, lever_mfu: float) -> dict:
+    base = [0.17] * 10
+    return {
+        "generator": _figures([0.17] * 10, base, mfu=0.17),
+        "generator_cached": _figures([0.125] * 10, base, mfu=0.14),
+        "generator+fused": _figures([0.16] * 10, base, mfu=0.18),
+        "generator+fused+compile": _figures([lever_seconds] * 10, base, mfu=lever_mfu),
+        "t2i2t_reward": {"skipped": "time budget spent (a mode took 25 s, median)"},
+        BASELINE: _figures(base, base, mfu=0.17),
+    }
+
+
+def test_gpu_targets_are_checked_and_reported() -> None:
+    checks = acceptance({"sd15-blip-base": _gpu_results(0.11, 0.36)})["gpu_targets"]
+    assert checks["uncached"]["passes"] and checks["uncached"]["ratio"] == pytest.approx(1.0)
+    assert checks["cached"]["passes"] and checks["cached"]["ratio"] == pytest.approx(0.17 / 0.125)
+    levers = checks["levers"]
+    assert levers["row"] == "generator+fused+compile" and levers["passes"]
+    assert levers["ratio"] == pytest.approx(0.17 / 0.11) and levers["mfu"] == 0.36
+    assert checks["mfu_everywhere"], "a skipped row is not measured, so it needs no MFU"
+    text = format_checks({"gpu_targets": checks}, None)
+    assert "sd15-blip-base best lever row generator+fused+compile: speed 1.55x the baseline's" in text
+    assert "MFU 36.0% (>= 35%) -> PASS" in text
+    table = format_table({"sd15-blip-base": _gpu_results(0.11, 0.36)})
+    assert "| sd15-blip-base | t2i2t_reward | not run: time budget spent" in table
+    slow = acceptance({"sd15-blip-base": _gpu_results(0.12, 0.36)})["gpu_targets"]["levers"]
+    assert not slow["passes"], "1.42x is short of 1.5x"
+    low_mfu = acceptance({"sd15-blip-base": _gpu_results(0.11, 0.30)})["gpu_targets"]["levers"]
+    assert not low_mfu["passes"], "fast enough, but 30% MFU"
+    results = _gpu_results(0.11, 0.36)
+    del results["generator_cached"]["mfu"]
+    assert not acceptance({"sd15-blip-base": results})["gpu_targets"]["mfu_everywhere"]
+    assert "gpu_targets" not in acceptance({"tiny": {}})
+
+
+def test_a_spent_time_budget_skips_modes_without_starting_them(tmp_path: Path) -> None:
+    arch = CPU_ARCHITECTURES["tiny-sd3"]  # no baseline worker to start either
+    plan = plan_for(arch, ["generator", "i2t2i_soft"], 2, 0, threads=1)
+    missing = (tmp_path / "no-captioner", tmp_path / "no-generator")  # a started worker would die on these
+    results = bench_architecture(arch, missing, plan, tmp_path, deadline=time.perf_counter() - 1)
+    assert set(results) == {"generator", "i2t2i_soft"}
+    assert all("time budget spent" in figures["skipped"] for figures in results.values())
+    assert measured(results) == {}
+
+
+def test_bench_gpu_dry_run_prints_its_commands_and_budget(capsys) -> None:
+    assert bench_gpu.main(["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "time budget: 540 s in all" in printed
+    tests_line = next(line for line in printed.splitlines() if line.startswith("gpu-tests"))
+    assert "-m gpu" in tests_line and "tests/train/test_gpu.py" in tests_line
+    bench_line = next(line for line in printed.splitlines() if line.startswith("bench "))
+    assert "--archs sd15-blip-base" in bench_line and "--pairs 10" in bench_line
+    assert f"--levers {' '.join(LEVERS)}" in bench_line
+    assert set(bench_gpu.MODE_ORDER) == set(MODES) and set(bench_gpu.STEP_MS) == {*MODES, BASELINE}
+    for row in ("i2t2i_soft", "i2t2i_gumbel", "generator+fused+tf32+flash+channels_last+compile"):
+        assert f"  {row} " in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_bench_gpu_without_cuda_exits_2_at_once(tmp_path: Path, capsys) -> None:
+    assert bench_gpu.main(["--out", str(tmp_path / "out")]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_gpu_runs_the_tests_then_the_bench_within_its_budget(tmp_path: Path, monkeypatch) -> None:
+    """Even if each part runs until it is killed, the two end within the 9 minutes."""
+    clock, calls = [0.0], []
+
+    def run_to_its_limit(command: list[str], *, timeout: float, **options) -> subprocess.CompletedProcess:
+        calls.append(command)
+        clock[0] += timeout
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench_gpu, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_gpu.torch.cuda, "get_device_name", lambda: "a stand-in GPU")
+    monkeypatch.setattr(bench_gpu.subprocess, "run", run_to_its_limit)
+    assert bench_gpu.main(["--out", str(tmp_path)]) == 0
+    tests, bench = calls
+    assert tests[1:4] == ["-m", "pytest", "-q"] and bench[1:3] == ["-m", "train.cli.bench"]
+    assert clock[0] <= bench_gpu.BUDGET_S == 540
+    time_budget = float(bench[bench.index("--time-budget") + 1])
+    assert time_budget <= bench_gpu.BUDGET_S - bench_gpu.BUDGET_S / 3 - bench_gpu.REPORT_RESERVE_S
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["gpu"] == "a stand-in GPU" and summary["bench"]["rc"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,14 @@ def _shapes(root: Path) -> dict[str, Any]:
     return {"num_samples": 2}
 
 
+def _webdataset(root: Path) -> dict[str, Any]:
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        tar.add(_image(root / "a.png"), arcname="a.png")
+        (root / "a.txt").write_text("a red square")
+        tar.add(root / "a.txt", arcname="a.txt")
+    return {"path": str(root / "*.tar")}
+
+
 # A tiny source on disk for every registered type: writes it under the folder, returns its settings.
 SOURCE_FIXTURES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "hf": _hf,
@@ -164,6 +173,7 @@ SOURCE_FIXTURES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "images": _images,
     "texts": _texts,
     "shapes": _shapes,
+    "webdataset": _webdataset,
 }
 
 

@@ -28,6 +28,7 @@ from cycletune.train.checkpoint import (
     save_checkpoint,
 )
 from cycletune.train.config import Config
+from cycletune.train.optimizer_state import load_optimizer_state, optimizer_state_file
 from cycletune.train.run_dir import RunDir
 
 
@@ -193,3 +194,16 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path: Path, config
     on_disk = {path.name for path in folder.iterdir()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert all(entry["bytes"] == (folder / name).stat().st_size for name, entry in manifest["files"].items())
+
+
+def test_the_runs_config_chooses_the_optimizer_kernel_over_the_checkpoints(tmp_path: Path) -> None:
+    """A checkpoint written with fused=False resumes fused when the config now says so (and its state)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    saved_with = torch.optim.AdamW([weight], lr=0.1, fused=False)
+    weight.grad = torch.ones(3)
+    saved_with.step()
+    optimizer_state_file(saved_with).save(tmp_path / "optimizer.safetensors")
+    resumed = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    load_optimizer_state(resumed, tmp_path / "optimizer.safetensors")
+    assert resumed.param_groups[0]["fused"] is True
+    assert torch.equal(resumed.state[weight]["exp_avg"], saved_with.state[weight]["exp_avg"])

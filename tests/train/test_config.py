@@ -115,6 +115,7 @@ SOURCE_ENTRIES = {
     "images": "{type: images, path: x}",
     "texts": "{type: texts, path: captions.txt}",
     "shapes": "{type: shapes, num_samples: 2}",
+    "webdataset": "{type: webdataset, path: x.tar}",
 }
 
 
@@ -134,7 +135,7 @@ def test_unpaired_source_cannot_feed_paired_batches() -> None:
     with pytest.raises(
         ConfigError,
         match=r"data.paired\[0\]: source type 'texts' cannot feed paired batches \(allowed: "
-        r"\['coco', 'hf', 'imagefolder', 'shapes'\]\)",
+        r"\['coco', 'hf', 'imagefolder', 'shapes', 'webdataset'\]\)",
     ):
         load_config(CONFIGS / "tiny.yaml", ["data.paired=[{type: texts, path: captions.txt}]"])
     for name, entry in SOURCE_ENTRIES.items():

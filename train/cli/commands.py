@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cycletune.models import tiny
-from cycletune.train.cli import evaluate, export, generate, rerank
+from cycletune.train.cli import evaluate, export, generate, memory, rerank
 from cycletune.train.cli.bench import cli as bench
 
 RECIPE_MODULE = "cycletune.train.cycle"
@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int | None], str]] = {
     "evaluate": (evaluate.main, "caption and image metrics of a checkpoint or export"),
     "export": (export.main, "write a checkpoint's adapters (PEFT, diffusers, kohya) or merged models"),
     "bench": (bench.main, "timed steps of every phase and cycle mode against a bare baseline"),
+    "memory": (memory.main, "peak GPU memory of every phase and cycle mode, estimated on a CPU"),
     "tiny": (write_tiny, "write tiny random-init models (--out DIR) to try everything in seconds"),
 }
 

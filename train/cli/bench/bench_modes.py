@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,29 @@ PROFILED_MODES = ("captioner", "generator", *FLAGGED_MODES)
 # the two cycle modes that run its denoiser with gradient (T2I2T trains it, I2T2I backpropagates through it to
 # the captioner); the SD rows time every mode and the machinery the families share.
 FAMILY_MODES = ("generator", "t2i2t_one_step", "i2t2i_soft")
+# The speed levers a lever row turns on: each the config keys that users set (models/speed_levers.py, and
+# train.builders.build_optimizer for fused AdamW).
+LEVERS: dict[str, tuple[str, ...]] = {
+    "fused": ("captioner.optimizer.fused=true", "generator.optimizer.fused=true"),
+    "tf32": ("train.allow_tf32=true",),
+    "flash": ("generator.attention=flash",),
+    "channels_last": ("generator.channels_last=true",),
+    "compile": ("generator.compile=true",),
+}
+
+
+def lever_rows(mode: str, levers: Sequence[str]) -> list[str]:
+    """The rows of a mode with levers stacked in the order given: each row keeps the levers of the rows
+    before it and adds one (generator+fused, generator+fused+tf32, ...), so the last row has them all and
+    the step from one row to the next is one lever's gain."""
+    return ["+".join((mode, *levers[: count + 1])) for count in range(len(levers))]
+
+
+def mode_named(name: str) -> Mode:
+    """A mode by its row name: a MODES name, or a lever row's (MODE+LEVER+...)."""
+    base, *levers = name.split("+")
+    mode = MODES[base]
+    return replace(mode, overrides=(*mode.overrides, *(key for lever in levers for key in LEVERS[lever])))
 
 
 def bench_config(
@@ -79,5 +103,5 @@ def bench_config(
 
 
 def measured(modes: dict[str, Any]) -> dict[str, Any]:
-    """The modes that ran to the end (a failed one holds only its error)."""
-    return {mode: figures for mode, figures in modes.items() if "error" not in figures}
+    """The modes that ran to the end (a failed one holds only its error, one left out for time its reason)."""
+    return {mode: figures for mode, figures in modes.items() if not {"error", "skipped"} & figures.keys()}

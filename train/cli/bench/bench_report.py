@@ -17,7 +17,12 @@ import torch
 import transformers
 
 from cycletune.train.cli.bench.bench_modes import BASELINE
-from cycletune.train.cli.bench.checks import CACHE_SPEEDUP_TARGET, CYCLE_COST_LIMIT, FRAMEWORK_RATIO_FLOOR
+from cycletune.train.cli.bench.checks import (
+    CACHE_SPEEDUP_TARGET,
+    CYCLE_COST_LIMIT,
+    FRAMEWORK_RATIO_FLOOR,
+    GPU_TARGET_ARCH,
+)
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -63,6 +68,9 @@ def format_table(
             if "error" in figures:
                 lines.append(f"| {arch_name} | {mode} | failed: {figures['error'].splitlines()[0]} |")
                 continue
+            if "skipped" in figures:
+                lines.append(f"| {arch_name} | {mode} | not run: {figures['skipped']} |")
+                continue
             relative = figures.get("relative_to_supervised")
             against_baseline = figures.get("time_vs_baseline", 1.0 if mode == BASELINE else None)
             mfu = f" (MFU {figures['mfu']:.1%})" if "mfu" in figures else ""
@@ -96,6 +104,7 @@ def format_checks(checks: dict[str, Any], reward: dict[str, Any] | None) -> str:
             f"encoders' share of the baseline step) -> {'PASS' if cache['passes'] else 'FAIL'} "
             f"(>= {CACHE_SPEEDUP_TARGET})"
         )
+    lines += _format_gpu_targets(checks.get("gpu_targets"))
     for name, cost in checks.get("cycle_costs", {}).items():
         verdict = ""
         if "within_limit" in cost:
@@ -111,6 +120,30 @@ def format_checks(checks: dict[str, Any], reward: dict[str, Any] | None) -> str:
             f"Spearman {reward['spearman']:.2f}"
         )
     return "\n".join(lines)
+
+
+def _format_gpu_targets(targets: dict[str, Any] | None) -> list[str]:
+    """One line per GPU target that has its rows: speed ratio vs the baseline, CI, verdict."""
+    if not targets:
+        return []
+    lines = []
+    for name, label in (
+        ("uncached", "generator"),
+        ("cached", "generator_cached"),
+        ("levers", "best lever row"),
+    ):
+        target = targets.get(name)
+        if target is None:
+            continue
+        row = f" {target['row']}" if "row" in target else ""
+        mfu = f", MFU {target['mfu']:.1%} (>= {target['mfu_target']:.0%})" if "mfu_target" in target else ""
+        lines.append(
+            f"{GPU_TARGET_ARCH} {label}{row}: speed {target['ratio']:.2f}x the baseline's "
+            f"[{target['low']:.2f}, {target['high']:.2f}], {target['pairs']} pairs (>= {target['target']}x){mfu}"
+            f" -> {'PASS' if target['passes'] else 'FAIL'}"
+        )
+    lines.append(f"{GPU_TARGET_ARCH}: MFU on every row: {'yes' if targets['mfu_everywhere'] else 'NO'}")
+    return lines
 
 
 def format_profiles(results: dict[str, dict[str, Any]]) -> str:

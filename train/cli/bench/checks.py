@@ -1,4 +1,5 @@
-"""The benchmark's acceptance checks: framework overhead, cache speed-up, and each cycle mode's cost."""
+"""The benchmark's acceptance checks: framework overhead, cache speed-up, each cycle mode's cost, and the
+SD 1.5-scale GPU targets (our steps' and the speed levers' throughput against the baseline, MFU)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from cycletune.train.cli.bench.stats_ratios import speed_ratio_interval
 CYCLE_COST_LIMIT = 1.6
 FRAMEWORK_RATIO_FLOOR = 0.95
 CACHE_SPEEDUP_TARGET = 1.25
+# The GPU targets, on the SD 1.5-scale architecture: speed ratios (baseline time / ours, median of pairs)
+# of the uncached and cached supervised generator steps, and of the best lever row (the uncached step's
+# work, so "equal work"), with the MFU the lever row must reach.
+GPU_TARGET_ARCH = "sd15-blip-base"
+GPU_UNCACHED_FLOOR = 0.98
+GPU_CACHED_TARGET = 1.3
+GPU_LEVERS_TARGET = 1.5
+GPU_LEVERS_MFU_TARGET = 0.35
 
 
 def acceptance(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -50,7 +59,47 @@ def acceptance(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     entry["within_limit"] = relative <= CYCLE_COST_LIMIT
                 costs[f"{arch_name}/{mode}"] = entry
     checks["cycle_costs"] = costs
+    if GPU_TARGET_ARCH in results:
+        checks["gpu_targets"] = gpu_targets(results[GPU_TARGET_ARCH])
     return checks
+
+
+def gpu_targets(modes: dict[str, Any]) -> dict[str, Any]:
+    """The GPU targets from one architecture's measured rows: each supervised step's speed ratio and CI
+    against the baseline, the fastest lever row's (with its MFU), and whether every row has an MFU."""
+    targets: dict[str, Any] = {}
+    for name, mode, floor in (
+        ("uncached", "generator", GPU_UNCACHED_FLOOR),
+        ("cached", "generator_cached", GPU_CACHED_TARGET),
+    ):
+        if _paired(modes.get(mode, {})):
+            interval = speed_ratio_interval(modes[mode]["seconds"], modes[mode]["baseline_seconds"])
+            targets[name] = {**interval, "target": floor, "passes": interval["ratio"] >= floor}
+    levers = {
+        row: speed_ratio_interval(figures["seconds"], figures["baseline_seconds"])
+        for row, figures in modes.items()
+        if row.startswith("generator+") and _paired(figures)
+    }
+    if levers:
+        best = max(levers, key=lambda row: levers[row]["ratio"])
+        mfu = modes[best].get("mfu")
+        targets["levers"] = {
+            "row": best,
+            **levers[best],
+            "mfu": mfu,
+            "target": GPU_LEVERS_TARGET,
+            "mfu_target": GPU_LEVERS_MFU_TARGET,
+            "passes": levers[best]["ratio"] >= GPU_LEVERS_TARGET
+            and mfu is not None
+            and mfu >= GPU_LEVERS_MFU_TARGET,
+        }
+    targets["mfu_everywhere"] = all("mfu" in figures for figures in modes.values())
+    return targets
+
+
+def _paired(figures: dict[str, Any]) -> bool:
+    """Whether a row has the two or more baseline pairs a speed ratio's interval needs."""
+    return len(figures.get("baseline_seconds", ())) >= 2
 
 
 def _relative_cost(modes: dict[str, Any], mode: str, reference: str) -> float:

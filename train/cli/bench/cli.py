@@ -2,6 +2,10 @@
 
     python -m train.cli.bench                      # CPU: tiny + small architectures, ~7 minutes on 2 cores
     python -m train.cli.bench --archs tiny --modes generator --pairs 5   # a quick look
+    python -m train.cli.bench --archs small --modes generator --levers fused channels_last compile
+
+The speed levers (the config keys of train/config.py: optimizer.fused, train.allow_tf32, generator.attention,
+generator.channels_last, generator.compile) are timed as rows of one mode, each row stacking one more.
 
 The tiny and small SD architectures run every mode; tiny-sdxl, tiny-sd3, tiny-flux, small-sdxl, ... run each
 other generator family at about the same size, in its supervised step and the cycle modes that run its
@@ -39,7 +43,7 @@ from cycletune.train.cli.bench.architectures import (
     GPU_ARCHITECTURES,
     save_models,
 )
-from cycletune.train.cli.bench.bench_modes import FAMILY_MODES, MODES
+from cycletune.train.cli.bench.bench_modes import FAMILY_MODES, LEVERS, MODES
 from cycletune.train.cli.bench.bench_report import machine_info, write_report
 from cycletune.train.cli.bench.checks import acceptance
 from cycletune.train.cli.bench.orchestrate import bench_architecture, plan_for
@@ -72,11 +76,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     report: dict[str, Any] = {"machine": machine_info(args.threads), "architectures": {}, "results": {}}
     models = {arch.name: save_models(arch, out_dir / "models" / arch.name) for arch in architectures}
+    deadline = None if args.time_budget is None else started + args.time_budget
     for arch in architectures:
         print(f"{arch.name}: {arch.description}", flush=True)
-        plan = plan_for(arch, args.modes, args.pairs, args.warmup, args.threads)
+        plan = plan_for(arch, args.modes, args.pairs, args.warmup, args.threads, args.levers, args.lever_mode)
         report["architectures"][arch.name] = {**asdict(arch), **asdict(plan)}
-        report["results"][arch.name] = bench_architecture(arch, models[arch.name], plan, out_dir)
+        report["results"][arch.name] = bench_architecture(arch, models[arch.name], plan, out_dir, deadline)
     if not args.skip_reward:
         if args.reward_generator:
             generator_dir = Path(args.reward_generator)
@@ -121,6 +126,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="interleaved pairs per mode, steps where there is no baseline (default: a plan)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per worker (default: a plan)")
+    parser.add_argument(
+        "--levers",
+        nargs="+",
+        default=[],
+        choices=list(LEVERS),
+        help="speed levers to time as rows of --lever-mode beside the baseline, stacked in the order given: "
+        "each row adds one lever to those of the row before",
+    )
+    parser.add_argument(
+        "--lever-mode", default="generator", choices=list(MODES), help="the mode the lever rows run"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds from the start: a mode starts only if it would end in time at the median pace of the "
+        "modes so far; the others are reported as skipped",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
     parser.add_argument("--skip-reward", action="store_true", help="skip the reward-cost comparison")
     parser.add_argument(

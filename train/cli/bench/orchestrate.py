@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -17,9 +18,10 @@ from cycletune.train.cli.bench.bench_modes import (
     FAMILY_MODES,
     MODES,
     PROFILED_MODES,
+    lever_rows,
     measured,
 )
-from cycletune.train.cli.bench.stats_ratios import step_summary, time_ratio
+from cycletune.train.cli.bench.stats_ratios import median, step_summary, time_ratio
 from cycletune.train.cli.bench.workers import Worker, WorkerDied, WorkerSpec, worker_context
 
 # bf16 dense throughput measured on this workplace's H100 (the MFU denominator).
@@ -61,27 +63,38 @@ class Plan:
 
 
 def plan_for(
-    arch: Architecture, modes: Sequence[str] | None, pairs: int | None, warmup: int | None, threads: int
+    arch: Architecture,
+    modes: Sequence[str] | None,
+    pairs: int | None,
+    warmup: int | None,
+    threads: int,
+    levers: Sequence[str] = (),
+    lever_mode: str = "generator",
 ) -> Plan:
-    """The modes asked for (by default: every mode on an SD architecture, FAMILY_MODES on another family's), in
-    MODES order, with the given pairs and warm-up steps or the architecture's defaults."""
+    """The modes asked for, in the order given (by default: every mode on an SD architecture, FAMILY_MODES on
+    another family's, in MODES order), with the given pairs and warm-up steps or the architecture's defaults.
+    With `levers`, lever_mode's lever rows (bench_modes.lever_rows) follow lever_mode's own row, or lead
+    the plan where lever_mode is not planned."""
     default_modes = MODES if arch.has_baseline else FAMILY_MODES
+    rows = list(dict.fromkeys(modes)) if modes else [mode for mode in MODES if mode in default_modes]
+    added = lever_rows(lever_mode, levers)
+    at = rows.index(lever_mode) + 1 if lever_mode in rows else 0
+    rows[at:at] = added
     return Plan(
-        pairs={
-            mode: pairs or DEFAULT_PAIRS[arch.name][mode]
-            for mode in MODES
-            if mode in (modes or default_modes)
-        },
+        pairs={row: pairs or DEFAULT_PAIRS[arch.name][row.split("+")[0]] for row in rows},
         warmup=DEFAULT_WARMUP[arch.name] if warmup is None else warmup,
         threads=threads,
     )
 
 
 def bench_architecture(
-    arch: Architecture, models: tuple[Path, Path], plan: Plan, out_dir: Path
+    arch: Architecture, models: tuple[Path, Path], plan: Plan, out_dir: Path, deadline: float | None = None
 ) -> dict[str, Any]:
     """All planned modes of one architecture, each interleaved pair by pair with one long-lived baseline (where
-    the architecture has one: the SD family's)."""
+    the architecture has one: the SD family's). With a `deadline` (a time.perf_counter() value), a mode
+    starts only if it would end by then at the median pace of the modes so far (a median, so one
+    compiling mode does not stop all the rest); the others are marked skipped, so a bench on a short GPU
+    loan ends in time with its report written. Each finished mode is also appended to logs/ARCH/rows.jsonl."""
     order = random.Random(0)
     logs = out_dir / "logs" / arch.name
     context = worker_context(cuda=arch.device.startswith("cuda"))
@@ -102,8 +115,14 @@ def bench_architecture(
     baseline = start(BASELINE) if arch.has_baseline else None
     results: dict[str, Any] = {}
     all_baseline: list[float] = []
+    walls: list[float] = []
     for mode, pairs in plan.pairs.items():
         started, load = time.perf_counter(), os.getloadavg()[0]
+        pace = median(walls) if walls else 0.0
+        if deadline is not None and started + pace > deadline:
+            results[mode] = {"skipped": f"time budget spent (a mode took {pace:.0f} s, median)"}
+            print(f"  {arch.name:<10} {mode:<21} skipped: time budget spent", flush=True)
+            continue
         ours, base = [], []
         try:
             worker = start(mode)
@@ -127,6 +146,9 @@ def bench_architecture(
             "wall_s": time.perf_counter() - started,
             **report,
         }
+        walls.append(results[mode]["wall_s"])
+        with open(logs / "rows.jsonl", "a") as rows:  # kept if the bench is stopped before its report
+            rows.write(json.dumps({"arch": arch.name, "mode": mode, **results[mode]}) + "\n")
         print(f"  {arch.name:<10} {mode:<21} {results[mode]['median_ms']:9.1f} ms/step", flush=True)
     if baseline is not None:
         results[BASELINE] = {

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cycletune.train.cli.bench.architectures import Architecture
-from cycletune.train.cli.bench.bench_modes import BASELINE, MODES, bench_config
+from cycletune.train.cli.bench.bench_modes import BASELINE, MODES, bench_config, mode_named
 from cycletune.train.cli.bench.measure import peak_memory_mb, step_flops, timed
 from cycletune.train.cli.bench.profiler import profile_step
 from cycletune.train.cli.bench.steps import BareGeneratorStep, TrainerStep
@@ -40,7 +40,7 @@ def worker_main(spec: WorkerSpec, connection: Connection, log_path: str) -> None
         os.dup2(log.fileno(), 2)
     torch.set_num_threads(spec.threads)
     arch = spec.arch
-    mode = MODES.get(spec.mode, MODES["generator"])
+    mode = MODES["generator"] if spec.mode == BASELINE else mode_named(spec.mode)
     config = bench_config(arch, Path(spec.captioner), Path(spec.generator), mode, Path(spec.output_dir))
     runner = (
         BareGeneratorStep(config, arch.device)
