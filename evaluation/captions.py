@@ -9,6 +9,8 @@ is used: it belongs to the [eval] extra, and without it these metrics are skippe
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import shutil
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -85,6 +87,78 @@ def per_sample_cider(
             if round_index < len(candidate_tokens[key]):
                 scores[key].append(float(score))
     return scores
+
+
+class CorpusCider:
+    """CIDEr-D of candidate captions against one reference caption each, its idf fixed by a caption corpus.
+
+    Scored the usual way, one reference per candidate, CIDEr-D takes its document frequencies from the
+    references scored together: a caption's score then depends on its batchmates, and alone every idf is
+    zero. As in self-critical sequence training, the idf here comes once from a fixed corpus, one document
+    per caption (the trainer gives it the training captions), so a score depends on its candidate and
+    reference alone: the score per_sample_cider gives that candidate with the corpus as the references.
+    Tokenized texts are kept (up to KEPT_TEXTS), so a text seen before skips the PTB tokenizer's Java call.
+    """
+
+    KEPT_TEXTS = 500_000
+
+    def __init__(self, corpus: Sequence[str]) -> None:
+        from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+        _require_cider_corpus(len(corpus))
+        self._tokens: dict[str, str] = {}
+        counter = CiderScorer()
+        for tokens in self._tokenize(corpus):
+            counter += (None, [tokens])
+        counter.compute_doc_freq()
+        self._frequencies = _DocumentFrequencies(counter.document_frequency)
+        self._log_documents = math.log(len(corpus))
+
+    def __call__(self, candidates: Sequence[str], references: Sequence[str]) -> list[float]:
+        """CIDEr-D (pycocoevalcap's scale, 0 to 10) of each candidate against the reference at its index."""
+        scorer = _fixed_idf_scorer_type()()
+        scorer.document_frequency, scorer.log_documents = self._frequencies, self._log_documents
+        for candidate, reference in zip(self._tokenize(candidates), self._tokenize(references), strict=True):
+            scorer += (candidate, [reference])
+        return [float(score) for score in scorer.compute_cider()]
+
+    def _tokenize(self, texts: Sequence[str]) -> list[str]:
+        _check_texts("captions to score", texts, allow_empty=True)
+        new = list(dict.fromkeys(text for text in texts if text not in self._tokens))
+        tokenized = _ptb_tokenize({index: [text] for index, text in enumerate(new)}) if new else {}
+        found = {text: tokenized[index][0] for index, text in enumerate(new)}
+        if len(self._tokens) + len(found) <= self.KEPT_TEXTS:
+            self._tokens.update(found)
+        return [found[text] if text in found else self._tokens[text] for text in texts]
+
+
+class _DocumentFrequencies(dict):
+    """Document counts by n-gram; an n-gram the corpus lacks counts 0 without being added, so scoring new
+    captions never grows the table (pycocoevalcap's defaultdict would keep every n-gram it is asked about)."""
+
+    def __missing__(self, ngram: tuple[str, ...]) -> float:
+        return 0.0
+
+
+@functools.cache
+def _fixed_idf_scorer_type() -> type:
+    """pycocoevalcap's CiderScorer with the corpus's document count kept: its compute_cider sets ref_len (the
+    log document count in every idf) from the pairs it scores, so this subclass ignores that assignment.
+    Built on first use: pycocoevalcap belongs to the [eval] extra."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    class FixedIdfScorer(CiderScorer):
+        log_documents = 0.0
+
+        @property
+        def ref_len(self) -> float:
+            return self.log_documents
+
+        @ref_len.setter
+        def ref_len(self, value: float | None) -> None:
+            pass
+
+    return FixedIdfScorer
 
 
 def spice_jars_missing() -> list[Path]:

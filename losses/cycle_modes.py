@@ -8,7 +8,7 @@ table. Each table lives beside its losses because that direction's settings chec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -27,6 +27,14 @@ Trained = TypeVar("Trained")
 Partner = TypeVar("Partner")
 
 
+class CaptionScorer(Protocol):
+    """Scores each candidate caption against the reference caption at its index (higher is better): the T2I2T
+    reward's cider_d judge. The trainer builds it (train/builders.py) from the evaluation package, which the
+    losses may not import."""
+
+    def __call__(self, candidates: Sequence[str], references: Sequence[str]) -> list[float]: ...
+
+
 @dataclass(frozen=True)
 class CycleStep(Generic[Trained, Partner]):
     """What a cycle mode reads besides its settings, the same for every mode of both directions, so the phase
@@ -39,6 +47,7 @@ class CycleStep(Generic[Trained, Partner]):
     # Every random draw comes from it, per sample id and purpose (models/randomness.py).
     key: DrawKey
     bridge: GeneratorBridge | None = None
+    caption_scorer: CaptionScorer | None = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from pydantic import Field
 
-from cycletune.losses.cycle_modes import OFF, CycleModes, CycleOutput, CycleStep
+from cycletune.losses.cycle_modes import OFF, CaptionScorer, CycleModes, CycleOutput, CycleStep
 from cycletune.losses.i2t2i import I2T2I_MODES, I2T2ISettings
 from cycletune.losses.settings import Strict
 from cycletune.losses.supervised import CaptionLossSettings, DenoiseLossSettings, caption_terms, denoise_pass
@@ -69,6 +69,7 @@ def captioner_phase(
     config: PhaseSettings,
     key: DrawKey,
     bridge: GeneratorBridge | None,
+    caption_scorer: CaptionScorer | None = None,
 ) -> PhaseOutput:
     terms = caption_terms(trained, batch, config.captioner) if batch["kind"] == "paired" else {}
     settings = config.cycle.i2t2i
@@ -86,13 +87,14 @@ def generator_phase(
     config: PhaseSettings,
     key: DrawKey,
     bridge: GeneratorBridge | None,
+    caption_scorer: CaptionScorer | None = None,
 ) -> PhaseOutput:
     denoised = denoise_pass(trained, batch, config.generator, key) if batch["kind"] == "paired" else None
     terms = denoised.terms if denoised is not None else {}
     settings = config.cycle.t2i2t
     if settings.mode == OFF:
         return PhaseOutput(terms, {})
-    step = CycleStep(trained, partner, batch, key, bridge)
+    step = CycleStep(trained, partner, batch, key, bridge, caption_scorer)
     if denoised is not None and settings.share_denoise_pass:
         cycle = one_step_on_denoise_pass(step, settings, denoised)
     else:

@@ -14,9 +14,9 @@ Each mode is declared at the end, in T2I2T_MODES, with the batches it trains on 
 - sample (any batch with captions, text-only included): DDIM from key-drawn noise, backpropagating through
   only the last grad_steps steps (DRaFT-K), with classifier-free guidance when guidance_scale > 1.
 - reward (any batch with captions; paired batches' images are not used): DDPO-style policy gradient. G
-  stochastic DDIM chains per caption, their images scored by the frozen captioner's caption likelihood
-  without any gradient through it or the decoder, group advantages, and a clipped importance-ratio loss on
-  a share of each chain's transitions (losses/t2i2t_reward.py).
+  stochastic DDIM chains per caption, their images scored by the frozen captioner (its caption likelihood,
+  or its re-caption's CIDEr-D) without any gradient through it or the decoder, group advantages, and a
+  clipped importance-ratio loss on a share of each chain's transitions (losses/t2i2t_reward.py).
 """
 
 from __future__ import annotations
@@ -61,14 +61,18 @@ class T2I2TSettings(Strict):
     train_timesteps: float = Field(0.25, gt=0, le=1)
     clip_range: float = Field(1e-4, gt=0)
     kl_weight: float = Field(0.0, ge=0)
-    # reward: minus the frozen captioner's per-token caption NLL on the image. A CIDEr-D reward would need
-    # the evaluation package, which the losses may not import.
-    reward: Literal["likelihood"] = "likelihood"
-    # reward: advantages are (r - mean_G r) / max(std_G r, floor), the floor in reward units (nats per
-    # token). The reward has no scoring noise (one deterministic captioner pass per image), so the floor only
-    # keeps groups of near-identical images from unit-scale advantages. Measured on shapes-base (G = 4, 10
-    # steps, eta 1, 48 captions): group stds 0.07 to 0.8, median 0.36, all well above 1e-2; random tiny
-    # models give about 1e-4, whose groups the floor shrinks 100-fold. Other captioners: measure theirs.
+    # reward: likelihood, minus the frozen captioner's per-token caption NLL on the image (one teacher-forced
+    # pass per image); cider_d, the CIDEr-D of its greedy re-caption against the caption, its idf from the
+    # training captions (one decode of up to captioner.max_length tokens per image, and the PTB tokenizer's
+    # Java call for captions not seen before; needs the [eval] extra, checked at start-up).
+    reward: Literal["likelihood", "cider_d"] = "likelihood"
+    # reward: advantages are (r - mean_G r) / max(std_G r, floor), the floor in reward units (likelihood:
+    # nats per token; cider_d: CIDEr-D, 0 to 10). Neither reward has scoring noise (a deterministic captioner
+    # pass per image), so the floor only keeps groups of near-identical images from unit-scale advantages.
+    # Measured on shapes-base (G = 4, 10 steps, eta 1, 48 captions): likelihood group stds 0.02 to 0.7,
+    # median 0.3; cider_d 0.02 to 3.9, median 0.8, and 0 where a group's re-captions are all alike (its
+    # advantages are 0 whatever the floor). The one default suits both; random tiny models give likelihood
+    # stds of about 1e-4, whose groups the floor shrinks 100-fold. Other captioners: measure theirs.
     advantage_std_floor: float = Field(1e-2, gt=0)
 
     @field_validator("mode")

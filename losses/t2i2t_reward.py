@@ -3,7 +3,8 @@
 Where one_step and sample backpropagate through the frozen captioner and the VAE decoder, this mode needs only
 their forward passes: each caption gets G stochastic chains of the generator's own sampler
 (models/denoising_chain.py: DDIM for the DDPM families, the Euler sampler's SDE for the flow-matching ones),
-their images are scored by the frozen captioner, and the generator is trained to make the better-scored
+their images are scored by the frozen captioner (cycle.t2i2t.reward: its caption likelihood, or the CIDEr-D of
+its greedy re-caption against the caption), and the generator is trained to make the better-scored
 chains' transitions likelier. The mode is registered in losses/t2i2t.py's T2I2T_MODES, whose T2I2TSettings
 holds its knobs.
 """
@@ -16,7 +17,7 @@ from typing import Protocol
 import torch
 
 from cycletune.losses.advantages import group_advantages
-from cycletune.losses.cycle_modes import CycleOutput, CycleStep
+from cycletune.losses.cycle_modes import CaptionScorer, CycleOutput, CycleStep
 from cycletune.models.captioner import Captioner
 from cycletune.models.denoising_chain import (
     Chain,
@@ -45,6 +46,7 @@ class RewardSettings(Protocol):
     clip_range: float
     kl_weight: float
     advantage_std_floor: float
+    reward: str
 
 
 def chain_ids(ids: Sequence[str], num_images: int) -> list[str]:
@@ -91,6 +93,39 @@ def likelihood_rewards(
     return -captioner.caption_loss(generator.decode_latents(latents), **captioner.tokenize(captions))
 
 
+@torch.no_grad()
+def recaption_rewards(
+    generator: Generator,
+    captioner: Captioner,
+    scorer: CaptionScorer,
+    latents: torch.Tensor,
+    captions: list[str],
+) -> torch.Tensor:
+    """Reward [N] of each chain's final latents: the scorer's value (CIDEr-D) of the frozen captioner's greedy
+    re-caption of the decoded image (captioner.max_length new tokens at most) against its caption. Greedy
+    decoding draws nothing, so the reward is as deterministic as the chain."""
+    recaptions = [texts[0] for texts in captioner.generate(generator.decode_latents(latents))]
+    return torch.tensor(scorer(recaptions, captions), dtype=torch.float32, device=latents.device)
+
+
+def chain_rewards(
+    step: CycleStep[Generator, Captioner],
+    settings: RewardSettings,
+    latents: torch.Tensor,
+    captions: list[str],
+) -> torch.Tensor:
+    """settings.reward's reward [N] of each chain's final latents, captions[i] being chain i's caption."""
+    generator, captioner = step.trained, step.partner
+    if settings.reward == "likelihood":
+        return likelihood_rewards(generator, captioner, latents, captions)
+    if step.caption_scorer is None:
+        raise ValueError(
+            f"cycle.t2i2t.reward={settings.reward!r} needs the trainer's caption scorer "
+            "(train/builders.py build_caption_scorer); this step was given none"
+        )
+    return recaption_rewards(generator, captioner, step.caption_scorer, latents, captions)
+
+
 def chosen_steps(key: DrawKey, ids: Sequence[str], policy: ChainPolicy, share: float) -> torch.Tensor:
     """[N, k] step indices (CPU) of the transitions each chain trains on, drawn per chain id without
     replacement from the stochastic steps (policy.stochastic_steps): k is the whole part of share * S as in
@@ -111,7 +146,7 @@ def chosen_steps(key: DrawKey, ids: Sequence[str], policy: ChainPolicy, share: f
 
 
 def reward(step: CycleStep[Generator, Captioner], settings: RewardSettings) -> CycleOutput:
-    """Clipped policy gradient on G chains per caption, rewarded by the frozen captioner's caption likelihood.
+    """Clipped policy gradient on G chains per caption, rewarded through the frozen captioner (chain_rewards).
 
     advantage A = group_advantages over each caption's G chains; for each chain's chosen transitions
     (chosen_steps), r = exp(log p_theta(x_{t-1} | x_t) - the log-probability recorded while sampling) and
@@ -125,7 +160,7 @@ def reward(step: CycleStep[Generator, Captioner], settings: RewardSettings) -> C
     chain) is one checkpointed denoiser call over all chains, so the graph kept until backward is each
     slot's inputs and outputs, never a chain's activations.
     """
-    generator, captioner, key = step.trained, step.partner, step.key
+    generator, key = step.trained, step.key
     ids, captions = step.batch["ids"], step.batch["captions"]
     if settings.kl_weight > 0 and not getattr(generator.denoiser, "peft_config", None):
         raise ValueError(
@@ -134,7 +169,7 @@ def reward(step: CycleStep[Generator, Captioner], settings: RewardSettings) -> C
         )
     policy, conditioning, chain = sample_chains(generator, captions, ids, settings, key)
     repeated = [caption for caption in captions for _ in range(settings.num_images)]
-    rewards = likelihood_rewards(generator, captioner, chain.latents[-1], repeated).view(len(ids), -1)
+    rewards = chain_rewards(step, settings, chain.latents[-1], repeated).view(len(ids), -1)
     advantages = group_advantages(rewards, settings.advantage_std_floor).flatten()
     chosen = chosen_steps(key, chain_ids(ids, settings.num_images), policy, settings.train_timesteps)
     rows = torch.arange(len(advantages), device=advantages.device)

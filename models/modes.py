@@ -46,9 +46,18 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
     requires_grad off and eval mode (no dropout, LoRA dropout included: the partner must not draw from the
     global RNG or give two answers to one input); both restored exactly after, errors included.
+
+    A model whose gradient checkpointing is on stays checkpointed as the partner, where the cycle paths
+    backpropagate through it: transformers checkpoints a layer only while that layer's own `training` flag
+    is set, so the flag goes back on for exactly the layers (and encoders) that carry `gradient_checkpointing`,
+    while every dropout below them stays in eval mode and the recomputation is exact. diffusers' blocks
+    checkpoint whenever a gradient is recorded, whatever their mode.
     """
     saved = [(param, param.requires_grad) for param in module.parameters()]
     with eval_mode(module):
+        for submodule in module.modules():
+            if getattr(submodule, "gradient_checkpointing", False) is True:
+                submodule.training = True
         for param, _ in saved:
             param.requires_grad_(False)
         try:

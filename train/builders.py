@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -17,6 +18,9 @@ from cycletune.data.skips import SkipLedger
 from cycletune.data.source_types import SOURCE_TYPES
 from cycletune.data.sources import Record, SourceResult, SourceSettings
 from cycletune.data.streams import Stream
+from cycletune.evaluation.availability import require_package
+from cycletune.evaluation.captions import CorpusCider
+from cycletune.losses.cycle_modes import CaptionScorer
 from cycletune.models.cache import DEFAULT_MAX_BYTES, FrozenEncoderCache
 from cycletune.models.captioner import Captioner
 from cycletune.models.denoising_chain import chain_policy
@@ -28,6 +32,7 @@ from cycletune.models.speed_levers import apply_denoiser_levers
 from cycletune.train.config import (
     CaptionerSettings,
     Config,
+    ConfigError,
     GeneratorSettings,
     ModelSettings,
     OptimizerSettings,
@@ -78,6 +83,8 @@ def build_generator(settings: GeneratorSettings, mixed_precision: str = "no") ->
         add_generator_lora(generator, **_lora_kwargs(settings))
     if settings.gradient_checkpointing:
         generator.denoiser.enable_gradient_checkpointing()
+        if generator.vae is not None:  # the decoder carries a gradient on the T2I2T paths; frozen either way
+            generator.vae.enable_gradient_checkpointing()
         if settings.train_mode == "full":
             for encoder in generator.text_encoders:
                 encoder.activation_checkpointing_enable(
@@ -98,6 +105,53 @@ def check_family_runs_the_modes(config: Config, generator: Generator) -> None:
     settings = config.cycle.t2i2t
     if settings.mode == "reward":
         chain_policy(generator, settings.num_inference_steps, settings.eta)
+
+
+def check_caption_scorer(config: Config) -> bool:
+    """Whether the run scores re-captions (T2I2T reward cider_d), refusing it at start-up where this machine
+    cannot: it needs pycocoevalcap (the [eval] extra) and Java (pycocoevalcap's PTB tokenizer)."""
+    settings = config.cycle.t2i2t
+    if settings.mode != "reward" or settings.reward != "cider_d":
+        return False
+    fallback = "or set cycle.t2i2t.reward=likelihood"
+    try:
+        require_package("pycocoevalcap")
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "cycle.t2i2t.reward=cider_d scores re-captions with pycocoevalcap, which is not installed: "
+            f"pip install 'cycletune[eval]' ({fallback})"
+        ) from None
+    if shutil.which("java") is None:
+        raise ConfigError(
+            "cycle.t2i2t.reward=cider_d tokenizes captions with pycocoevalcap's PTB tokenizer, which runs "
+            f"Java: install a Java runtime and put `java` on PATH ({fallback})"
+        )
+    return True
+
+
+# A streamed source gives CIDEr-D's idf corpus only its first captions: reading it all would read every shard.
+CIDER_CORPUS_STREAMED_CAPTIONS = 50_000
+
+
+def build_caption_scorer(config: Config) -> CaptionScorer | None:
+    """The T2I2T cider_d reward's scorer (None for the other rewards): CIDEr-D whose idf comes once from the
+    training captions (data.paired and data.text_only, one document per caption), as self-critical sequence
+    training takes it, so a chain's reward depends on its re-caption and caption alone (CorpusCider)."""
+    if not check_caption_scorer(config):
+        return None
+    captions = [
+        record.caption
+        for role in ("paired", "text_only")
+        for source in getattr(config.data, role)
+        for record in load_records(
+            [source],
+            role,
+            config.data.resolution,
+            limit=CIDER_CORPUS_STREAMED_CAPTIONS if source.streamed() else None,
+        )[0]
+    ]
+    logger.info("cycle.t2i2t.reward=cider_d: idf from %d training captions", len(captions))
+    return CorpusCider(captions)
 
 
 def build_encoder_cache(

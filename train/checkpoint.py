@@ -32,9 +32,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from cycletune.models.lora import load_trainable_state_dict, trainable_state_dict
 from cycletune.train.config import Config, ConfigError, load_config
-from cycletune.train.engines import gathered, sharded_like
+from cycletune.train.engines import full_trainable_state, load_full_trainable_state, reads_state_collectively
 from cycletune.train.manifest import MANIFEST_NAME, fsync_directory, manifest_problem, write_manifest
 from cycletune.train.optimizer_state import load_optimizer_state, optimizer_state_file
 from cycletune.train.rng import restore_rng_state, rng_state_tensors
@@ -178,10 +177,10 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_file(rng_state_tensors(), str(staging / rng_state_name(accelerator.process_index)))
-    # Full tensors whatever the engine (see train/engines.py); FSDP shards are gathered by every rank.
-    if accelerator.is_main_process or accelerator.is_fsdp2:
+    # Full tensors whatever the engine (see train/engines.py); FSDP and ZeRO shards are read by every rank.
+    if accelerator.is_main_process or reads_state_collectively(accelerator):
         for name, (module, names) in parts.models.items():
-            weights = gathered(trainable_state_dict(module, names))
+            weights = full_trainable_state(accelerator, module, names)
             optimizer_state = optimizer_state_file(parts.optimizers[name])
             if accelerator.is_main_process:
                 save_file(
@@ -223,12 +222,8 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, parts: TrainingParts
     for name, (module, names) in parts.models.items():
         weights_path = folder / trainable_weights_file(name)
         weights = read_tensors(weights_path)
-        live = dict(module.named_parameters())
-        weights = {
-            key: sharded_like(value, live[key]) if key in live else value for key, value in weights.items()
-        }
         with _reading(weights_path):
-            load_trainable_state_dict(module, weights, names)
+            load_full_trainable_state(accelerator, module, names, weights)
         optimizer_path = folder / optimizer_state_name(name)
         with _reading(optimizer_path):
             load_optimizer_state(parts.optimizers[name], optimizer_path)

@@ -21,10 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from cycletune.models.lora import trainable_state_dict
 from cycletune.models.randomness import DrawKey
 from cycletune.train.adapter_export import export_run, rebuilt_models
-from cycletune.train.builders import build_validation_batch
+from cycletune.train.builders import build_validation_batch, check_caption_scorer
 from cycletune.train.checkpoint import (
     CheckpointError,
     PreemptionSignal,
@@ -41,7 +40,7 @@ from cycletune.train.config import (
     flags_as_overrides,
     load_config,
 )
-from cycletune.train.engines import gathered, honour_fsdp_on_cpu
+from cycletune.train.engines import full_trainable_state, honour_fsdp_on_cpu, reads_state_collectively
 from cycletune.train.run import (
     Run,
     build_run,
@@ -142,6 +141,7 @@ def train(run: Run) -> bool:
             config=config,
             step=state.step,
             bridge=run.bridge,
+            caption_scorer=run.caption_scorer,
             stop_requested=preemption.received,
         )
         window = record_step(run, phase, result, started, window)
@@ -166,9 +166,9 @@ def finish(run: Run, command: list[str]) -> None:
     accelerator, state, run_dir = run.accelerator, run.state, RunDir(Path(run.config.output_dir))
     accelerator.wait_for_everyone()
     captioner, generator = (extract_model_from_parallel(run.models[phase]) for phase in PHASES)
-    if accelerator.is_fsdp2:  # the models hold shards: every rank gathers, the main process exports copies
+    if reads_state_collectively(accelerator):  # shards (FSDP, ZeRO): every rank reads, the main one exports
         weights = {
-            phase: gathered(trainable_state_dict(*module)) for phase, module in run.parts.models.items()
+            phase: full_trainable_state(accelerator, *module) for phase, module in run.parts.models.items()
         }
         if accelerator.is_main_process:
             captioner, generator = rebuilt_models(run.config, lambda phase, names: weights[phase])
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, command = parse_args(argv)
         check_validation_metrics(config)
+        check_caption_scorer(config)
         check_model_sources(
             config
         )  # a missing folder or an uncached hub id offline: one line, nothing loaded

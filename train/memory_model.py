@@ -204,6 +204,7 @@ def step_peak(
             config=run.config,
             step=1,
             bridge=run.bridge,
+            caption_scorer=run.caption_scorer,
             on_stage=lambda stage: setattr(live, "stage", stage),
         )
     parts = {kind: live.at_peak.get(kind, 0) for kind in KINDS}

@@ -16,7 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cycletune.train.engines import gathered, sharded_like
+from cycletune.train.engines import (
+    gathered,
+    is_zero_optimizer,
+    load_zero_optimizer_state,
+    sharded_like,
+    zero_optimizer_state,
+)
 
 _METADATA_KEY = "optimizer"
 # AdamW group keys that choose a kernel rather than hold state.
@@ -35,8 +41,9 @@ class OptimizerStateFile:
 
 
 def optimizer_state_file(optimizer: torch.optim.Optimizer) -> OptimizerStateFile:
-    """optimizer.state_dict() in full tensors (FSDP shards gathered: under FSDP every rank calls this)."""
-    state_dict = optimizer.state_dict()
+    """optimizer.state_dict() in full tensors (FSDP shards gathered, ZeRO partitions read whole: under FSDP
+    and DeepSpeed every rank calls this)."""
+    state_dict = zero_optimizer_state(optimizer) if is_zero_optimizer(optimizer) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for index, param_state in state_dict["state"].items():
@@ -71,6 +78,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
                 saved[name] = tuple(value)
         # How the update is computed (fused / foreach kernels) is the run's config, not the checkpoint's.
         saved.update({name: live[name] for name in _IMPLEMENTATION_FLAGS if name in live})
+    if is_zero_optimizer(optimizer):
+        load_zero_optimizer_state(optimizer, state, groups)
+        return
     params = [param for group in optimizer.param_groups for param in group["params"]]
     for index, param_state in state.items():  # moments cut like their (possibly FSDP-sharded) parameter
         for name, value in param_state.items():

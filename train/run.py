@@ -18,10 +18,12 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
 from cycletune.data.mixer import BatchMixer
+from cycletune.losses.cycle_modes import CaptionScorer
 from cycletune.models.generator_bridge import GeneratorBridge
 from cycletune.models.speed_levers import set_tf32
 from cycletune.train.builders import (
     build_bridge,
+    build_caption_scorer,
     build_captioner,
     build_encoder_cache,
     build_generator,
@@ -33,7 +35,7 @@ from cycletune.train.builders import (
 )
 from cycletune.train.checkpoint import CheckpointError, TrainingParts, read_config, resolve_resume
 from cycletune.train.config import PHASES, Config, ConfigError, fingerprint_differences, model_fingerprint
-from cycletune.train.engines import prepare_model
+from cycletune.train.engines import prepare_model, shards_weights, use_deepspeed_per_model
 from cycletune.train.state import TrainerState
 from cycletune.train.step import batch_to_device
 from cycletune.train.tracking import StepLog, log_validation_table
@@ -54,6 +56,7 @@ class Run:
     bridge: GeneratorBridge | None
     state: TrainerState
     logs: tuple[StepLog, StepLog] | None  # RunDir.samples_log, RunDir.metrics_log (main process only)
+    caption_scorer: CaptionScorer | None = None  # the T2I2T cider_d reward's judge
 
 
 def resume_target(config: Config) -> Path | None:
@@ -91,11 +94,14 @@ def with_launcher_precision(config: Config, accelerator: Accelerator) -> Config:
 def build_run(config: Config, accelerator: Accelerator) -> Run:
     """Models (trained one in train mode), optimizers, per-model LR schedules, data streams, bridge."""
     set_tf32(config.train.allow_tf32)
+    max_grad_norms = {phase: config.phase_settings(phase).optimizer.max_grad_norm for phase in PHASES}
+    use_deepspeed_per_model(accelerator, max_grad_norms, config.data.train_batch_size)
+    caption_scorer = build_caption_scorer(config)  # first: refuses a missing [eval] extra before loading
     captioner, captioner_names = build_captioner(config.captioner, accelerator.mixed_precision)
     generator, generator_names = build_generator(config.generator, accelerator.mixed_precision)
     check_family_runs_the_modes(config, generator)
     # Frozen encoders' outputs, reused.
-    generator.encoder_cache = build_encoder_cache(config, generator, sharded=accelerator.is_fsdp2)
+    generator.encoder_cache = build_encoder_cache(config, generator, sharded=shards_weights(accelerator))
     modules = {"captioner": (captioner, captioner_names), "generator": (generator, generator_names)}
     updates_per_phase = phase_update_counts(config.train.schedule, config.train.max_train_steps)
     optimizers, schedulers = {}, {}
@@ -108,18 +114,24 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
         streams, image_only_ratio=config.data.image_only_ratio, text_only_ratio=config.data.text_only_ratio
     )
     bridge = build_bridge(config, captioner, generator, accelerator.device)
-    prepared = {phase: prepare_model(accelerator, modules[phase][0], optimizers[phase]) for phase in PHASES}
+    prepared = {
+        phase: prepare_model(accelerator, modules[phase][0], optimizers[phase], name=phase)
+        for phase in PHASES
+    }
     models = {phase: model for phase, (model, _) in prepared.items()}
     optimizers = {phase: optimizer for phase, (_, optimizer) in prepared.items()}
     state = TrainerState(streams=streams, skipped_records=skipped_records)
     parts = TrainingParts(modules, optimizers, schedulers, state)
-    return Run(config, accelerator, models, parts, mixer, bridge, state, logs=None)
+    return Run(
+        config, accelerator, models, parts, mixer, bridge, state, logs=None, caption_scorer=caption_scorer
+    )
 
 
 def validates_here(accelerator: Accelerator) -> bool:
-    """Whether this rank runs validation: the main process, and under FSDP every rank, since each forward
-    gathers the weights' shards from all ranks (the main process alone would wait for the others forever)."""
-    return accelerator.is_main_process or accelerator.is_fsdp2
+    """Whether this rank runs validation: the main process, and under FSDP (and ZeRO-3) every rank, since each
+    forward gathers the weights' shards from all ranks (the main process alone would wait for the others
+    forever)."""
+    return accelerator.is_main_process or shards_weights(accelerator)
 
 
 def validate_run(run: Run, validation_batch: dict[str, Any] | None) -> None:

@@ -17,12 +17,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
+from cycletune.losses.cycle_modes import CaptionScorer
 from cycletune.losses.phases import PHASE_LOSSES
 from cycletune.models.device_transfer import to_device
 from cycletune.models.generator_bridge import GeneratorBridge
 from cycletune.models.lora import frozen
 from cycletune.models.randomness import DrawKey
 from cycletune.train.config import Config
+from cycletune.train.engines import is_deepspeed, zero_backward, zero_update
 from cycletune.train.update import optimizer_update
 
 PARTNER = {"captioner": "generator", "generator": "captioner"}
@@ -72,6 +74,7 @@ def phase_step(
     config: Config,
     step: int,
     bridge: GeneratorBridge | None,
+    caption_scorer: CaptionScorer | None = None,
     stop_requested: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> PhaseStepResult:
@@ -96,11 +99,21 @@ def phase_step(
         bad_records.extend(batch.get("bad_records", []))
         stage("forward")
         with sync_gradients_if(accelerator, trained, micro == accumulation - 1), frozen(partner):
-            phase_loss = partial(PHASE_LOSSES[phase], batch=batch, config=config, key=key, bridge=bridge)
+            phase_loss = partial(
+                PHASE_LOSSES[phase],
+                batch=batch,
+                config=config,
+                key=key,
+                bridge=bridge,
+                caption_scorer=caption_scorer,
+            )
             output = trained(partial(_through_partner, partner=partner, phase_loss=phase_loss))
             loss = sum(output.terms.values())
             stage("backward")
-            accelerator.backward(loss / accumulation)
+            if is_deepspeed(accelerator):
+                zero_backward(trained, loss / accumulation, last_micro_batch=micro == accumulation - 1)
+            else:
+                accelerator.backward(loss / accumulation)
         nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
         for name, value in {**output.terms, **output.metrics}.items():
             value = value.detach() if torch.is_tensor(value) else value
@@ -111,12 +124,16 @@ def phase_step(
         torch.stack([nonfinite, torch.full_like(nonfinite, float(stop_requested))]), "sum"
     )
     any_nonfinite, any_stop = (value > 0 for value in flags.tolist())
-    result = optimizer_update(
-        accelerator,
-        optimizer,
-        scheduler,
-        config.phase_settings(phase).optimizer.max_grad_norm,
-        nonfinite_loss=any_nonfinite,
-    )
+    if is_deepspeed(accelerator):  # the engine clips and skips a non-finite gradient itself
+        grad_norm, skipped = zero_update(trained, scheduler)
+    else:
+        result = optimizer_update(
+            accelerator,
+            optimizer,
+            scheduler,
+            config.phase_settings(phase).optimizer.max_grad_norm,
+            nonfinite_loss=any_nonfinite,
+        )
+        grad_norm, skipped = result.grad_norm, result.skipped
     stage("done")
-    return PhaseStepResult(totals, ids, bad_records, result.grad_norm, result.skipped, any_stop)
+    return PhaseStepResult(totals, ids, bad_records, grad_norm, skipped, any_stop)

@@ -16,7 +16,7 @@ from cycletune.data.images import load_pixels, to_tensor
 from cycletune.data.shapes import Scene, describe, render
 from cycletune.data.sources import shapes
 from cycletune.evaluation.candidates import CaptionSampling, generate_images
-from cycletune.evaluation.rank_report import candidate_quality, rank_quality, rank_report
+from cycletune.evaluation.rank_report import Bootstrap, candidate_quality, rank_quality, rank_report
 from cycletune.evaluation.ranking import Ranking, RerankSettings, rank_images, rerank_captions
 from cycletune.evaluation.rankings_file import RankingWriter, read_rankings
 from cycletune.evaluation.similarity import text_similarity_measure
@@ -31,13 +31,13 @@ FAST = RerankSettings(SamplingSettings(num_beams=2, num_inference_steps=2), scor
 def test_rank_means_follow_the_ranks_and_intervals_bracket_them() -> None:
     quality = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [1.0, 0.2, 0.4]])
     ranks = np.array([[0, 1, 2], [1, 0, 2], [0, 2, 1]])
-    points = rank_quality(quality, ranks, "m", bootstrap_samples=500, seed=1)
+    points = rank_quality(quality, ranks, "m", Bootstrap(500, seed=1))
     assert [point.rank for point in points] == [0, 1, 2] and all(point.queries == 3 for point in points)
     assert [point.mean for point in points] == pytest.approx([1.0, 0.4 / 3, 0.4])
     assert points[0].ci_low == points[0].ci_high == 1.0  # every query's rank 0 scores 1: no spread
     assert all(point.ci_low <= point.mean <= point.ci_high for point in points)
     assert points[1].ci_high > points[1].ci_low
-    assert rank_quality(quality, ranks, "m", bootstrap_samples=500, seed=1) == points
+    assert rank_quality(quality, ranks, "m", Bootstrap(500, seed=1)) == points
     with pytest.raises(ValueError, match=r"permutation of 0\.\.2"):
         rank_quality(quality, np.array([[0, 0, 2], [1, 0, 2], [0, 2, 1]]), "m")
     with pytest.raises(ValueError, match="finite"):

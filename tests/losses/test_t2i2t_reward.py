@@ -287,7 +287,6 @@ def test_chosen_transitions_are_a_share_of_the_stochastic_steps(generator: Gener
         ({"clip_range": 0.0}, "clip_range"),
         ({"train_timesteps": 1.5}, "train_timesteps"),
         ({"train_timesteps": 0.0}, "train_timesteps"),
-        ({"reward": "cider_d"}, "reward"),
         ({"share_denoise_pass": True}, "mode 'reward' makes its own images"),
     ],
 )
@@ -297,15 +296,18 @@ def test_settings_refuse_what_the_mode_cannot_do(overrides: dict[str, Any], mess
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reward", ["likelihood", "cider_d"])
 def test_the_recipe_trains_the_generator_with_it_on_paired_and_text_only_batches(
-    tiny_models, tmp_path: Path
+    tiny_models, tmp_path: Path, reward: str
 ) -> None:
     """Half the generator's micro-batches from captions alone: the seeded mix gives two paired updates, then
-    two text-only ones, each logging the reward term and its metrics."""
+    two text-only ones, each logging the reward term and its metrics (cider_d: the trainer builds its scorer,
+    tests/losses/test_t2i2t_cider_reward.py)."""
     output_dir = tmp_path / "run"
     overrides = [
         *tiny_overrides(tiny_models, output_dir),
         "cycle.t2i2t.mode=reward",
+        f"cycle.t2i2t.reward={reward}",
         "cycle.t2i2t.num_images=2",
         "cycle.t2i2t.num_inference_steps=3",
         "data.text_only=[{type: shapes, num_samples: 16, seed: 8}]",

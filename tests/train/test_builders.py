@@ -16,10 +16,12 @@ from cycle_runs import tiny_config
 from datasets import Dataset
 from lora_weights import perturb_lora
 from PIL import Image
+from torch import nn
 
 from cycletune.data.images import load_rgb
 from cycletune.data.source_types import SOURCE_TYPES
 from cycletune.losses.supervised import caption_terms, denoise_terms
+from cycletune.models.modes import frozen
 from cycletune.models.randomness import DrawKey
 from cycletune.train.builders import build_captioner, build_generator, load_records, phase_update_counts
 from cycletune.train.config import Config, load_config
@@ -29,6 +31,20 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def _config(tiny_models, *overrides: str) -> Config:
     return tiny_config(tiny_models, "generator.caption_dropout=0.0", *overrides)
+
+
+def _checkpointed_models(
+    tiny_models, checkpointing: bool, *overrides: str
+) -> tuple[Config, Any, list[str], Any, list[str]]:
+    """The config, and both models built with both gradient_checkpointing keys set to `checkpointing`, each
+    with its trainables."""
+    config = _config(
+        tiny_models,
+        *overrides,
+        f"captioner.gradient_checkpointing={checkpointing}",
+        f"generator.gradient_checkpointing={checkpointing}",
+    )
+    return (config, *build_captioner(config.captioner), *build_generator(config.generator))
 
 
 def _batch(size: int = 2) -> dict:
@@ -71,15 +87,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, train_mode
     batch = _batch()
     results = {}
     for checkpointing in (False, True):
-        config = _config(
+        config, captioner, captioner_names, generator, generator_names = _checkpointed_models(
             tiny_models,
+            checkpointing,
             f"captioner.train_mode={train_mode}",
             f"generator.train_mode={train_mode}",
-            f"captioner.gradient_checkpointing={checkpointing}",
-            f"generator.gradient_checkpointing={checkpointing}",
         )
-        captioner, captioner_names = build_captioner(config.captioner)
-        generator, generator_names = build_generator(config.generator)
         if train_mode == "lora":
             perturb_lora(captioner, captioner_names, seed=2, scale=0.1, replace=True)
             perturb_lora(generator, generator_names, seed=2, scale=0.1, replace=True)
@@ -94,6 +107,59 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, train_mode
     assert any(grad.abs().sum() > 0 for grad in results[False].values())
     for name, grad in results[False].items():
         torch.testing.assert_close(results[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class _SavedBytes:
+    """Bytes autograd saves for the backward pass while active."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __enter__(self) -> None:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.total += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def _t2i2t_path(captioner, generator, latents: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """T2I2T's path (decode, then the frozen captioner reads the image): the bytes autograd saved for the
+    decoder's and the captioner's backward pass, and the gradient that reaches the latents. Backward runs
+    inside `frozen`, as the trainer's step runs it, so any recomputation sees the partner's modes."""
+    latents = latents.clone().requires_grad_(True)
+    tokens = captioner.tokenize(_batch()["captions"])
+    decoder, reader = _SavedBytes(), _SavedBytes()
+    with frozen(captioner):
+        assert not any(module.training for module in captioner.modules() if isinstance(module, nn.Dropout))
+        with decoder:
+            pixels = generator.decode_latents(latents)
+        with reader:
+            loss = captioner.caption_loss(pixels, **tokens).sum()
+        loss.backward()
+    return decoder.total, reader.total, latents.grad
+
+
+def test_checkpointing_reaches_the_frozen_partner_and_the_vae_decoder_on_cycle_paths(tiny_models) -> None:
+    """The T2I2T paths backpropagate through the VAE decoder and the frozen captioner: with the checkpointing
+    keys on, both save less for the backward pass, and the partner stays in eval mode (dropout off), so the
+    gradient is the same."""
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    measured = {}
+    for checkpointing in (False, True):
+        _, captioner, _, generator, _ = _checkpointed_models(tiny_models, checkpointing)
+        assert generator.vae.is_gradient_checkpointing == checkpointing
+        measured[checkpointing] = _t2i2t_path(captioner, generator, latents)
+    (plain_decoder, plain_reader, plain_grad) = measured[False]
+    (checkpointed_decoder, checkpointed_reader, checkpointed_grad) = measured[True]
+    assert plain_grad.abs().sum() > 0
+    torch.testing.assert_close(checkpointed_grad, plain_grad, rtol=1e-5, atol=1e-7)
+    assert checkpointed_decoder < 0.6 * plain_decoder
+    assert checkpointed_reader < 0.6 * plain_reader
 
 
 def test_paper_config_targets_only_cross_attention_queries(tiny_models) -> None:

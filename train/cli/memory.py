@@ -1,7 +1,7 @@
 """`make memory`: peak GPU memory per phase and cycle mode, estimated on a CPU.
 
-    python -m train.cli.memory             # SD 1.5 + BLIP-base, 512 px, batch 4, bf16: the 24 GB table (~6 min)
-    python -m train.cli.memory --measured  # ... and the check against peaks measured on a GPU (~8 min)
+    python -m train.cli.memory             # SD 1.5 + BLIP-base, 512 px, batch 4, bf16: the 24 GB table (~10 min)
+    python -m train.cli.memory --measured  # ... and the check against peaks measured on a GPU (~15 min)
     python -m train.cli.memory --arch sdxl-blip-base --batch-size 1 --modes generator t2i2t_one_step
 
 Each row is one optimizer update of a mode as `make bench` runs it (LoRA rank 4 on both models, the mode's

@@ -59,6 +59,7 @@ class TrainerStep:
             config=self.config,
             step=self.steps_done,
             bridge=self.run.bridge,
+            caption_scorer=self.run.caption_scorer,
             on_stage=self.on_stage,
         )
         self.logged = {name: float(value) for name, value in result.terms.items()}
