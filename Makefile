@@ -69,6 +69,15 @@ experiment: setup
 rerank-study: setup
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m train.cli.rerank_study
 
+# The cheap caption reward against the expensive one (train/cli/reward_agreement.py): on 32 validation images
+# x 8 candidate captions, the likelihood score over a grid of timesteps, schedule ranges and noise sharing
+# against sampling an image per caption; cost, agreement and the frontier. One torch thread, ~45 minutes (the
+# 16-timestep settings take half of it).
+# Results: docs/results/reward_agreement.json, reward_agreement.png.
+.PHONY: reward-agreement
+reward-agreement: setup
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m train.cli.reward_agreement
+
 # Retrain the demo's base models from scratch into pretrained/shapes-base (train/cli/retrain_base.py; about an hour on CPU).
 base: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.retrain_base

@@ -4,32 +4,95 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from cycletune.models.device_transfer import to_device
 from cycletune.models.randomness import DrawKey
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
+@dataclass(frozen=True)
+class TimestepBias:
+    """Draw some training timesteps more often than others, as diffusers' SDXL trainer's --timestep_bias_*
+    flags do: `multiplier` times the weight on the first (`earlier`) or last (`later`) `portion` of the
+    schedule, or on [begin, end) (`range`).
+
+    `later` favours the noisiest steps, the only ones where a sample's layout is still open: there the
+    caption alone must say where things go (Min-SNR weighting, by contrast, all but removes them).
+    """
+
+    strategy: str = "none"
+    multiplier: float = 1.0
+    begin: int = 0
+    end: int = 1000
+    portion: float = 0.25
+
+    def weights(self, num_train_timesteps: int) -> torch.Tensor | None:
+        """Unnormalised sampling weight per timestep; None for the plain uniform draw."""
+        if self.strategy not in TIMESTEP_BIAS_STRATEGIES:
+            raise ValueError(
+                f"timestep_bias_strategy {self.strategy!r} is not one of {TIMESTEP_BIAS_STRATEGIES}"
+            )
+        if self.strategy == "none":
+            return None
+        if self.multiplier <= 0:
+            raise ValueError(f"timestep_bias_multiplier must be > 0, got {self.multiplier}")
+        if self.strategy == "range":
+            if not 0 <= self.begin < self.end <= num_train_timesteps:
+                raise ValueError(
+                    f"timestep_bias_begin={self.begin}, timestep_bias_end={self.end}: need "
+                    f"0 <= begin < end <= {num_train_timesteps} (the scheduler's num_train_timesteps)"
+                )
+            biased = slice(self.begin, self.end)
+        else:
+            count = int(self.portion * num_train_timesteps)
+            if not 0 < count <= num_train_timesteps:
+                raise ValueError(
+                    f"timestep_bias_portion={self.portion} selects {count} of {num_train_timesteps} timesteps"
+                )
+            biased = (
+                slice(0, count) if self.strategy == "earlier" else slice(num_train_timesteps - count, None)
+            )
+        weights = torch.ones(num_train_timesteps, dtype=torch.float64)
+        weights[biased] *= self.multiplier
+        return weights
 
 
 class DDPMProcess:
     """models/noise_process.NoiseProcess on a DDPMScheduler (the forward process training draws from)."""
 
-    def __init__(self, scheduler: DDPMScheduler, *, pixel_space: bool = False) -> None:
+    def __init__(
+        self,
+        scheduler: DDPMScheduler,
+        *,
+        pixel_space: bool = False,
+        timestep_bias: TimestepBias = TimestepBias(),
+    ) -> None:
         """`pixel_space`: the model denoises RGB pixels in [-1, 1] (no VAE), so sampling clips each x0
-        estimate there."""
+        estimate there. `timestep_bias`: which training timesteps to draw more often (uniform by default)."""
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"scheduler prediction_type {scheduler.config.prediction_type!r} is not one of {PREDICTION_TYPES}"
             )
         self.scheduler = scheduler
         self.pixel_space = pixel_space
+        self.timestep_weights = timestep_bias.weights(scheduler.config.num_train_timesteps)
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, *, revision: str | None, prediction_type: str | None, pixel_space: bool
+        cls,
+        name_or_path: str,
+        *,
+        revision: str | None,
+        prediction_type: str | None,
+        pixel_space: bool,
+        timestep_bias: TimestepBias = TimestepBias(),
     ) -> DDPMProcess:
         """Whatever sampler the checkpoint ships (PNDM for SD 1.x, Euler for SDXL), training needs the DDPM
         forward process: read from the same scheduler config, with any prediction_type override."""
@@ -39,7 +102,7 @@ class DDPMProcess:
         scheduler = DDPMScheduler.from_pretrained(
             name_or_path, subfolder="scheduler", revision=revision, **overrides
         )
-        return cls(scheduler, pixel_space=pixel_space)
+        return cls(scheduler, pixel_space=pixel_space, timestep_bias=timestep_bias)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -58,8 +121,17 @@ class DDPMProcess:
         *,
         below: int | None = None,
     ) -> torch.Tensor:
-        """Uniform integers in [0, below or num_train_timesteps), as diffusers' trainers draw them."""
-        return key.randint(ids, purpose, below or self.num_train_timesteps, device)
+        """Integers in [0, below or num_train_timesteps): uniform, as diffusers' trainers draw them, or by the
+        timestep bias's weights (restricted to the allowed range)."""
+        high = below or self.num_train_timesteps
+        if self.timestep_weights is None:
+            return key.randint(ids, purpose, high, device)
+        weights = self.timestep_weights[:high]
+        draws = [
+            torch.multinomial(weights, 1, generator=generator)[0]
+            for generator in key.generators(ids, purpose)
+        ]
+        return to_device(torch.stack(draws), device)
 
     def timesteps_at(self, fractions: torch.Tensor) -> torch.Tensor:
         length = self.num_train_timesteps

@@ -37,20 +37,25 @@ class DenoiseDraws:
         purpose: str,
         num_timesteps: int,
         device: torch.device | str = "cpu",
+        timestep_range: tuple[float, float] = (0.0, 1.0),
     ) -> DenoiseDraws:
-        """N draws per image from `key`; timesteps stratified: draw j lies in the j-th of N equal slices.
+        """N draws per image from `key`; timesteps stratified: draw j lies in the j-th of N equal slices of
+        `timestep_range` (fractions of the schedule, 0 the cleanest step).
 
         Stratifying spreads the few draws over the schedule (a plain uniform pair can land both near t=0,
         where every caption scores alike), which lowers the variance of their mean.
         """
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+        low, high = timestep_range
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1, got {timestep_range}")
         latent_shape = generator.latent_shape(1)[1:]
         offsets = torch.stack(
             [torch.rand(num_timesteps, generator=g) for g in key.generators(ids, f"{purpose}/t")]
         )
         strata = torch.arange(num_timesteps)
-        timesteps = generator.process.timesteps_at((strata + offsets) / num_timesteps)
+        timesteps = generator.process.timesteps_at(low + (high - low) * (strata + offsets) / num_timesteps)
         return cls(
             noise=key.randn(ids, f"{purpose}/noise", (num_timesteps, *latent_shape), device),
             timesteps=timesteps.to(device),
@@ -108,12 +113,14 @@ def caption_scores(
     num_timesteps: int = 4,
     purpose: str = "caption_scores",
     max_rows: int | None = None,
+    timestep_range: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """The generator's denoising loss [B, K] of each image given each of its K candidate captions.
 
     Lower is better. `ids` name the images for `key` (any distinct strings, e.g. dataset ids), so an image's
     scores do not depend on which batch it is scored in. Each image is encoded once and each caption once;
-    the UNet sees all B * K * num_timesteps rows in one batch (or chunks of max_rows).
+    the UNet sees all B * K * num_timesteps rows in one batch (or chunks of max_rows). `timestep_range`: the
+    share of the schedule the draws are spread over (DenoiseDraws.draw).
     """
     batch = pixels01.shape[0]
     if len(candidates) != batch or len(ids) != batch:
@@ -129,7 +136,7 @@ def caption_scores(
             )
         if not all(isinstance(caption, str) for caption in group):
             raise ValueError(f"candidates[{index}] holds a non-string caption: {list(group)!r}")
-    draws = DenoiseDraws.draw(generator, key, ids, purpose, num_timesteps, pixels01.device)
+    draws = DenoiseDraws.draw(generator, key, ids, purpose, num_timesteps, pixels01.device, timestep_range)
     latents = generator.encode_images(pixels01, draws.vae_noise)
     contexts = generator.encode_text(
         generator.tokenize([caption for group in candidates for caption in group])

@@ -86,8 +86,9 @@ def _load_snippets(config: Config, out_dir: Path, *, merge: bool) -> dict[str, t
     folder = {name: json.dumps(str((out_dir / name).resolve())) for name in ("captioner", "generator")}
     base_captioner = json.dumps(config.captioner.pretrained_model_name_or_path)
     base_generator = json.dumps(config.generator.pretrained_model_name_or_path)
-    transformers = "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
-    diffusers = "from diffusers import StableDiffusionPipeline\n"
+    # Imports end with a blank line, as PEP 8 and formatters lay a snippet out.
+    transformers = "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+    diffusers = "from diffusers import StableDiffusionPipeline\n\n"
 
     def whole_captioner(path: str) -> tuple[str, str]:
         loads = f"model = AutoModelForImageTextToText.from_pretrained({path})\n"

@@ -26,6 +26,7 @@ from cycletune.losses.phases import CycleSettings
 from cycletune.losses.settings import Strict
 from cycletune.losses.supervised import CaptionLossSettings, DenoiseLossSettings
 from cycletune.losses.t2i2t import T2I2T_MODES
+from cycletune.models.ddpm_process import TimestepBias
 from cycletune.models.families import MODEL_TYPE, PIPELINE_CLASS
 from cycletune.models.generators.generator_spec import FamilyOptions
 from cycletune.models.locate import ModelSourceError, locate_model
@@ -103,6 +104,13 @@ class GeneratorModelSettings(ModelSettings):
     resolution: int | None = Field(None, ge=8)
     # DDPM families (SD 1.x/2.x, SDXL): override the scheduler's objective; None keeps the checkpoint's.
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    # DDPM families: draw some training timesteps more often, under diffusers' SDXL trainer's flag names and
+    # defaults (`later`: the noisiest `portion` of the schedule, where a caption alone decides the layout).
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    timestep_bias_multiplier: float = Field(1.0, gt=0)
+    timestep_bias_begin: int = Field(0, ge=0)
+    timestep_bias_end: int = Field(1000, gt=0)
+    timestep_bias_portion: float = Field(0.25, gt=0, le=1)
     # Flow-matching families (SD3, Flux): the timestep density and loss weighting of diffusers' SD3/Flux
     # LoRA trainers, under their flag names and defaults.
     weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = "none"
@@ -124,6 +132,13 @@ class GeneratorModelSettings(ModelSettings):
         """The family-specific keys as the generator wrapper takes them."""
         return FamilyOptions(
             prediction_type=self.prediction_type,
+            timestep_bias=TimestepBias(
+                strategy=self.timestep_bias_strategy,
+                multiplier=self.timestep_bias_multiplier,
+                begin=self.timestep_bias_begin,
+                end=self.timestep_bias_end,
+                portion=self.timestep_bias_portion,
+            ),
             weighting_scheme=self.weighting_scheme,
             logit_mean=self.logit_mean,
             logit_std=self.logit_std,

@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     stopped = train(run)
     if not stopped:
         finish(run, command)
+    # The other ranks wait for the main one's export, so that every rank tears its process group down
+    # together: a rank that leaves while its peer still exports can abort in gloo's teardown.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 

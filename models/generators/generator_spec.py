@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from transformers.modeling_outputs import BaseModelOutput
 
-from cycletune.models.ddpm_process import DDPMProcess
+from cycletune.models.ddpm_process import DDPMProcess, TimestepBias
 
 if TYPE_CHECKING:
     from cycletune.models.noise_process import NoiseProcess
@@ -48,6 +48,9 @@ class FamilyOptions:
     """
 
     prediction_type: str | None = None  # DDPM families: override the scheduler's (epsilon / v_prediction)
+    timestep_bias: TimestepBias = field(
+        default_factory=TimestepBias
+    )  # DDPM families: which training timesteps to draw more often
     weighting_scheme: str = "none"  # flow matching: timestep density and loss weighting
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -122,7 +125,11 @@ class GeneratorSpec(ABC):
         """The training objective, read from the checkpoint's scheduler folder: DDPM unless the family says
         otherwise (the UNet families train on it)."""
         return DDPMProcess.from_pretrained(
-            name_or_path, revision=revision, prediction_type=options.prediction_type, pixel_space=pixel_space
+            name_or_path,
+            revision=revision,
+            prediction_type=options.prediction_type,
+            pixel_space=pixel_space,
+            timestep_bias=options.timestep_bias,
         )
 
     @abstractmethod

@@ -40,6 +40,11 @@ def flow_matching_process(
             f"generator.prediction_type={options.prediction_type!r} applies to DDPM families; flow-matching "
             "models always predict noise - x0"
         )
+    if options.timestep_bias.strategy != "none":
+        raise ValueError(
+            f"generator.timestep_bias_strategy={options.timestep_bias.strategy!r} applies to DDPM families; "
+            "flow-matching models set their timestep density with generator.weighting_scheme"
+        )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
         name_or_path, subfolder="scheduler", revision=revision
     )

@@ -71,6 +71,18 @@ def test_draws_are_stratified_over_the_schedule_and_per_sample(frozen_generator)
     assert not torch.equal(draws.noise[0], draws.noise[1])
 
 
+def test_a_timestep_range_stratifies_within_it(frozen_generator) -> None:
+    """(0.5, 1.0): 4 strata of 125 steps each over the noisier half of the 1000-step schedule."""
+    draws = DenoiseDraws.draw(
+        frozen_generator, KEY, ["a", "b"], "scoring-test", num_timesteps=4, timestep_range=(0.5, 1.0)
+    )
+    assert torch.equal((draws.timesteps - 500) // 125, torch.arange(4).expand(2, -1))
+    with pytest.raises(ValueError, match="timestep_range"):
+        DenoiseDraws.draw(
+            frozen_generator, KEY, ["a"], "scoring-test", num_timesteps=1, timestep_range=(0.6, 0.2)
+        )
+
+
 def test_grouped_loss_is_the_generator_loss_row_by_row_in_any_chunking(frozen_generator) -> None:
     draws = DenoiseDraws.draw(frozen_generator, KEY, ["a", "b"], "grouped-test", num_timesteps=2)
     latents = frozen_generator.encode_images(_pixels(2), draws.vae_noise)

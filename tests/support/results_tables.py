@@ -123,7 +123,38 @@ def experiment_row(stored: dict[str, Any], row: Row) -> Expected:
     }
 
 
+def reward_agreement_row(stored: dict[str, Any], row: Row) -> Expected:
+    """make reward-agreement's table: a frontier or default setting per row (or sampling against itself),
+    its cost and its agreement with sampling."""
+    if row["setting"] == "sampling vs itself":
+        sampling = stored["sampling"]
+        return {
+            "ms": [sampling["ms"]],
+            "cheaper than sampling": [1.0],
+            "Spearman ρ, within image": _estimate(sampling["self_rho"]),
+        }
+    indices = stored["frontier"] if row["setting"] == "frontier" else [stored["default"]]
+    chosen = [stored["settings"][index] for index in indices]
+    matching = [
+        setting
+        for setting in chosen
+        if (str(setting["num_timesteps"]), setting["timestep_range"], setting["noise"])
+        == (row["timesteps"], row["range"], row["noise"])
+    ]
+    if not matching:
+        raise KeyError(f"{row['setting']} setting {row['timesteps']}/{row['range']}/{row['noise']}")
+    setting = matching[0]
+    return {
+        "ms": [setting["ms"]],
+        "cheaper than sampling": [setting["speedup"]],
+        "Spearman ρ, within image": _estimate(setting["rho"]),
+    }
+
+
 TABLES = {
     "rerank_study": ResultsTable("Reranking study", RESULTS / "rerank_study.json", rerank_study_row),
     "experiment": ResultsTable("Results", RESULTS / "experiment.json", experiment_row),
+    "reward_agreement": ResultsTable(
+        "The cheap reward against the expensive one", RESULTS / "reward_agreement.json", reward_agreement_row
+    ),
 }

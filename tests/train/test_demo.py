@@ -206,3 +206,7 @@ def test_make_base_trains_both_models_from_scratch_and_publishes_them_with_their
         out / "generator" / "model_index.json"
     ).is_file()
     assert load_config(out / "train_config.yaml").train.max_train_steps == 5
+    # The published cards load the published copies, not the run's export folder.
+    for part in ("captioner", "generator"):
+        card = (out / part / "README.md").read_text()
+        assert f'from_pretrained("{out / part}")' in card and str(run / "export") not in card

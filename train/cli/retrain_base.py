@@ -73,6 +73,7 @@ def publish(
     for part in ("captioner", "generator"):
         shutil.rmtree(out / part, ignore_errors=True)
         shutil.copytree(run_dir.export_dir / part, out / part)
+        point_card_at(out / part, run_dir.export_dir / part)
     shutil.copy(run_dir.config_file, out / "train_config.yaml")
     record = {
         "made_by": made_by,
@@ -90,6 +91,16 @@ def publish(
         "validation": json.loads(run_dir.validation_metrics.read_text()),
     }
     (out / "base.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def point_card_at(published: Path, exported: Path) -> None:
+    """The export's model card loads it from the export folder's absolute path; the published copy's card
+    loads it from where it was published, as given (pretrained/shapes-base/...: from the repository root)."""
+    card = published / "README.md"
+    text = card.read_text(encoding="utf-8")
+    card.write_text(
+        text.replace(json.dumps(str(exported.resolve())), json.dumps(str(published))), encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

@@ -7,14 +7,12 @@ from typing import Any
 
 import torch
 
-from cycletune.data.sources import shapes as shapes_source
-from cycletune.data.streams import Stream
 from cycletune.models.generator import Generator
-from cycletune.models.randomness import DrawKey
 from cycletune.models.sampling_settings import SamplingSettings
-from cycletune.models.scoring import caption_scores
 from cycletune.train.cli.bench.measure import timed
 from cycletune.train.cli.bench.stats_ratios import mean_spearman, median
+from cycletune.train.cli.reward_agreement import likelihood as likelihood_scores
+from cycletune.train.cli.reward_agreement import sampled_similarity, shapes_candidates
 
 
 def reward_cost(
@@ -38,32 +36,17 @@ def reward_cost(
     """
     generator = Generator.from_pretrained(str(generator_dir), resolution=resolution)
     generator.requires_grad_(False)
-    records, _ = shapes_source(num_samples=images * candidates, seed=seed, resolution=resolution)
-    batch = Stream(records, batch_size=len(records), seed=seed, resolution=resolution).next()
-    pixels, ids = batch["pixels"][:images], batch["ids"][:images]
-    others = batch["captions"][images:]
-    groups = [
-        [batch["captions"][i], *others[i * (candidates - 1) : (i + 1) * (candidates - 1)]]
-        for i in range(images)
-    ]
-    flat = [caption for group in groups for caption in group]
-    initial = torch.randn(
-        images, *generator.latent_shape(1)[1:], generator=torch.Generator().manual_seed(seed)
-    )
-    initial = initial.repeat_interleave(candidates, dim=0)
+    found = shapes_candidates(images, candidates, seed=seed, resolution=resolution)
 
     def likelihood() -> torch.Tensor:
-        scores = caption_scores(
-            generator, pixels, groups, key=DrawKey(seed, 0), ids=ids, num_timesteps=score_timesteps
+        return likelihood_scores(
+            generator, found, num_timesteps=score_timesteps, timestep_range="all", noise="shared", seed=seed
         )
-        return -scores  # higher is better
 
     def sampled() -> torch.Tensor:
-        made = generator.sample(
-            flat, num_inference_steps=sampling_steps, guidance_scale=guidance_scale, latents=initial
+        return sampled_similarity(
+            generator, found, seed=seed, steps=sampling_steps, guidance_scale=guidance_scale
         )
-        references = pixels.repeat_interleave(candidates, dim=0)
-        return -((made - references) ** 2).mean(dim=(1, 2, 3)).view(images, candidates)
 
     results: dict[str, Any] = {}
     for name, scorer in (("likelihood", likelihood), ("sampling", sampled)):
