@@ -48,9 +48,8 @@ class FamilyOptions:
     """
 
     prediction_type: str | None = None  # DDPM families: override the scheduler's (epsilon / v_prediction)
-    timestep_bias: TimestepBias = field(
-        default_factory=TimestepBias
-    )  # DDPM families: which training timesteps to draw more often
+    # DDPM families: which training timesteps to draw more often
+    timestep_bias: TimestepBias = field(default_factory=TimestepBias)
     weighting_scheme: str = "none"  # flow matching: timestep density and loss weighting
     logit_mean: float = 0.0
     logit_std: float = 1.0

@@ -13,8 +13,6 @@ from cycletune.train.config import GeneratorSettings
 
 KEY = DrawKey(seed=3, step=7)
 IDS = [f"sample-{index}" for index in range(4000)]
-
-
 NO_BIAS = TimestepBias()
 
 

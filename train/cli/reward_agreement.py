@@ -92,23 +92,16 @@ def likelihood(
 ) -> torch.Tensor:
     """The cheap judge [I, K], higher is better: minus the denoising loss of each image under each caption.
     `noise` independent: every candidate is scored as an image of its own, with its own draws."""
-    key, span = DrawKey(seed, 0), RANGES[timestep_range]
-    if noise == "shared":
-        scores = caption_scores(
-            generator, found.pixels, found.groups, key=key, ids=found.ids, num_timesteps=num_timesteps,
-            timestep_range=span,
-        )  # fmt: skip
-        return -scores
     candidates = len(found.groups[0])
+    pixels, groups, ids = found.pixels, found.groups, found.ids
+    if noise == "independent":
+        pixels = pixels.repeat_interleave(candidates, dim=0)
+        groups = [[caption] for group in groups for caption in group]
+        ids = [f"{image}#{k}" for image in ids for k in range(candidates)]
     scores = caption_scores(
-        generator,
-        found.pixels.repeat_interleave(candidates, dim=0),
-        [[caption] for group in found.groups for caption in group],
-        key=key,
-        ids=[f"{image}#{k}" for image in found.ids for k in range(candidates)],
-        num_timesteps=num_timesteps,
-        timestep_range=span,
-    )
+        generator, pixels, groups, key=DrawKey(seed, 0), ids=ids, num_timesteps=num_timesteps,
+        timestep_range=RANGES[timestep_range],
+    )  # fmt: skip
     return -scores.view(len(found.groups), candidates)
 
 
