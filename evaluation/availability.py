@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from cycletune.models.hub_kernels import WITHOUT_HUB_KERNELS
+
 if TYPE_CHECKING:
     from transformers import CLIPConfig, PreTrainedModel
 
@@ -83,7 +85,9 @@ def load_clip_tower(
     """
     tower_config = getattr(config, tower_class.config_class.base_config_key)
     tower_config.projection_dim = config.projection_dim
-    return tower_class.from_pretrained(folder, config=tower_config, local_files_only=True)
+    return tower_class.from_pretrained(
+        folder, config=tower_config, local_files_only=True, **WITHOUT_HUB_KERNELS
+    )
 
 
 def check_metric_names(requested: Sequence[str], known: Sequence[str]) -> list[str]:

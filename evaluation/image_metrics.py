@@ -28,6 +28,7 @@ from cycletune.evaluation.availability import (
     prepare,
     require_package,
 )
+from cycletune.models.hub_kernels import WITHOUT_HUB_KERNELS
 
 IMAGE_METRICS = ("fid", "kid", "clip_image_similarity", "dino_similarity", "lpips", "psnr", "ssim")
 
@@ -192,9 +193,11 @@ def load_image_encoder(folder: PathLike, device: str | torch.device = "cpu") -> 
     if config.model_type == "clip":
         model = load_clip_tower(CLIPVisionModelWithProjection, folder, config)
     elif config.model_type == "clip_vision_model":
-        model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            folder, local_files_only=True, **WITHOUT_HUB_KERNELS
+        )
     else:
-        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True, **WITHOUT_HUB_KERNELS)
     model = model.to(device).eval()
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from cycletune.evaluation.availability import (
     prepare,
 )
 from cycletune.evaluation.captions import per_sample_cider
+from cycletune.models.hub_kernels import WITHOUT_HUB_KERNELS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -120,9 +121,11 @@ def load_clip_text_encoder(source: PathLike, device: str | torch.device = "cpu")
     if config.model_type == "clip":
         model = load_clip_tower(CLIPTextModelWithProjection, model_folder, config)
     elif "CLIPTextModelWithProjection" in (config.architectures or []):
-        model = CLIPTextModelWithProjection.from_pretrained(model_folder, local_files_only=True)
+        model = CLIPTextModelWithProjection.from_pretrained(
+            model_folder, local_files_only=True, **WITHOUT_HUB_KERNELS
+        )
     else:
-        model = CLIPTextModel.from_pretrained(model_folder, local_files_only=True)
+        model = CLIPTextModel.from_pretrained(model_folder, local_files_only=True, **WITHOUT_HUB_KERNELS)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
     return clip_text_embedder(model.to(device).eval(), tokenizer)
 

@@ -21,6 +21,7 @@ from cycletune.models.caption_decoding import IGNORE_INDEX, CaptionDecoding
 from cycletune.models.captioners import spec_for
 from cycletune.models.device_transfer import to_device
 from cycletune.models.forward_routing import RunsInForward
+from cycletune.models.hub_kernels import WITHOUT_HUB_KERNELS
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -79,7 +80,7 @@ class Captioner(CaptionDecoding, RunsInForward):
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
         spec_for(config)  # fail on unsupported families before loading weights
         model = AutoModelForImageTextToText.from_pretrained(
-            name_or_path, revision=revision, dtype=torch_dtype
+            name_or_path, revision=revision, dtype=torch_dtype, **WITHOUT_HUB_KERNELS
         )
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
         return cls(model, processor, max_length=max_length, prompt=prompt)

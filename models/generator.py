@@ -26,6 +26,7 @@ from cycletune.models.device_transfer import to_device
 from cycletune.models.forward_routing import RunsInForward
 from cycletune.models.generators import spec_for_pipeline
 from cycletune.models.generators.generator_spec import FamilyOptions, GeneratorSpec
+from cycletune.models.hub_kernels import WITHOUT_HUB_KERNELS
 from cycletune.models.image_sampling import ImageSampling, checkpoint_sampler
 
 if TYPE_CHECKING:
@@ -440,7 +441,7 @@ def _load_part(
     if issubclass(part_class, ModelMixin):
         kwargs["torch_dtype"] = torch_dtype
     elif issubclass(part_class, PreTrainedModel):
-        kwargs["dtype"] = torch_dtype
+        kwargs.update(dtype=torch_dtype, **WITHOUT_HUB_KERNELS)
     return part_class.from_pretrained(name_or_path, **kwargs)
 
 

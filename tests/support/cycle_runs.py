@@ -48,9 +48,9 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def launch_command(script: list[str], processes: int = 1, engine: Path | None = None) -> list[str]:
-    """`python SCRIPT ...`, or `accelerate launch` of it on `processes` CPU processes (gloo): DDP, or the
-    engine an accelerate config file names (configs/accelerate/)."""
-    if processes == 1:
+    """`python SCRIPT ...`, or `accelerate launch` of it: DDP on `processes` CPU processes (gloo), or the
+    engine an accelerate config file names (configs/accelerate/), on any process count."""
+    if processes == 1 and engine is None:
         return [sys.executable, *script]
     distributed = ["--multi_gpu"] if engine is None else ["--config_file", str(engine)]
     launch = [

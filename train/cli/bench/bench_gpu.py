@@ -4,16 +4,18 @@
     python -m train.cli.bench.bench_gpu --dry-run  # the commands and the time budget, on any machine
 
 Two parts, one after the other, each logged to its own file:
-1. the GPU tests (`pytest -m gpu`: bf16 training with a resume, the sync-debug counts of the generator step,
-   the speed levers' CUDA numerics);
+1. the GPU tests (`pytest -m gpu`, three files side by side: bf16 training with a resume, the sync-debug
+   counts of the generator step, the speed levers' CUDA numerics, DeepSpeed ZeRO-2 and ZeRO-3 on one GPU
+   against a plain run where the deepspeed package is installed);
 2. `python -m train.cli.bench --archs sd15-blip-base` with 10 pairs per mode, every mode (soft and gumbel
    included), and the speed levers stacked as rows of the supervised generator step, with the bench's
-   --time-budget set to what the tests left: a mode starts only if it would end in time at the pace of
-   the slowest mode so far, so the report is written even when the estimates below are off.
+   --time-budget set to what the tests left: a mode starts only if it would end in time at the median
+   pace of the modes so far, so the report is written even when the estimates below are off.
 
 The modes run in order of what the GPU figures are for: the supervised step and its lever rows, the cached
-step, the modes the first GPU run did not time (soft and gumbel failed there), then those it did, slowest
-last, so that where the budget runs short the rows left out are the ones with a first figure. Without a GPU in
+step, the modes the first GPU run did not time (soft and gumbel failed there; the T2I2T reward came later),
+one_step beside the reward so that their peak memories come from one run, then the rest, slowest last, so
+that where the budget runs short the rows left out are the ones with a first figure. Without a GPU in
 the sessions that wrote this, the estimates come from the first GPU run's step times (README, H200, 4 pairs)
 and, where that run had none, from each mode's cost relative to the supervised step on the CPU bench.
 """
@@ -41,18 +43,19 @@ BUDGET_S = 540
 # Kept back from the bench's --time-budget: the bench's imports, a last mode slower than the median (the
 # slow ones run last), the baseline worker's closing figures and the report.
 REPORT_RESERVE_S = 30
-TESTS = ("tests/train/test_gpu.py", "tests/train/test_speed_levers.py")
-TESTS_ESTIMATE_S = 75  # two tiny bf16 trainer launches (~20 s each), the rest in-process (estimated)
+TESTS = ("tests/train/test_gpu.py", "tests/train/test_speed_levers.py", "tests/train/test_deepspeed.py")
+# est.: one pytest worker per file; the DeepSpeed file's five tiny trainer launches (~20 s each) take longest
+TESTS_ESTIMATE_S = 110
 ARCH, PAIRS, WARMUP = "sd15-blip-base", 10, 2
 MODE_ORDER = (
     "generator",
     "generator_cached",
     "i2t2i_soft",
     "i2t2i_gumbel",
-    "t2i2t_one_step_shared",
     "t2i2t_reward",
+    "t2i2t_one_step",  # beside t2i2t_reward: the two modes' peak memory, measured in one run
+    "t2i2t_one_step_shared",
     "captioner",
-    "t2i2t_one_step",
     "t2i2t_sample",
     "i2t2i_reward",
 )
@@ -103,6 +106,7 @@ def bench_rows() -> list[str]:
 def parts(out: Path) -> list[Part]:
     """The two parts' commands (the bench's --time-budget is set when it starts) and their estimates."""
     tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "--durations=15"]
+    tests += ["-n", str(len(TESTS)), "--dist", "loadfile"]
     tests += [*TESTS, "--junitxml", str(out / "gpu-tests.xml")]
     bench = [sys.executable, "-m", "train.cli.bench", "--archs", ARCH, "--out", str(out / "bench")]
     bench += ["--pairs", str(PAIRS), "--warmup", str(WARMUP), "--skip-reward", "--modes", *MODE_ORDER]

@@ -15,6 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from cycletune.data.mixer import BatchMixer
 from cycletune.models.generators.stable_diffusion import StableDiffusionSpec
+from cycletune.models.hub_kernels import WITHOUT_HUB_KERNELS
 from cycletune.train.builders import (
     BASE_DTYPES,
     build_streams,
@@ -84,7 +85,7 @@ class BareGeneratorStep:
         self.device = torch.device(device)
         self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype).to(device)
         self.text_encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=self.dtype
+            path, subfolder="text_encoder", dtype=self.dtype, **WITHOUT_HUB_KERNELS
         ).to(device)
         self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype).to(
             device
