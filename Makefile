@@ -78,6 +78,21 @@ rerank-study: setup
 reward-agreement: setup
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m train.cli.reward_agreement
 
+# Does the T2I2T reward mode teach the generator? (train/cli/reward_learning.py): from the committed base
+# models, generator-only arms on text-only batches, reward at weight 1 against the same run at weight 0, 3
+# seeds; the frozen captioner's likelihood of held-out test captions on the arms' images. Results:
+# docs/results/reward_learning.json; runs in runs/reward-learning.
+.PHONY: reward-learning
+reward-learning: setup
+	$(OFFLINE) $(PY) -m train.cli.reward_learning
+
+# Unpaired data as it grows against the same data paired (train/cli/scaling.py): control, the cycle arm with
+# 0 / 500 / 2,000 / 5,000 unpaired images and captions, and with 500 / 2,000 / 5,000 paired, 2 seeds, the
+# same updates; gains over control on unseen combinations. Results: docs/results/scaling.json, scaling.png.
+.PHONY: scaling
+scaling: setup
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.scaling
+
 # Retrain the demo's base models from scratch into pretrained/shapes-base (train/cli/retrain_base.py; about an hour on CPU).
 base: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.retrain_base

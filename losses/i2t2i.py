@@ -58,6 +58,9 @@ class I2T2ISettings(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     prompt: str | None = None
     reward_timesteps: int = Field(4, ge=1)
+    # reward: the span of the schedule (fractions, 0 the cleanest step) the reward_timesteps are drawn from.
+    # make reward-agreement found the noisy half, (0.5, 1.0), agrees best with sampling-based similarity.
+    reward_timestep_range: tuple[float, float] = (0.0, 1.0)
     # reward: advantages are (r - mean_K r) / max(std_K r, floor), the floor in reward units (the generator's
     # denoising loss), so candidates whose rewards differ only by the noise of the reward_timesteps draws get
     # small advantages instead of unit-scale ones. Measured (std over 16 noise draws of each candidate's reward
@@ -73,6 +76,14 @@ class I2T2ISettings(Strict):
     @classmethod
     def _mode_is_declared(cls, mode: str) -> str:
         return I2T2I_MODES.check_name(mode)
+
+    @field_validator("reward_timestep_range")
+    @classmethod
+    def _range_is_within_the_schedule(cls, span: tuple[float, float]) -> tuple[float, float]:
+        low, high = span
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"needs 0 <= low < high <= 1 (fractions of the schedule), got [{low}, {high}]")
+        return span
 
 
 def soft_token_probs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -201,6 +212,7 @@ def candidate_rewards(
         ids=ids,
         num_timesteps=settings.reward_timesteps,
         purpose="i2t2i/reward",
+        timestep_range=settings.reward_timestep_range,
     )
 
 

@@ -25,6 +25,7 @@ from cycletune.models.generator import Generator
 from cycletune.models.generator_bridge import GeneratorBridge
 from cycletune.models.lora import add_captioner_lora, frozen, prepare_trainable
 from cycletune.models.randomness import DrawKey
+from cycletune.models.scoring import caption_scores
 
 KEY = DrawKey(seed=11, step=5, micro_batch=1)
 CAPTIONS = ["a small red circle at the top", "a big blue square", "a green triangle on the left"]
@@ -304,3 +305,23 @@ def test_kl_penalty_needs_a_lora_captioner(tiny_models, frozen_generator, bridge
     full = _captioner(tiny_models, lora=False)
     with pytest.raises(ValueError, match="kl_weight > 0 needs a LoRA captioner"):
         _cycle(full, frozen_generator, _batch(1), _settings("reward", kl_weight=0.1), bridge)
+
+
+def test_reward_timesteps_come_from_the_configured_span_of_the_schedule(frozen_generator) -> None:
+    """cycle.i2t2i.reward_timestep_range reaches the scorer: the rewards are caption_scores over that span
+    (the same draws), and differ from the whole schedule's."""
+    batch = _batch(2)
+    captions = [["a big blue square", "a small red circle"]] * 2
+    noisy_half = _settings("reward", reward_timestep_range=(0.5, 1.0))
+    rewards = candidate_rewards(frozen_generator, batch["pixels"], batch["ids"], captions, noisy_half, KEY)
+    expected = -caption_scores(
+        frozen_generator, batch["pixels"], captions, key=KEY, ids=batch["ids"], num_timesteps=2,
+        purpose="i2t2i/reward", timestep_range=(0.5, 1.0),
+    )  # fmt: skip
+    torch.testing.assert_close(rewards, expected)
+    whole = candidate_rewards(
+        frozen_generator, batch["pixels"], batch["ids"], captions, _settings("reward"), KEY
+    )
+    assert not torch.allclose(rewards, whole)
+    with pytest.raises(ValueError, match="reward_timestep_range"):
+        _settings("reward", reward_timestep_range=(0.7, 0.2))

@@ -18,8 +18,6 @@ from cycletune.evaluation.shapes_split import PARTS, PairResults
 from cycletune.train.cli.demo import (
     ARM_OVERRIDES,
     ARMS,
-    DEFAULT_BASE,
-    DEFAULT_CONFIG,
     base_identity,
     paired_differences,
     parse_args,
@@ -27,6 +25,7 @@ from cycletune.train.cli.demo import (
     write_report,
 )
 from cycletune.train.cli.demo import arm_command as demo_arm_command
+from cycletune.train.cli.shapes_base import DEFAULT_BASE, DEFAULT_CONFIG
 from cycletune.train.config import load_config
 from cycletune.train.run_dir import RunDir
 

@@ -13,7 +13,7 @@ from PIL import Image
 from results_tables import ResultsTable, rerank_study_row, table_mismatches
 
 from cycletune.train.cli import rerank_study
-from cycletune.train.cli.demo import DEFAULT_BASE, DEFAULT_CONFIG
+from cycletune.train.cli.shapes_base import DEFAULT_BASE, DEFAULT_CONFIG
 
 
 def test_a_small_study_writes_the_json_the_plots_and_a_matching_table(

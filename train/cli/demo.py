@@ -36,12 +36,11 @@ from cycletune.evaluation.shapes_split import PARTS, PairResults, TestSplit, eva
 from cycletune.models.sampling_settings import SamplingSettings
 from cycletune.train.cli.help_format import HelpFormatter
 from cycletune.train.cli.launch import launch_command, run_timed
+from cycletune.train.cli.shapes_base import add_base_arguments, base_is_missing
 from cycletune.train.config import Config, load_config
 from cycletune.train.inference import ModelSources
 from cycletune.train.run_dir import RunDir
 
-DEFAULT_CONFIG = Path("configs/shapes.yaml")
-DEFAULT_BASE = Path("pretrained/shapes-base")
 # The control arm is the cycle arm's config with the cycle terms and the unpaired data taken away.
 ARM_OVERRIDES: dict[str, list[str]] = {
     "control": [
@@ -62,9 +61,7 @@ SHEET_EXAMPLES_PER_PART = 4
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the cycle arm's config")
-    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="folder with captioner/, generator/")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    add_base_arguments(parser, config_help="the cycle arm's config", out=Path("runs/demo"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, help="updates per arm (default: the config's max_train_steps)")
     parser.add_argument("--test-samples", type=int, default=96, help="test images per part (seen, unseen)")
@@ -162,9 +159,13 @@ def _read_scores(cache: Path) -> tuple[dict[str, Any], PairResults] | None:
 
 def paired_differences(results: dict[int, dict[str, PairResults]], metric: str) -> dict[str, float]:
     """cycle - control per seed: mean, standard deviation (ddof=1) and whether mean > 2 sd."""
-    differences = [
-        runs["cycle"].metrics[metric] - runs["control"].metrics[metric] for runs in results.values()
-    ]
+    return summarize_differences(
+        [runs["cycle"].metrics[metric] - runs["control"].metrics[metric] for runs in results.values()]
+    )
+
+
+def summarize_differences(differences: list[float]) -> dict[str, Any]:
+    """Paired differences over seeds: their mean, standard deviation (ddof=1) and whether mean > 2 sd."""
     mean = statistics.fmean(differences)
     sd = statistics.stdev(differences) if len(differences) > 1 else float("nan")
     return {"mean": mean, "sd": sd, "passes": bool(mean > 2 * sd), "differences": differences}
@@ -190,9 +191,7 @@ def logged_curves(seed_dir: Path) -> dict[str, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    missing = [part for part in ("captioner", "generator") if not (args.base / part).is_dir()]
-    if missing:
-        print(f"error: {args.base} has no {', '.join(missing)}/: run `make base` first", file=sys.stderr)
+    if base_is_missing(args.base):
         return 2
     config: Config = load_config(args.config, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,9 @@ from cycletune.evaluation.rankings_sheet import StoredRanking
 from cycletune.evaluation.shapes_split import TEST_SEEDS
 from cycletune.models.sampling_settings import SamplingSettings
 from cycletune.train.cli import rerank
-from cycletune.train.cli.demo import DEFAULT_BASE, DEFAULT_CONFIG, base_identity
+from cycletune.train.cli.demo import base_identity
 from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.shapes_base import DEFAULT_BASE, DEFAULT_CONFIG
 from cycletune.train.config import load_config, save_config
 
 DIRECTIONS = ("captions", "images")

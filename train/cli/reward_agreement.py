@@ -36,8 +36,8 @@ from cycletune.models.randomness import DrawKey
 from cycletune.models.scoring import caption_scores
 from cycletune.train.cli.bench.measure import timed
 from cycletune.train.cli.bench.stats_ratios import median
-from cycletune.train.cli.demo import DEFAULT_BASE
 from cycletune.train.cli.help_format import HelpFormatter
+from cycletune.train.cli.shapes_base import DEFAULT_BASE
 
 VALIDATION_SEED = 103
 RANGES = {"all": (0.0, 1.0), "low": (0.0, 0.5), "mid": (0.25, 0.75), "high": (0.5, 1.0)}

@@ -1,0 +1,27 @@
+"""What the shapes-world studies (make demo, experiment, reward-learning, scaling) share: the committed base
+models they start from, the config they train with, and the arguments that name them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("configs/shapes.yaml")
+DEFAULT_BASE = Path("pretrained/shapes-base")
+
+
+def add_base_arguments(parser: argparse.ArgumentParser, *, config_help: str, out: Path) -> None:
+    """--config, --base and --out (the study's runs and scores)."""
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="folder with captioner/, generator/")
+    parser.add_argument("--out", type=Path, default=out, help="runs and scores")
+
+
+def base_is_missing(base: Path) -> bool:
+    """True, after saying what is missing, when `base` lacks the captioner/ or generator/ a study trains
+    from: nothing should start training then."""
+    missing = [part for part in ("captioner", "generator") if not (base / part).is_dir()]
+    if missing:
+        print(f"error: {base} has no {', '.join(missing)}/: run `make base` first", file=sys.stderr)
+    return bool(missing)
