@@ -37,7 +37,10 @@ def test_held_out_scores_draw_the_same_chains_for_every_arm(tiny_models) -> None
     generator = Generator.from_pretrained(str(tiny_models.pixel_generator))
     split = load_test_split(3, generator.resolution)
     first = held_out_scores(generator, captioner, split, config)
-    assert set(first) == {"seen/reward", "seen/image_exact", "unseen/reward", "unseen/image_exact"}
+    assert set(first) == {
+        f"{part}/{m}" for part in ("seen", "unseen", "all") for m in ("reward", "image_exact")
+    }
+    assert first["all/reward"] == (first["seen/reward"] + first["unseen/reward"]) / 2
     assert all(math.isfinite(value) for value in first.values())
     assert first["seen/reward"] < 0 and 0 <= first["unseen/image_exact"] <= 1
     assert held_out_scores(generator, captioner, split, config) == first

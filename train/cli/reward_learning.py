@@ -120,6 +120,8 @@ def held_out_scores(
         accuracy = attribute_accuracy(readings, scenes)
         scores[f"{part}/reward"] = torch.cat(rewards).mean().item()
         scores[f"{part}/image_exact"] = accuracy["all"]
+    for metric in ("reward", "image_exact"):  # every held-out caption: the parts are the same size
+        scores[f"all/{metric}"] = sum(scores[f"{part}/{metric}"] for part in PARTS) / len(PARTS)
     return scores
 
 

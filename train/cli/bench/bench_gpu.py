@@ -58,6 +58,7 @@ MODE_ORDER = (
     "captioner",
     "t2i2t_sample",
     "i2t2i_reward",
+    "t2i2t_reward_cider_d",
 )
 # Stacked in this order (train.cli.bench --levers): the cheap, exact levers first, compile last.
 LEVER_ORDER = ("fused", "tf32", "flash", "channels_last", "compile")
@@ -75,6 +76,7 @@ STEP_MS = {
     "t2i2t_one_step_shared": 450,  # est.: 0.55x one_step on the small CPU bench
     "t2i2t_sample": 1186,
     "t2i2t_reward": 1400,  # est.: sampling like t2i2t_sample plus the reward's scoring
+    "t2i2t_reward_cider_d": 1700,  # est.: a greedy re-caption in place of the likelihood pass, + PTB (Java)
 }
 WORKER_START_S = 15  # est.: spawn, imports, loading ~1.3B fp32 weights, first CUDA step
 COMPILE_S = 120  # est.: inductor on SD 1.5's UNet, forward and backward, cold cache

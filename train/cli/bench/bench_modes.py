@@ -33,6 +33,7 @@ MODES: dict[str, Mode] = {
     ),
     "t2i2t_sample": Mode("generator", ("cycle.t2i2t.mode=sample",)),
     "t2i2t_reward": Mode("generator", ("cycle.t2i2t.mode=reward",)),
+    "t2i2t_reward_cider_d": Mode("generator", ("cycle.t2i2t.mode=reward", "cycle.t2i2t.reward=cider_d")),
 }
 BASELINE = "baseline"
 CYCLE_MODES = (
@@ -43,6 +44,7 @@ CYCLE_MODES = (
     "t2i2t_one_step_shared",
     "t2i2t_sample",
     "t2i2t_reward",
+    "t2i2t_reward_cider_d",
 )
 # Cycle modes whose cost must stay within checks.CYCLE_COST_LIMIT x their supervised step, or be explained.
 FLAGGED_MODES = ("i2t2i_soft", "t2i2t_one_step", "t2i2t_one_step_shared")

@@ -39,6 +39,7 @@ DEFAULT_PAIRS = {
         "i2t2i_reward": 3,
         "t2i2t_sample": 3,
         "t2i2t_reward": 3,
+        "t2i2t_reward_cider_d": 3,
     },
     **{arch.name: dict.fromkeys(MODES, 8) for arch in FAMILY_ARCHITECTURES["tiny"].values()},
     **{arch.name: dict.fromkeys(MODES, 3) for arch in FAMILY_ARCHITECTURES["small"].values()},
