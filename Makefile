@@ -81,7 +81,7 @@ reward-agreement: setup
 # Does the T2I2T reward mode teach the generator? (train/cli/reward_learning.py): from the committed base
 # models, generator-only arms on text-only batches, reward at weight 1 against the same run at weight 0, 3
 # seeds; the frozen captioner's likelihood of held-out test captions on the arms' images. Results:
-# docs/results/reward_learning.json; runs in runs/reward-learning.
+# docs/results/reward_learning.json; runs in runs/reward-learning. About 1.7 hours on 2 CPU cores (one torch thread).
 .PHONY: reward-learning
 reward-learning: setup
 	$(OFFLINE) $(PY) -m train.cli.reward_learning

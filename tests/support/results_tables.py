@@ -151,10 +151,39 @@ def reward_agreement_row(stored: dict[str, Any], row: Row) -> Expected:
     }
 
 
+def reward_learning_row(stored: dict[str, Any], row: Row) -> Expected:
+    """make reward-learning's table: a held-out metric per row, base and each arm's mean over seeds, the
+    paired difference reward - control."""
+    metric = row["metric (test split)"]
+    difference = stored["reward_minus_control"][metric]
+    return {
+        "base": [stored["base"][metric]],
+        **{arm: [stored["mean"][arm][metric]] for arm in ("control", "reward")},
+        "reward - control": [difference["mean"], difference["sd"]],
+        "> 2 sd": "yes" if difference["passes"] else "no",
+    }
+
+
+def scaling_row(stored: dict[str, Any], row: Row) -> Expected:
+    """make scaling's table: an arm per row, its unseen accuracies (mean over seeds) and, beside each, the
+    gain over control (mean, then each seed's)."""
+    arm = row["arm"]
+    expected: Expected = {}
+    for metric, column in (("unseen/caption_exact", "captions"), ("unseen/image_exact", "images")):
+        expected[f"unseen {column}"] = [stored["mean"][arm][metric]]
+        if arm != "control":
+            gain = stored["gain"][arm][metric]
+            expected[f"{column}: gain over control"] = [gain["mean"], *gain["differences"]]
+    return expected
+
+
 TABLES = {
     "rerank_study": ResultsTable("Reranking study", RESULTS / "rerank_study.json", rerank_study_row),
     "experiment": ResultsTable("Results", RESULTS / "experiment.json", experiment_row),
     "reward_agreement": ResultsTable(
         "The cheap reward against the expensive one", RESULTS / "reward_agreement.json", reward_agreement_row
+    ),
+    "reward_learning": ResultsTable(
+        "The T2I2T reward on the shapes world", RESULTS / "reward_learning.json", reward_learning_row
     ),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -56,3 +57,15 @@ def test_without_base_models_it_stops_before_training(tmp_path: Path, capsys) ->
     assert reward_learning.main(["--base", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "run `make base` first" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_committed_results_compare_every_seed_with_its_control() -> None:
+    stored = json.loads((REPO / reward_learning.DEFAULT_RESULTS).read_text())
+    seeds = stored["settings"]["seeds"]
+    assert len(seeds) >= 3 and stored["settings"]["split"] == "test"
+    for metric, difference in stored["reward_minus_control"].items():
+        expected = [
+            stored["per_seed"][str(s)]["reward"][metric] - stored["per_seed"][str(s)]["control"][metric]
+            for s in seeds
+        ]
+        assert difference["differences"] == expected, metric
