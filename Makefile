@@ -88,7 +88,8 @@ reward-learning: setup
 
 # Unpaired data as it grows against the same data paired (train/cli/scaling.py): control, the cycle arm with
 # 0 / 500 / 2,000 / 5,000 unpaired images and captions, and with 500 / 2,000 / 5,000 paired, 2 seeds, the
-# same updates; gains over control on unseen combinations. Results: docs/results/scaling.json, scaling.png.
+# same updates (400); gains over control on unseen combinations, about an hour on 2 CPU cores. Results:
+# docs/results/scaling.json, scaling.png; runs in runs/scaling.
 .PHONY: scaling
 scaling: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.scaling

@@ -186,4 +186,5 @@ TABLES = {
     "reward_learning": ResultsTable(
         "The T2I2T reward on the shapes world", RESULTS / "reward_learning.json", reward_learning_row
     ),
+    "scaling": ResultsTable("Unpaired data as it grows", RESULTS / "scaling.json", scaling_row),
 }

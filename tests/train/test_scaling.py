@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,16 @@ def test_an_unknown_arm_is_refused_by_name() -> None:
 def test_without_base_models_it_stops_before_training(tmp_path: Path, capsys) -> None:
     assert scaling.main(["--base", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "run `make base` first" in capsys.readouterr().err
+
+
+def test_the_committed_results_are_each_seeds_difference_from_its_control() -> None:
+    stored = json.loads((REPO / scaling.DEFAULT_RESULTS / "scaling.json").read_text())
+    seeds, arms = stored["settings"]["seeds"], stored["settings"]["arms"]
+    assert len(seeds) >= 2 and set(stored["gain"]) == set(arms) - {"control"}
+    for arm, gains in stored["gain"].items():
+        for metric, gain in gains.items():
+            per_seed = [
+                stored["per_seed"][str(s)][arm][metric] - stored["per_seed"][str(s)]["control"][metric]
+                for s in seeds
+            ]
+            assert gain["differences"] == per_seed, (arm, metric)
