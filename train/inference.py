@@ -204,6 +204,11 @@ def load_generator_lora(generator: Generator, lora: Path) -> None:
         pipeline.load_lora_weights(str(folder), weight_name=weight_name)
 
 
+def default_device() -> str:
+    """Where models run unless told otherwise: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     group.add_argument(
@@ -228,7 +233,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--generator-lora", type=Path, help="a diffusers LoRA .safetensors file, or the folder holding it"
     )
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", default=default_device())
     group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' weights")
     group.add_argument(
         "--lora_scale", type=float, default=1.0, help="strength of the generator's LoRA (0: the base model)"

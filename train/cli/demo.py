@@ -36,9 +36,14 @@ from cycletune.evaluation.shapes_split import PARTS, PairResults, TestSplit, eva
 from cycletune.models.sampling_settings import SamplingSettings
 from cycletune.train.cli.help_format import HelpFormatter
 from cycletune.train.cli.launch import launch_command, run_timed
-from cycletune.train.cli.shapes_base import add_base_arguments, base_is_missing
+from cycletune.train.cli.shapes_base import (
+    add_base_arguments,
+    base_is_missing,
+    base_model_overrides,
+    trained_arm,
+)
 from cycletune.train.config import Config, load_config
-from cycletune.train.inference import ModelSources
+from cycletune.train.inference import ModelSources, default_device
 from cycletune.train.run_dir import RunDir
 
 # The control arm is the cycle arm's config with the cycle terms and the unpaired data taken away.
@@ -77,8 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def arm_command(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) -> list[str]:
     """One arm's training command: the shared config, the base models, the arm's overrides, seed, folder."""
     overrides = [
-        f"captioner.pretrained_model_name_or_path={args.base / 'captioner'}",
-        f"generator.pretrained_model_name_or_path={args.base / 'generator'}",
+        *base_model_overrides(args.base),
         f"seed={seed}",
         f"output_dir={run_dir}",
         *([f"train.max_train_steps={args.steps}"] if args.steps else []),
@@ -128,7 +132,7 @@ def evaluate_once(
     saved = _read_scores(cache)
     if saved is not None and saved[0] == settings:
         return saved[1]
-    captioner, generator = sources.load(device="cuda" if torch.cuda.is_available() else "cpu")
+    captioner, generator = sources.load(device=default_device())
     sampling = SamplingSettings(
         seed=seed, num_beams=1, num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale
     )
@@ -208,13 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = arm_command(args, arm, seed, args.out / f"seed-{seed}" / arm)
             wall[arm].append(train_once(command, args.out / f"seed-{seed}" / arm, base_id))
         for arm in tqdm(("base", *ARMS), desc=f"evaluating seed {seed}"):
-            run_dir = RunDir(args.out / f"seed-{seed}" / arm)
-            sources = (
-                base
-                if arm == "base"
-                else ModelSources(checkpoint=run_dir.export_dir, config=load_config(run_dir.config_file))
-            )
-            runs[arm] = evaluate_once(sources, split, args, seed, run_dir.test_scores, base_id)
+            folder = args.out / f"seed-{seed}" / arm
+            sources = base if arm == "base" else trained_arm(folder)
+            runs[arm] = evaluate_once(sources, split, args, seed, RunDir(folder).test_scores, base_id)
         results[seed] = runs
     return write_report(args, split, results, wall)
 

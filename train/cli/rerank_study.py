@@ -61,7 +61,7 @@ from cycletune.models.sampling_settings import SamplingSettings
 from cycletune.train.cli import rerank
 from cycletune.train.cli.demo import base_identity
 from cycletune.train.cli.help_format import HelpFormatter
-from cycletune.train.cli.shapes_base import DEFAULT_BASE, DEFAULT_CONFIG
+from cycletune.train.cli.shapes_base import DEFAULT_BASE, DEFAULT_CONFIG, base_model_overrides
 from cycletune.train.config import load_config, save_config
 
 DIRECTIONS = ("captions", "images")
@@ -119,8 +119,7 @@ def study_config(args: argparse.Namespace) -> Path:
     config = load_config(
         args.config,
         [
-            f"captioner.pretrained_model_name_or_path={args.base / 'captioner'}",
-            f"generator.pretrained_model_name_or_path={args.base / 'generator'}",
+            *base_model_overrides(args.base),
             f"data.validation=[{parts}]",
         ],
     )

@@ -47,10 +47,14 @@ from cycletune.models.randomness import DrawKey
 from cycletune.train.cli.demo import base_identity, summarize_differences, train_once
 from cycletune.train.cli.help_format import HelpFormatter
 from cycletune.train.cli.launch import launch_command
-from cycletune.train.cli.shapes_base import add_base_arguments, base_is_missing
+from cycletune.train.cli.shapes_base import (
+    add_base_arguments,
+    base_is_missing,
+    base_model_overrides,
+    trained_arm,
+)
 from cycletune.train.config import Config, load_config
-from cycletune.train.inference import ModelSources
-from cycletune.train.run_dir import RunDir
+from cycletune.train.inference import ModelSources, default_device
 
 DEFAULT_RESULTS = Path("docs/results/reward_learning.json")
 # Both arms: the generator alone, every batch text-only, 32 captions x G=4 chains per update.
@@ -131,7 +135,7 @@ def score_once(sources: ModelSources, split: TestSplit, config: Config, cache: P
         saved = json.loads(cache.read_text())
         if saved.get("made_by") == made_by:
             return saved["scores"]
-    captioner, generator = sources.load(device="cuda" if torch.cuda.is_available() else "cpu")
+    captioner, generator = sources.load(device=default_device())
     scores = held_out_scores(generator, captioner, split, config)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"made_by": made_by, "scores": scores}, indent=1) + "\n")
@@ -142,9 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if base_is_missing(args.base):
         return 2
-    models = [
-        f"{role}.pretrained_model_name_or_path={args.base / role}" for role in ("captioner", "generator")
-    ]
+    models = base_model_overrides(args.base)
     common = [*models, *GENERATOR_ONLY, f"train.max_train_steps={args.steps}", *args.overrides]
     config = load_config(args.config, common)
     seeds = TEST_SEEDS if args.split == "test" else VALIDATION_SEEDS
@@ -166,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir = args.out / f"seed-{seed}" / arm
             overrides = [*common, *ARM_OVERRIDES[arm], f"seed={seed}", f"output_dir={run_dir}"]
             wall[arm].append(train_once(launch_command(args.config, overrides), run_dir, base_id))
-            run = RunDir(run_dir)
-            sources = ModelSources(checkpoint=run.export_dir, config=load_config(run.config_file))
+            sources = trained_arm(run_dir)
             per_seed[seed][arm] = score_once(
                 sources, split, config, run_dir / "held-out-scores.json", made_by
             )
@@ -194,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [per_seed[s]["reward"][m] - per_seed[s]["control"][m] for s in args.seeds]
             )
             for m in metrics
-            if compared
-        },
+        }
+        if compared
+        else {},
         "per_seed": per_seed,
         "train_wall_s": {arm: statistics.median(times) for arm, times in wall.items()},
     }

@@ -28,15 +28,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from cycletune.evaluation.shapes_split import load_test_split
 from cycletune.train.cli.demo import base_identity, evaluate_once, summarize_differences, train_once
 from cycletune.train.cli.help_format import HelpFormatter
 from cycletune.train.cli.launch import launch_command
-from cycletune.train.cli.shapes_base import add_base_arguments, base_is_missing
+from cycletune.train.cli.shapes_base import (
+    add_base_arguments,
+    base_is_missing,
+    base_model_overrides,
+    trained_arm,
+)
 from cycletune.train.config import load_config
-from cycletune.train.inference import ModelSources
+from cycletune.train.inference import default_device
 from cycletune.train.run_dir import RunDir
 
 DEFAULT_RESULTS = Path("docs/results")
@@ -117,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image_only = config.data.image_only[0].model_dump(exclude_defaults=True)
     split = load_test_split(args.test_samples, config.data.resolution)
     base_id = base_identity(args.base)
-    models = [
-        f"{role}.pretrained_model_name_or_path={args.base / role}" for role in ("captioner", "generator")
-    ]
+    models = base_model_overrides(args.base)
     steps = [f"train.max_train_steps={args.steps}"]
     arms = arms_for(args.sizes)
     scores: dict[int, dict[str, dict[str, float]]] = {}
@@ -136,9 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"output_dir={run_dir}",
             ]
             wall[arm].append(train_once(launch_command(args.config, overrides), run_dir, base_id))
-            run = RunDir(run_dir)
-            sources = ModelSources(checkpoint=run.export_dir, config=load_config(run.config_file))
-            results = evaluate_once(sources, split, args, seed, run.test_scores, base_id)
+            sources = trained_arm(run_dir)
+            results = evaluate_once(sources, split, args, seed, RunDir(run_dir).test_scores, base_id)
             scores[seed][arm] = {metric: results.metrics[metric] for metric in METRICS}
             print(f"seed {seed} {arm}: {scores[seed][arm]}", flush=True)
     report = {
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "per_seed": scores,
         "train_wall_s": {arm: statistics.median(times) for arm, times in wall.items()},
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": default_device(),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -7,6 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from cycletune.train.config import load_config
+from cycletune.train.inference import ModelSources
+from cycletune.train.run_dir import RunDir
+
 DEFAULT_CONFIG = Path("configs/shapes.yaml")
 DEFAULT_BASE = Path("pretrained/shapes-base")
 
@@ -25,3 +29,14 @@ def base_is_missing(base: Path) -> bool:
     if missing:
         print(f"error: {base} has no {', '.join(missing)}/: run `make base` first", file=sys.stderr)
     return bool(missing)
+
+
+def base_model_overrides(base: Path) -> list[str]:
+    """Config overrides that start both models from the base folder's captioner/ and generator/."""
+    return [f"{role}.pretrained_model_name_or_path={base / role}" for role in ("captioner", "generator")]
+
+
+def trained_arm(run_dir: Path) -> ModelSources:
+    """A finished arm's models: its exported adapters on the base models its saved config names."""
+    run = RunDir(run_dir)
+    return ModelSources(checkpoint=run.export_dir, config=load_config(run.config_file))
