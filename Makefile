@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 TINY := runs/tiny-models
+SPLIT_BASE := pretrained/shapes-split-base
 
 .PHONY: setup test test-quick lint demo experiment base tiny clean
 
@@ -55,10 +56,18 @@ tiny: $(TINY)/captioner/config.json
 demo: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.demo --out runs/demo --steps 400
 
-# The 3-seed comparison behind the README's Results section.
+# The 3-seed comparison behind the README's Results section, with the T2I2T reward arm beside the cycle arm.
 experiment: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.demo --out runs/experiment --seeds 0 1 2 \
-		--test-samples 180
+		--test-samples 180 --arms cycle t2i2t_reward
+
+# The same comparison on the designed split (make split-base): the arms' paired data without orange, so the
+# only way the generator can learn that colour is from the captioner, through the cycle.
+.PHONY: split-experiment
+split-experiment: setup
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.demo --out runs/split-experiment \
+		--base $(SPLIT_BASE) --split designed --seeds 0 1 2 --test-samples 180 --arms cycle t2i2t_reward \
+		'data.paired=[{type: shapes, num_samples: 1000, seed: 100, combinations: generator_seen}]'
 
 # The paper's ranking finding on the shapes world (train/cli/rerank_study.py): from the committed base models,
 # 8 candidate captions per test image and 8 images per test caption (200 of each), ranked by reconstruction;
@@ -97,6 +106,19 @@ scaling: setup
 # Retrain the demo's base models from scratch into pretrained/shapes-base (train/cli/retrain_base.py; about an hour on CPU).
 base: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.retrain_base
+
+# The designed split's base models (train/cli/retrain_base.py): make base's captioner as it is, and a generator
+# trained from scratch as make base trains its own (the same config and 8,000 generator updates) but on the
+# paired set without its orange scenes (`combinations: generator_seen`): a colour the captioner has captioned
+# and the generator has never drawn. About 40 minutes on one core. Into pretrained/shapes-split-base.
+.PHONY: split-base
+split-base: setup
+	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.retrain_base --out $(SPLIT_BASE) \
+		output_dir=runs/shapes-split-base tracker_project_name=cycletune-shapes-split-base \
+		captioner.pretrained_model_name_or_path=pretrained/shapes-base/captioner \
+		generator.pretrained_model_name_or_path=runs/shapes-split-init/generator \
+		'train.schedule=[generator]' train.max_train_steps=8000 \
+		'data.paired=[{type: shapes, num_samples: 1000, seed: 100, combinations: generator_seen}]'
 
 # Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/cli/bench/), and of each
 # other generator family; ~7-8 min on 2 CPU cores, plus bf16 SD 1.5 and SDXL parts where CUDA works.

@@ -65,8 +65,14 @@ UNSEEN_COMBINATIONS = frozenset(
         ("orange", "triangle"),
     }
 )
-Combinations = Literal["all", "seen", "unseen"]
-COMBINATIONS: tuple[str, ...] = ("all", "seen", "unseen")
+# The designed split (make split-experiment): the seen combinations of orange, the colour whose third
+# combination (the triangle) is already unseen, are left out of the generator's paired data but kept in the
+# captioner's. The generator then has never drawn orange, while the captioner has captioned it: knowledge only
+# the captioner holds, which T2I2T must carry over (colour-shape combinations alone would not do: the generator
+# draws unseen combinations of familiar colours and shapes from its paired data already).
+CAPTIONER_ONLY_COMBINATIONS = frozenset({("orange", "circle"), ("orange", "square")})
+Combinations = Literal["all", "seen", "unseen", "captioner_only", "generator_seen"]
+COMBINATIONS: tuple[str, ...] = ("all", "seen", "unseen", "captioner_only", "generator_seen")
 
 _PLACEHOLDER = re.compile(r"\{\w+\}")
 _ARTICLE_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
@@ -155,12 +161,19 @@ def is_unseen(scene: Scene) -> bool:
 
 
 def scenes_of(combinations: Combinations) -> list[Scene]:
-    """The scenes of one part of the split ("all", "seen" or "unseen" colour-shape combinations)."""
+    """The scenes of one part of the split: "all"; "seen" or "unseen" colour-shape combinations; of the
+    designed split, "captioner_only" (seen, but not by the generator) or "generator_seen" (the rest of seen)."""
     if combinations not in COMBINATIONS:
         raise ValueError(f"combinations must be one of {COMBINATIONS}, got {combinations!r}")
     if combinations == "all":
         return all_scenes()
-    return [scene for scene in all_scenes() if is_unseen(scene) == (combinations == "unseen")]
+    if combinations == "unseen":
+        return [scene for scene in all_scenes() if is_unseen(scene)]
+    seen = [scene for scene in all_scenes() if not is_unseen(scene)]
+    if combinations == "seen":
+        return seen
+    captioner_only = combinations == "captioner_only"
+    return [s for s in seen if ((s.colour, s.shape) in CAPTIONER_ONLY_COMBINATIONS) == captioner_only]
 
 
 def describe(scene: Scene, choice: np.random.Generator | int = 0) -> str:

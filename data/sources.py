@@ -169,7 +169,8 @@ class ShapesSource(SourceSettings):
     type: Literal["shapes"]
     num_samples: int = Field(ge=1)
     seed: int = 0
-    # "seen" / "unseen": only the colour-shape combinations in / held out of the demo's paired split.
+    # "seen" / "unseen": only the colour-shape combinations in / held out of the demo's paired split;
+    # "generator_seen" / "captioner_only": the seen ones split as the designed split's generator saw them.
     combinations: shapes_world.Combinations = "all"
 
 

@@ -4,7 +4,7 @@ The demo's data are one fixed split of the shapes world (data/shapes.py): the co
 (seen colour-shape combinations only), the unpaired image and caption sets and the validation set from
 their own seeds; the test split here uses two more seeds, one per part, and is read only for final numbers.
 
-Per part (seen / unseen combinations) a pair of models gets:
+Per part (seen / unseen combinations; the designed split has three parts) a pair of models gets:
 - caption attribute accuracy, exact and per attribute (the captioner's caption of a test image, parsed);
 - image attribute accuracy, exact and per attribute (the oracle's reading of the image drawn from a test
   caption);
@@ -41,6 +41,12 @@ from cycletune.models.sampling_settings import SamplingSettings
 TEST_SEEDS = {"seen": 104, "unseen": 105}
 VALIDATION_SEEDS = {"seen": 103, "unseen": 103}
 PARTS = tuple(TEST_SEEDS)
+# The designed split's test parts (data/shapes.py): the seen combinations both models were trained on, the
+# ones only the captioner was (the generator never drew their colour), and the unseen ones of the main split.
+DESIGNED_TEST_SEEDS = {"generator_seen": 106, "captioner_only": 107, "unseen": 105}
+TEST_SPLITS = {"main": TEST_SEEDS, "designed": DESIGNED_TEST_SEEDS}
+# Parts whose combinations at least one of the models never saw paired: the contact sheet marks them.
+HELD_OUT_PARTS = frozenset({"unseen", "captioner_only"})
 _METRICS = ("shapes_caption_accuracy", "shapes_image_accuracy", "recaption_cider_d")
 
 
@@ -65,8 +71,8 @@ class PairResults:
 def load_test_split(
     samples_per_part: int, resolution: int = 32, seeds: Mapping[str, int] = TEST_SEEDS
 ) -> TestSplit:
-    """Render `samples_per_part` scenes of the seen and of the unseen combinations (the test split by
-    default; VALIDATION_SEEDS for tuning decisions)."""
+    """Render `samples_per_part` scenes of each part named in `seeds`, with its seed (the main test split by
+    default; VALIDATION_SEEDS for tuning decisions, DESIGNED_TEST_SEEDS for the designed split)."""
     pixels, captions, ids = {}, {}, {}
     for part, seed in seeds.items():
         records, _ = sources.shapes(samples_per_part, seed=seed, resolution=resolution, combinations=part)
@@ -85,12 +91,12 @@ def evaluate_pair(
     *,
     batch_size: int = 32,
 ) -> PairResults:
-    """Every demo metric of one captioner-generator pair on both parts of the test split."""
+    """Every demo metric of one captioner-generator pair on each part of the test split."""
     metrics: dict[str, float] = {}
     captions: dict[str, list[str]] = {}
     images: dict[str, torch.Tensor] = {}
     needs = MetricNeeds(captions=True, images=True, recaptions=True)
-    for part in PARTS:
+    for part in split.ids:
         batches: list[SampleBatch] = []
         similarities: list[torch.Tensor] = []
         for indices in batched(range(len(split.ids[part])), batch_size):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cycletune.data.shapes import (
+    CAPTIONER_ONLY_COMBINATIONS,
     COLOUR_RGB,
     COLOURS,
     POSITIONS,
@@ -147,11 +148,23 @@ def test_the_demo_split_holds_out_a_latin_pattern_of_colour_shape_pairs() -> Non
     assert all(sum(shape == s for _, s in UNSEEN_COMBINATIONS) == 2 for shape in SHAPES)
 
 
-@pytest.mark.parametrize("combinations", ["seen", "unseen"])
+def test_the_designed_split_keeps_a_colour_from_the_generator_only() -> None:
+    seen = scenes_of("seen")
+    generator_seen, captioner_only = scenes_of("generator_seen"), scenes_of("captioner_only")
+    assert sorted(generator_seen + captioner_only, key=seen.index) == seen
+    assert {(scene.colour, scene.shape) for scene in captioner_only} == CAPTIONER_ONLY_COMBINATIONS
+    # The generator's paired data holds no scene of that colour at all; the captioner's holds two shapes of it.
+    withheld = {colour for colour, _ in CAPTIONER_ONLY_COMBINATIONS}
+    assert len(withheld) == 1 and not any(scene.colour in withheld for scene in generator_seen)
+    assert {scene.shape for scene in generator_seen} == set(SHAPES)
+
+
+@pytest.mark.parametrize("combinations", ["seen", "unseen", "generator_seen", "captioner_only"])
 def test_random_scene_draws_only_from_the_asked_part(combinations: str) -> None:
     rng = np.random.default_rng(0)
     drawn = [random_scene(rng, combinations) for _ in range(300)]
     assert set(drawn) <= set(scenes_of(combinations))
-    assert len(set(drawn)) > 40  # spread over the part, not stuck on a few scenes
+    # Spread over the part (all of a small one), not stuck on a few scenes.
+    assert len(set(drawn)) > min(40, len(scenes_of(combinations)) - 1)
     with pytest.raises(ValueError, match="combinations must be one of"):
         scenes_of("some")

@@ -112,15 +112,18 @@ def rerank_study_row(stored: dict[str, Any], row: Row) -> Expected:
 
 
 def experiment_row(stored: dict[str, Any], row: Row) -> Expected:
-    """make experiment's table: a metric per row, each arm's mean over seeds, the paired difference."""
+    """make experiment's (and split-experiment's) table: a metric per row, each arm's mean over seeds, and
+    per compared arm its paired difference with control ("cycle - control, mean ± sd") and "cycle > 2 sd"."""
     metric = row["metric (test split)"]
-    difference = stored["paired_differences"][metric]
-    column = next(name for name in row if name.startswith("cycle - control"))
-    return {
-        **{arm: [stored["table"][arm][metric]] for arm in ("base", "control", "cycle")},
-        column: [difference["mean"], difference["sd"]],
-        "> 2 sd": "yes" if difference["passes"] else "no",
-    }
+    expected: Expected = {arm: [means[metric]] for arm, means in stored["table"].items() if arm in row}
+    for arm, by_metric in stored["paired_differences"].items():
+        difference = by_metric[metric]
+        column = next((name for name in row if name.startswith(f"{arm} - control")), None)
+        if column is None or f"{arm} > 2 sd" not in row:
+            raise KeyError(f"columns for {arm} - control in the README table")
+        expected[column] = [difference["mean"], difference["sd"]]
+        expected[f"{arm} > 2 sd"] = "yes" if difference["passes"] else "no"
+    return expected
 
 
 def reward_agreement_row(stored: dict[str, Any], row: Row) -> Expected:
@@ -180,6 +183,9 @@ def scaling_row(stored: dict[str, Any], row: Row) -> Expected:
 TABLES = {
     "rerank_study": ResultsTable("Reranking study", RESULTS / "rerank_study.json", rerank_study_row),
     "experiment": ResultsTable("Results", RESULTS / "experiment.json", experiment_row),
+    "split_experiment": ResultsTable(
+        "The image side on a designed split", RESULTS / "split_experiment.json", experiment_row
+    ),
     "reward_agreement": ResultsTable(
         "The cheap reward against the expensive one", RESULTS / "reward_agreement.json", reward_agreement_row
     ),

@@ -12,6 +12,7 @@ import pytest
 import torch
 from cycle_runs import REPO, environment
 from PIL import Image
+from safetensors.torch import save_file
 
 from cycletune.evaluation import shapes_split
 from cycletune.evaluation.shapes_split import PARTS, PairResults
@@ -19,6 +20,7 @@ from cycletune.train.cli.demo import (
     ARM_OVERRIDES,
     ARMS,
     base_identity,
+    evaluate_once,
     paired_differences,
     parse_args,
     train_once,
@@ -27,6 +29,7 @@ from cycletune.train.cli.demo import (
 from cycletune.train.cli.demo import arm_command as demo_arm_command
 from cycletune.train.cli.shapes_base import DEFAULT_BASE, DEFAULT_CONFIG
 from cycletune.train.config import load_config
+from cycletune.train.inference import ModelSources
 from cycletune.train.run_dir import RunDir
 
 
@@ -66,6 +69,32 @@ def test_the_control_arm_is_the_cycle_config_without_cycle_terms_or_unpaired_dat
     assert command[command.index("--config") + 1] == str(DEFAULT_CONFIG)
     assert {"seed=3", "train.max_train_steps=7", f"output_dir={tmp_path / 'control'}"} <= set(command)
     assert set(ARM_OVERRIDES["control"]) <= set(command)
+
+
+def test_the_t2i2t_reward_arm_is_the_cycle_arm_with_the_generator_side_by_policy_gradient() -> None:
+    cycle = load_config(REPO / DEFAULT_CONFIG)
+    reward = load_config(REPO / DEFAULT_CONFIG, ARM_OVERRIDES["t2i2t_reward"])
+    assert (cycle.cycle.t2i2t.mode, reward.cycle.t2i2t.mode) == ("one_step", "reward")
+    assert reward.model_dump(exclude={"cycle"}) == cycle.model_dump(exclude={"cycle"})
+    assert reward.cycle.i2t2i == cycle.cycle.i2t2i
+    # The control arm always trains, first: every other arm is compared with it.
+    assert parse_args(["--arms", "t2i2t_reward", "cycle", "cycle"]).arms == (
+        "control",
+        "t2i2t_reward",
+        "cycle",
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--arms", "control"])
+
+
+def test_the_designed_split_tests_the_colour_only_the_captioner_was_trained_on() -> None:
+    split = shapes_split.load_test_split(24, 32, shapes_split.TEST_SPLITS["designed"])
+    assert list(split.ids) == ["generator_seen", "captioner_only", "unseen"]
+    assert all("orange" in caption for caption in split.captions["captioner_only"])
+    assert not any("orange" in caption for caption in split.captions["generator_seen"])
+    main = shapes_split.load_test_split(24, 32)
+    assert split.captions["unseen"] == main.captions["unseen"]  # the same unseen part as the main split
+    assert parse_args(["--split", "designed"]).split == "designed"
 
 
 def test_a_finished_arm_is_reused_only_for_the_same_command_and_base(tmp_path: Path) -> None:
@@ -121,6 +150,32 @@ def test_the_report_is_written_when_an_arm_logged_no_metrics(tmp_path: Path) -> 
     assert "No training curves of control:" in html and (report / "curves.png").is_file()
 
 
+def test_saved_scores_are_reused_only_for_the_same_settings_and_test_parts(tmp_path: Path) -> None:
+    """Scores cached by an earlier run come back without loading a model; another split's parts (the designed
+    split in the same --out) are scored anew, which here fails, as the models do not exist."""
+    args = parse_args(["--out", str(tmp_path), "--test-samples", "1"])
+    main, designed = (
+        shapes_split.TestSplit(
+            pixels={part: torch.rand(1, 3, 8, 8) for part in parts},
+            captions={part: ["a red circle"] for part in parts},
+            ids={part: [f"{part}-0"] for part in parts},
+        )
+        for parts in (PARTS, shapes_split.DESIGNED_TEST_SEEDS)
+    )
+    missing = ModelSources(captioner=str(tmp_path / "none"), generator=str(tmp_path / "none"))
+    cache = tmp_path / "scores.safetensors"
+    with pytest.raises(OSError):
+        evaluate_once(missing, main, args, 0, cache, "base-id")
+    settings = {"test_samples": 1, "steps": 10, "guidance": 2.0, "seed": 0, "base": "base-id"}
+    scores = {"settings": settings, "metrics": {"unseen/caption_exact": 0.5}, "captions": main.captions}
+    save_file(main.pixels, str(cache), metadata={"scores": json.dumps(scores)})
+    assert evaluate_once(missing, main, args, 0, cache, "base-id").metrics == {"unseen/caption_exact": 0.5}
+    with pytest.raises(OSError):
+        evaluate_once(missing, designed, args, 0, cache, "base-id")
+    with pytest.raises(OSError):
+        evaluate_once(missing, main, args, 1, cache, "base-id")  # another seed's draws
+
+
 def _run(module: str, *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *arguments],
@@ -172,11 +227,34 @@ def test_a_reduced_demo_runs_both_arms_from_the_committed_base_models_and_writes
         with Image.open(report / picture) as image:
             assert image.width > 100 and image.height > 100
     assert "report:" in result.stdout and "| metric |" in result.stdout
-    # Run again: finished arms and their scores are reused, so an interrupted experiment continues.
-    again = _run("train.cli.demo", *flags, *overrides)
+    # Run again with the T2I2T reward arm: the finished arms and their scores are reused (an interrupted
+    # experiment continues), only the new arm trains, and the table keeps the others' numbers.
+    again = _run("train.cli.demo", *flags, "--arms", "cycle", "t2i2t_reward", *overrides)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing the finished run") == 2
-    assert json.loads((out / "results.json").read_text())["table"] == summary["table"]
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert {arm: table[arm] for arm in summary["table"]} == summary["table"]
+    reward_terms = {
+        key
+        for line in (out / "seed-0" / "t2i2t_reward" / "metrics.jsonl").read_text().splitlines()
+        for key in json.loads(line)
+    }
+    assert "generator/t2i2t_reward" in reward_terms and "generator/t2i2t_one_step" not in reward_terms
+
+
+def test_make_base_refuses_a_captioner_start_that_is_neither_made_nor_published(tmp_path: Path) -> None:
+    """make split-base keeps make base's published captioner; a wrong path fails before anything trains."""
+    result = _run(
+        "train.cli.retrain_base",
+        "--out",
+        str(tmp_path / "published"),
+        f"output_dir={tmp_path / 'run'}",
+        f"captioner.pretrained_model_name_or_path={tmp_path / 'nothing' / 'captioner'}",
+        f"generator.pretrained_model_name_or_path={tmp_path / 'init' / 'generator'}",
+    )
+    assert result.returncode == 2
+    assert "captioner.pretrained_model_name_or_path" in result.stderr and "nothing" in result.stderr
+    assert not (tmp_path / "init").exists() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -209,3 +287,23 @@ def test_make_base_trains_both_models_from_scratch_and_publishes_them_with_their
     for part in ("captioner", "generator"):
         card = (out / part / "README.md").read_text()
         assert f'from_pretrained("{out / part}")' in card and str(run / "export") not in card
+    # make split-base: the published captioner kept as it is, a new generator trained on the paired set
+    # without the captioner-only combinations.
+    split = tmp_path / "split"
+    split_overrides = [
+        *(o for o in overrides if not o.startswith(("output_dir=", "captioner.", "generator."))),
+        f"output_dir={tmp_path / 'split-run'}",
+        f"captioner.pretrained_model_name_or_path={out / 'captioner'}",
+        f"generator.pretrained_model_name_or_path={tmp_path / 'split-init' / 'generator'}",
+        "train.schedule=[generator]",
+        "data.paired=[{type: shapes, num_samples: 64, seed: 100, combinations: generator_seen}]",
+    ]
+    result = _run("train.cli.retrain_base", "--out", str(split), *split_overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    published = "model.safetensors", "diffusion_pytorch_model.safetensors"
+    assert (split / "captioner" / published[0]).read_bytes() == (
+        out / "captioner" / published[0]
+    ).read_bytes()
+    assert (split / "generator" / "unet" / published[1]).read_bytes() != (
+        out / "generator" / "unet" / published[1]
+    ).read_bytes()

@@ -1,17 +1,19 @@
 """The shapes demo: does cycle finetuning on unpaired data beat supervised finetuning? Numbers and pictures.
 
     python -m train.cli.demo                       # make demo: one seed, short arms (minutes on a laptop CPU)
-    python -m train.cli.demo --seeds 0 1 2 --steps 1200 --out runs/experiment    # make experiment
+    python -m train.cli.demo --seeds 0 1 2 --arms cycle t2i2t_reward --out runs/experiment  # make experiment
 
-From the committed base models (pretrained/shapes-base, made by `make base`), for each seed it trains two
-LoRA arms through `accelerate launch train/cycle.py --config configs/shapes.yaml`:
+From the committed base models (pretrained/shapes-base, made by `make base`), for each seed it trains LoRA
+arms through `accelerate launch train/cycle.py --config configs/shapes.yaml`:
 - control: the supervised captioner and generator losses on the paired set only;
-- cycle: the same plus the cycle losses, on paired data and the unpaired image and caption sets,
-for the same number of updates. Then it scores base, control and cycle on the test split
-(evaluation/shapes_split.py, seen and unseen colour-shape combinations apart) and writes a report folder
-(report.html, curves.png, contact_sheet.png, results.json). With several seeds it also reports, per metric,
-the paired differences cycle - control: their mean, their standard deviation (ddof=1), and whether the
-mean exceeds twice the standard deviation.
+- cycle: the same plus the cycle losses, on paired data and the unpaired image and caption sets;
+- t2i2t_reward (with --arms): the cycle arm with T2I2T `reward` (policy gradient, the frozen captioner's
+  likelihood of the caption as the reward) in place of `one_step` (backpropagation through the captioner),
+for the same number of updates. Then it scores base and the arms on the test split
+(evaluation/shapes_split.py, seen and unseen colour-shape combinations apart; `--split designed` for the
+designed split's parts) and writes a report folder (report.html, curves.png, contact_sheet.png,
+results.json). With several seeds it also reports, per arm and metric, the paired differences arm - control:
+their mean, their standard deviation (ddof=1), and whether the mean exceeds twice the standard deviation.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from cycletune.evaluation.demo_report import ContactSheet, format_table, write_demo_report
-from cycletune.evaluation.shapes_split import PARTS, PairResults, TestSplit, evaluate_pair, load_test_split
+from cycletune.evaluation.shapes_split import (
+    HELD_OUT_PARTS,
+    TEST_SPLITS,
+    PairResults,
+    TestSplit,
+    evaluate_pair,
+    load_test_split,
+)
 from cycletune.models.sampling_settings import SamplingSettings
 from cycletune.train.cli.help_format import HelpFormatter
 from cycletune.train.cli.launch import launch_command, run_timed
@@ -57,10 +66,17 @@ ARM_OVERRIDES: dict[str, list[str]] = {
         "data.text_only_ratio=0",
     ],
     "cycle": [],
+    "t2i2t_reward": ["cycle.t2i2t.mode=reward", "cycle.t2i2t.weight=1"],
 }
 ARMS = tuple(ARM_OVERRIDES)
-# The acceptance comparison: unseen combinations, caption and image attribute accuracy (all four right).
-HEADLINE_METRICS = ("unseen/caption_exact", "unseen/image_exact")
+# The acceptance comparisons: unseen combinations (and, on the designed split, the combinations only the
+# captioner was trained on), caption and image attribute accuracy (all four right).
+HEADLINE_METRICS = (
+    "unseen/caption_exact",
+    "unseen/image_exact",
+    "captioner_only/caption_exact",
+    "captioner_only/image_exact",
+)
 SHEET_EXAMPLES_PER_PART = 4
 
 
@@ -68,6 +84,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_base_arguments(parser, config_help="the cycle arm's config", out=Path("runs/demo"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=[arm for arm in ARMS if arm != "control"],
+        default=["cycle"],
+        help="arms trained beside the control arm",
+    )
+    parser.add_argument(
+        "--split",
+        choices=sorted(TEST_SPLITS),
+        default="main",
+        help="test parts: main (seen, unseen) or designed (generator_seen, captioner_only, unseen)",
+    )
     parser.add_argument("--steps", type=int, help="updates per arm (default: the config's max_train_steps)")
     parser.add_argument("--test-samples", type=int, default=96, help="test images per part (seen, unseen)")
     parser.add_argument("--inference-steps", type=int, default=10, help="DDIM steps when drawing test images")
@@ -76,7 +105,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "overrides", nargs="*", help="dotted config overrides for both arms, e.g. data.train_batch_size=8"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.arms = ("control", *dict.fromkeys(args.arms))
+    return args
 
 
 def arm_command(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) -> list[str]:
@@ -130,7 +161,7 @@ def evaluate_once(
         "base": base,
     }
     saved = _read_scores(cache)
-    if saved is not None and saved[0] == settings:
+    if saved is not None and saved[0] == settings and set(saved[1].captions) == set(split.ids):
         return saved[1]
     captioner, generator = sources.load(device=default_device())
     sampling = SamplingSettings(
@@ -161,10 +192,12 @@ def _read_scores(cache: Path) -> tuple[dict[str, Any], PairResults] | None:
     return saved["settings"], PairResults(saved["metrics"], saved["captions"], images)
 
 
-def paired_differences(results: dict[int, dict[str, PairResults]], metric: str) -> dict[str, float]:
-    """cycle - control per seed: mean, standard deviation (ddof=1) and whether mean > 2 sd."""
+def paired_differences(
+    results: dict[int, dict[str, PairResults]], metric: str, arm: str = "cycle"
+) -> dict[str, float]:
+    """arm - control per seed: mean, standard deviation (ddof=1) and whether mean > 2 sd."""
     return summarize_differences(
-        [runs["cycle"].metrics[metric] - runs["control"].metrics[metric] for runs in results.values()]
+        [runs[arm].metrics[metric] - runs["control"].metrics[metric] for runs in results.values()]
     )
 
 
@@ -175,20 +208,24 @@ def summarize_differences(differences: list[float]) -> dict[str, Any]:
     return {"mean": mean, "sd": sd, "passes": bool(mean > 2 * sd), "differences": differences}
 
 
-def format_differences(comparisons: dict[str, dict[str, Any]]) -> str:
-    """A markdown table of the paired differences cycle - control, one row per metric."""
-    lines = ["| metric | cycle - control (mean) | sd (ddof=1) | mean > 2 sd |", "|---|---:|---:|:---:|"]
+def format_differences(comparisons: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A markdown table of the paired differences arm - control, one row per arm and metric."""
+    lines = [
+        "| arm | metric | arm - control (mean) | sd (ddof=1) | mean > 2 sd |",
+        "|---|---|---:|---:|:---:|",
+    ]
     lines += [
-        f"| {name} | {c['mean']:+.3f} | {c['sd']:.3f} | {'yes' if c['passes'] else 'no'} |"
-        for name, c in comparisons.items()
+        f"| {arm} | {name} | {c['mean']:+.3f} | {c['sd']:.3f} | {'yes' if c['passes'] else 'no'} |"
+        for arm, by_metric in comparisons.items()
+        for name, c in by_metric.items()
     ]
     return "\n".join(lines)
 
 
-def logged_curves(seed_dir: Path) -> dict[str, Path]:
+def logged_curves(seed_dir: Path, arms: Sequence[str]) -> dict[str, Path]:
     """Each arm's metrics log, for the report's curves; an arm that never logged (a run shorter than
     train.logging_steps, as `--steps 6` makes) has none, and the report goes on without its curves."""
-    logs = {arm: RunDir(seed_dir / arm).metrics_log for arm in ARMS}
+    logs = {arm: RunDir(seed_dir / arm).metrics_log for arm in arms}
     return {arm: path for arm, path in logs.items() if path.is_file()}
 
 
@@ -199,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config: Config = load_config(args.config, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
-    split = load_test_split(args.test_samples, config.data.resolution)
-    wall: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    split = load_test_split(args.test_samples, config.data.resolution, TEST_SPLITS[args.split])
+    wall: dict[str, list[float]] = {arm: [] for arm in args.arms}
     results: dict[int, dict[str, PairResults]] = {}
     base = ModelSources(
         captioner=str(args.base / "captioner"), generator=str(args.base / "generator"), config=config
@@ -208,10 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_id = base_identity(args.base)
     for seed in args.seeds:
         runs: dict[str, PairResults] = {}
-        for arm in ARMS:
+        for arm in args.arms:
             command = arm_command(args, arm, seed, args.out / f"seed-{seed}" / arm)
             wall[arm].append(train_once(command, args.out / f"seed-{seed}" / arm, base_id))
-        for arm in tqdm(("base", *ARMS), desc=f"evaluating seed {seed}"):
+        for arm in tqdm(("base", *args.arms), desc=f"evaluating seed {seed}"):
             folder = args.out / f"seed-{seed}" / arm
             sources = base if arm == "base" else trained_arm(folder)
             runs[arm] = evaluate_once(sources, split, args, seed, RunDir(folder).test_scores, base_id)
@@ -226,7 +263,7 @@ def write_report(
     wall: dict[str, list[float]],
 ) -> int:
     """The table, curves and contact sheet into OUT/report, the numbers into OUT/results.json, a summary printed."""
-    arms = ("base", *ARMS)
+    arms = ("base", *args.arms)
     metric_names = list(next(iter(results.values()))["base"].metrics)
     table = {
         arm: {
@@ -240,21 +277,27 @@ def write_report(
     for arm in arms:
         table[arm]["wall_time_s"] = statistics.fmean(wall[arm]) if arm in wall else base_wall or float("nan")
     comparisons = (
-        {metric: paired_differences(results, metric) for metric in metric_names} if len(results) > 1 else {}
+        {
+            arm: {metric: paired_differences(results, metric, arm) for metric in metric_names}
+            for arm in args.arms[1:]
+        }
+        if len(results) > 1
+        else {}
     )
     first_seed = next(iter(results))
     runs = results[first_seed]
-    shown = {part: min(SHEET_EXAMPLES_PER_PART, len(split.ids[part])) for part in PARTS}
+    parts = list(split.ids)
+    shown = {part: min(SHEET_EXAMPLES_PER_PART, len(split.ids[part])) for part in parts}
     sheet = ContactSheet(
-        images=torch.cat([split.pixels[part][: shown[part]] for part in PARTS]),
-        captions=[caption for part in PARTS for caption in split.captions[part][: shown[part]]],
-        unseen=[part == "unseen" for part in PARTS for _ in range(shown[part])],
+        images=torch.cat([split.pixels[part][: shown[part]] for part in parts]),
+        captions=[caption for part in parts for caption in split.captions[part][: shown[part]]],
+        unseen=[part in HELD_OUT_PARTS for part in parts for _ in range(shown[part])],
         arm_captions={
-            arm: [caption for part in PARTS for caption in runs[arm].captions[part][: shown[part]]]
+            arm: [caption for part in parts for caption in runs[arm].captions[part][: shown[part]]]
             for arm in arms
         },
         arm_images={
-            arm: torch.cat([runs[arm].images[part][: shown[part]] for part in PARTS]) for arm in arms
+            arm: torch.cat([runs[arm].images[part][: shown[part]] for part in parts]) for arm in arms
         },
     )
     seeds = list(results)
@@ -262,16 +305,17 @@ def write_report(
         f"Seeds {seeds}; {args.test_samples} test images per part; metrics are means over seeds.",
         f"Command: python -m train.cli.demo {' '.join(args.argv)}",
     ]
-    for metric in HEADLINE_METRICS:
-        if metric in comparisons:
-            c = comparisons[metric]
-            notes.append(
-                f"{metric}: cycle - control = {c['mean']:+.3f} (sd {c['sd']:.3f} over {len(seeds)} seeds): "
-                f"{'exceeds' if c['passes'] else 'does not exceed'} twice the standard deviation"
-            )
-    curves = logged_curves(args.out / f"seed-{first_seed}")
-    if len(curves) < len(ARMS):
-        silent = ", ".join(arm for arm in ARMS if arm not in curves)
+    for arm, by_metric in comparisons.items():
+        for metric in HEADLINE_METRICS:
+            if metric in by_metric:
+                c = by_metric[metric]
+                notes.append(
+                    f"{metric}: {arm} - control = {c['mean']:+.3f} (sd {c['sd']:.3f} over {len(seeds)} "
+                    f"seeds): {'exceeds' if c['passes'] else 'does not exceed'} twice the standard deviation"
+                )
+    curves = logged_curves(args.out / f"seed-{first_seed}", args.arms)
+    if len(curves) < len(args.arms):
+        silent = ", ".join(arm for arm in args.arms if arm not in curves)
         notes.append(
             f"No training curves of {silent}: the run was shorter than train.logging_steps, nothing was logged."
         )
@@ -285,6 +329,7 @@ def write_report(
     )
     summary = {
         "seeds": seeds,
+        "split": args.split,
         "table": table,
         "per_seed": {seed: {arm: runs[arm].metrics for arm in arms} for seed, runs in results.items()},
         "wall_time_s": wall,

@@ -44,9 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     run_dir = RunDir(Path(config.output_dir))
-    init_dir = Path(config.captioner.pretrained_model_name_or_path).parent
-    if Path(config.generator.pretrained_model_name_or_path).parent != init_dir:
-        print("error: captioner and generator must start from one models.tiny folder", file=sys.stderr)
+    # Random-init models are written beside the generator's starting point; the captioner starts there too,
+    # or from published models (the designed split's base keeps make base's captioner).
+    init_dir = Path(config.generator.pretrained_model_name_or_path).parent
+    captioner_start = Path(config.captioner.pretrained_model_name_or_path)
+    if captioner_start.parent != init_dir and not captioner_start.is_dir():
+        print(f"error: captioner.pretrained_model_name_or_path: no folder {captioner_start}", file=sys.stderr)
         return 2
     if run_dir.root.exists():
         shutil.rmtree(run_dir.root)  # a fresh run: the published models must come from this command alone
