@@ -229,7 +229,7 @@ def test_a_reduced_demo_runs_both_arms_from_the_committed_base_models_and_writes
     assert "report:" in result.stdout and "| metric |" in result.stdout
     # Run again with the T2I2T reward arm: the finished arms and their scores are reused (an interrupted
     # experiment continues), only the new arm trains, and the table keeps the others' numbers.
-    again = _run("train.cli.demo", *flags, "--arms", "cycle", "t2i2t_reward", *overrides)
+    again = _run("train.cli.demo", "--arms", "cycle", "t2i2t_reward", *flags, *overrides)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing the finished run") == 2
     table = json.loads((out / "results.json").read_text())["table"]

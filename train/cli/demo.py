@@ -103,7 +103,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--num-processes", type=int, default=1, help="accelerate launch --num_processes")
     parser.add_argument(
-        "overrides", nargs="*", help="dotted config overrides for both arms, e.g. data.train_batch_size=8"
+        "overrides",
+        nargs="*",
+        help="dotted config overrides for every arm, e.g. data.train_batch_size=8 (before --seeds or --arms, "
+        "which read the words after them as their values)",
     )
     args = parser.parse_args(argv)
     args.arms = ("control", *dict.fromkeys(args.arms))
