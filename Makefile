@@ -8,6 +8,8 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 TINY := runs/tiny-models
 SPLIT_BASE := pretrained/shapes-split-base
+# The designed split's paired set (make split-base, split-experiment): the demo's, without its orange scenes.
+SPLIT_PAIRED := data.paired=[{type: shapes, num_samples: 1000, seed: 100, combinations: generator_seen}]
 
 .PHONY: setup test test-quick lint demo experiment base tiny clean
 
@@ -67,7 +69,7 @@ experiment: setup
 .PHONY: split-experiment
 split-experiment: setup
 	$(OFFLINE) WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train.cli.demo \
-		'data.paired=[{type: shapes, num_samples: 1000, seed: 100, combinations: generator_seen}]' \
+		'$(SPLIT_PAIRED)' \
 		--out runs/split-experiment --base $(SPLIT_BASE) --split designed --seeds 0 1 2 --test-samples 180
 
 # The paper's ranking finding on the shapes world (train/cli/rerank_study.py): from the committed base models,
@@ -119,7 +121,7 @@ split-base: setup
 		captioner.pretrained_model_name_or_path=pretrained/shapes-base/captioner \
 		generator.pretrained_model_name_or_path=runs/shapes-split-init/generator \
 		'train.schedule=[generator]' train.max_train_steps=8000 \
-		'data.paired=[{type: shapes, num_samples: 1000, seed: 100, combinations: generator_seen}]'
+		'$(SPLIT_PAIRED)'
 
 # Timed steps of every phase and cycle mode beside a bare torch + peft baseline (train/cli/bench/), and of each
 # other generator family; ~7-8 min on 2 CPU cores, plus bf16 SD 1.5 and SDXL parts where CUDA works.

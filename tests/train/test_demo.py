@@ -43,13 +43,13 @@ def test_paired_differences_compare_cycle_with_control_seed_by_seed() -> None:
         seed: {"control": _Results({"m": control}), "cycle": _Results({"m": cycle})}
         for seed, (control, cycle) in enumerate([(0.1, 0.5), (0.3, 0.6), (0.2, 0.6)])
     }
-    summary = paired_differences(results, "m")
+    summary = paired_differences(results, "m", "cycle")
     assert summary["differences"] == pytest.approx([0.4, 0.3, 0.4])
     assert summary["mean"] == pytest.approx(11 / 30)
     assert summary["sd"] == pytest.approx(math.sqrt(((0.4 - 11 / 30) ** 2 * 2 + (0.3 - 11 / 30) ** 2) / 2))
     assert summary["passes"]  # 0.367 > 2 * 0.058
     results[1]["cycle"] = _Results({"m": 0.0})  # one seed where cycle loses badly: spread swamps the mean
-    assert not paired_differences(results, "m")["passes"]
+    assert not paired_differences(results, "m", "cycle")["passes"]
 
 
 def test_the_control_arm_is_the_cycle_config_without_cycle_terms_or_unpaired_data(tmp_path: Path) -> None:

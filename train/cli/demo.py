@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="test parts: main (seen, unseen) or designed (generator_seen, captioner_only, unseen)",
     )
     parser.add_argument("--steps", type=int, help="updates per arm (default: the config's max_train_steps)")
-    parser.add_argument("--test-samples", type=int, default=96, help="test images per part (seen, unseen)")
+    parser.add_argument("--test-samples", type=int, default=96, help="test images per part of the split")
     parser.add_argument("--inference-steps", type=int, default=10, help="DDIM steps when drawing test images")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--num-processes", type=int, default=1, help="accelerate launch --num_processes")
@@ -195,9 +195,7 @@ def _read_scores(cache: Path) -> tuple[dict[str, Any], PairResults] | None:
     return saved["settings"], PairResults(saved["metrics"], saved["captions"], images)
 
 
-def paired_differences(
-    results: dict[int, dict[str, PairResults]], metric: str, arm: str = "cycle"
-) -> dict[str, float]:
+def paired_differences(results: dict[int, dict[str, PairResults]], metric: str, arm: str) -> dict[str, float]:
     """arm - control per seed: mean, standard deviation (ddof=1) and whether mean > 2 sd."""
     return summarize_differences(
         [runs[arm].metrics[metric] - runs["control"].metrics[metric] for runs in results.values()]
