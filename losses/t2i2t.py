@@ -155,15 +155,15 @@ def sample(step: T2I2TStep, settings: T2I2TSettings) -> CycleOutput:
     """Caption loss of a DDIM sample for each caption, with gradient through its last grad_steps steps."""
     generator, ids, captions = step.trained, step.batch["ids"], step.batch["captions"]
     initial = step.key.randn(ids, "t2i2t_initial_latents", generator.latent_shape(1)[1:], generator.device)
+    conditioning = generator.encode_text(generator.tokenize(captions))
     guided = settings.guidance_scale > 1.0
-    uncond = generator.encode_text(generator.tokenize([""] * len(captions))) if guided else None
     final = generator.sample_with_grad(
-        generator.encode_text(generator.tokenize(captions)),
+        conditioning,
         initial,
         num_inference_steps=settings.num_inference_steps,
         grad_steps=settings.grad_steps,
         guidance_scale=settings.guidance_scale,
-        uncond_hidden_states=uncond,
+        uncond_hidden_states=generator.unconditional(conditioning) if guided else None,
     )
     return _recaption_loss(generator, step.partner, final, captions)
 

@@ -73,13 +73,12 @@ def sample_chains(
     steps = len(policy.timesteps)
     initial = key.randn(per_chain, "t2i2t/reward_initial", shape, device)
     noise = key.randn(per_chain, "t2i2t/reward_step", (steps, *shape), device)
-    guided = settings.guidance_scale > 1.0
-
-    def states(texts: list[str]) -> torch.Tensor:
-        return generator.encode_captions(texts).repeat_interleave(settings.num_images, dim=0)
-
+    states = generator.encode_captions(captions)
+    uncond = generator.unconditional(states) if settings.guidance_scale > 1.0 else None
     conditioning = Conditioning(
-        states(captions), settings.guidance_scale, states([""] * len(captions)) if guided else None
+        states.repeat_interleave(settings.num_images, dim=0),
+        settings.guidance_scale,
+        None if uncond is None else uncond.repeat_interleave(settings.num_images, dim=0),
     )
     return policy, conditioning, sample_chain(generator, policy, conditioning, initial, noise)
 

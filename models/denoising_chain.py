@@ -37,7 +37,8 @@ from cycletune.models.noise_process import NoiseProcess
 @dataclass(frozen=True)
 class Conditioning:
     """What the denoiser reads besides the latents: each chain's caption states [N, L, D], and with
-    classifier-free guidance (guidance_scale > 1) the empty caption's states of the same shape."""
+    classifier-free guidance (guidance_scale > 1) the unconditional states of the same shape
+    (generator.unconditional: the empty caption's, or SDXL's zeros)."""
 
     context: torch.Tensor
     guidance_scale: float = 1.0

@@ -59,11 +59,12 @@ class Generator(ImageSampling, RunsInForward):
         sampling_scheduler: SchedulerMixin,
         resolution: int,
         options: FamilyOptions = DEFAULT_OPTIONS,
+        pipeline_settings: dict[str, Any] | None = None,
     ) -> None:
         """`parts` holds the denoiser, text encoders and tokenizers under their pipeline component names
         (they become attributes: generator.unet, generator.text_encoder_2, ...). `process` is the objective
         training draws from; sampling_scheduler the checkpoint's own sampler, kept for the pipelines exported
-        from this model."""
+        from this model; pipeline_settings the checkpoint's (spec.pipeline_settings)."""
         super().__init__()
         missing = sorted(set(spec.components) - parts.keys())
         if missing:
@@ -75,6 +76,7 @@ class Generator(ImageSampling, RunsInForward):
         self.process = process
         self.sampling_scheduler = sampling_scheduler
         self.options = options
+        self.pipeline_settings = dict(pipeline_settings or {})
         spec.check_resolution(resolution, self.vae_scale_factor)
         self.resolution = resolution
         # Set by the trainer (train/builders.build_encoder_cache) where reusing frozen encoders is valid.
@@ -134,6 +136,7 @@ class Generator(ImageSampling, RunsInForward):
             sampling_scheduler=sampling_scheduler,
             resolution=resolution,
             options=options,
+            pipeline_settings=spec.pipeline_settings(model_index),
         )
 
     @property
@@ -381,7 +384,7 @@ class Generator(ImageSampling, RunsInForward):
         as its scheduler; `replaced` swaps parts (copies for an export)."""
         parts = {name: getattr(self, name) for name in self.spec.components}
         parts |= {"vae": self.vae, "scheduler": self.sampling_scheduler}
-        return self.spec.pipeline(parts | replaced)
+        return self.spec.pipeline(parts | self.pipeline_settings | replaced)
 
 
 def _run_on_embeddings(

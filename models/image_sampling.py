@@ -95,6 +95,7 @@ class ImageSampling:
     sampling_scheduler: SchedulerMixin
     vae: AutoencoderKL | None
     options: FamilyOptions
+    pipeline_settings: dict[str, Any]
     resolution: int
     device: torch.device
     dtype: torch.dtype
@@ -102,9 +103,24 @@ class ImageSampling:
     token_lengths: Callable[[], list[int]]
     tokenize: Callable[[list[str]], torch.Tensor]
     encode_text: Callable[[torch.Tensor], torch.Tensor]
+    encode_captions: Callable[[Sequence[str]], torch.Tensor]
     decode_latents: Callable[[torch.Tensor], torch.Tensor]
     predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     pipeline: Callable[..., DiffusionPipeline]
+
+    @property
+    def zeroes_absent_negative(self) -> bool:
+        """Whether the family's pipeline guides away from zero embeddings when no negative prompt is given
+        (SDXL's force_zeros_for_empty_prompt, as the checkpoint saves it) rather than from the empty caption."""
+        return bool(self.pipeline_settings.get("force_zeros_for_empty_prompt", False))
+
+    def unconditional(self, conditioning: torch.Tensor, negative_prompt: str | None = None) -> torch.Tensor:
+        """Classifier-free guidance's unconditional states for each row of `conditioning`, as the family's
+        pipeline builds them: `negative_prompt` encoded, or with none, zeros where the pipeline zeroes them and
+        the empty caption encoded elsewhere."""
+        if negative_prompt is None and self.zeroes_absent_negative:
+            return torch.zeros_like(conditioning)
+        return self.encode_captions([negative_prompt or ""] * len(conditioning))
 
     def sample_with_grad(
         self,
@@ -212,24 +228,25 @@ class ImageSampling:
             shape = self.latent_shape(len(captions))
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         guided = guidance_scale > 1.0
-        negative = [negative_prompt or ""] * len(captions)
         if scheduler is not None:
+            zeroed = negative_prompt is None and self.zeroes_absent_negative
             return self._pipeline_sample(
                 captions,
                 latents,
                 scheduler=scheduler,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                negative_prompts=negative if guided else None,
+                negative_prompts=None if zeroed or not guided else [negative_prompt or ""] * len(captions),
                 step_generators=step_generators,
             )
+        conditioning = self.encode_text(self.tokenize(captions))
         final = self.sample_with_grad(
-            self.encode_text(self.tokenize(captions)),
+            conditioning,
             latents,
             num_inference_steps=num_inference_steps,
             grad_steps=0,
             guidance_scale=guidance_scale,
-            uncond_hidden_states=self.encode_text(self.tokenize(negative)) if guided else None,
+            uncond_hidden_states=self.unconditional(conditioning, negative_prompt) if guided else None,
         )
         return self.decode_latents(final)
 
@@ -246,9 +263,9 @@ class ImageSampling:
     ) -> torch.Tensor:
         """`sample` through the family pipeline with the named scheduler; pixels01 in float32.
 
-        The negative prompts are always given when guided (the empty caption by default), so every family
-        guides as the built-in sampler does: SDXL's pipeline would otherwise zero the unconditional
-        embeddings, and Flux's would not guide at all.
+        `negative_prompts` are given when guided, except where the pipeline zeroes the unconditional
+        embeddings itself (`unconditional`): Flux's pipeline would not guide at all without them, and the
+        others would encode the empty caption as the built-in sampler does.
         """
         if self.vae is None:
             raise ValueError(

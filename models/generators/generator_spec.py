@@ -162,9 +162,15 @@ class GeneratorSpec(ABC):
                 f"resolution {resolution} is not a positive multiple of the VAE scale {vae_scale_factor}"
             )
 
+    def pipeline_settings(self, model_index: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's values of the pipeline's own settings that the wrapper honours, from its
+        model_index.json: none by default (SDXL has one). They are passed to `pipeline` with the parts, so an
+        export keeps them."""
+        return {}
+
     def pipeline(self, components: dict[str, Any]) -> DiffusionPipeline:
-        """The family's pipeline around existing parts (shared, not copied): what exports save and what
-        load_lora_weights is called on. Optional parts the wrapper does not hold are left out."""
+        """The family's pipeline around existing parts (shared, not copied) and pipeline_settings: what exports
+        save and what load_lora_weights is called on. Optional parts the wrapper does not hold are left out."""
         return self.pipeline_class(**components)
 
     def lora_save_arguments(

@@ -51,6 +51,11 @@ class StableDiffusionXLSpec(StableDiffusionSpec):
         added = {"text_embeds": pooled, "time_ids": time_ids.expand(len(states), -1)}
         return generator.unet(noisy, timesteps, states, added_cond_kwargs=added).sample
 
+    def pipeline_settings(self, model_index: dict[str, Any]) -> dict[str, Any]:
+        """force_zeros_for_empty_prompt (diffusers' default: True, as SDXL base saves it): with no negative
+        prompt, classifier-free guidance steers away from zero embeddings, not from the encoded empty caption."""
+        return {"force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True))}
+
     def pipeline(self, components: dict[str, Any]) -> DiffusionPipeline:
         """No invisible watermark (an optional package) and no IP-adapter image encoder."""
         return StableDiffusionXLPipeline(

@@ -12,6 +12,7 @@ from cycletune.models.captioner import Captioner
 from cycletune.models.generator import Generator
 from cycletune.models.lora import add_generator_lora, frozen, prepare_trainable
 from cycletune.models.randomness import DrawKey
+from cycletune.models.tiny import TINY_GENERATORS
 
 CAPTIONS = ["a red circle at the top", "a small blue square", "a large green triangle in the corner"]
 IDS = ["sample-0", "sample-1", "sample-2"]
@@ -130,6 +131,24 @@ def test_sample_scores_the_ddim_sample_of_its_drawn_noise(
     )
     expected = frozen_captioner.caption_loss(pixels, **frozen_captioner.tokenize(batch["captions"])).mean()
     assert torch.equal(loss, expected)
+
+
+def test_guided_sample_on_sdxl_steers_away_from_zeros(
+    frozen_captioner: Captioner, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SDXL's checkpoint sets force_zeros_for_empty_prompt, so the unconditional half of each guided UNet
+    call is zeros, as StableDiffusionXLPipeline guides with no negative prompt (not the empty caption)."""
+    folder = TINY_GENERATORS["sdxl"](tmp_path_factory.mktemp("sdxl"), seed=0, resolution=16)
+    generator = Generator.from_pretrained(str(folder))
+    states: list[torch.Tensor] = []
+    handle = generator.unet.register_forward_hook(lambda module, args, output: states.append(args[2]))
+    with torch.no_grad():
+        sample(T2I2TStep(generator, frozen_captioner, _text_batch(2), KEY), GUIDED_SAMPLE)
+    handle.remove()
+    assert len(states) == GUIDED_SAMPLE.num_inference_steps
+    for unconditional, conditional in (call.chunk(2) for call in states):
+        assert torch.equal(unconditional, torch.zeros_like(unconditional))
+        assert conditional.abs().amax() > 0
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,8 @@ FAMILIES = ["sd", "sd3", "flux"]
 def flow_generator_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reward_flow_generators")
     return {
-        family: TINY_GENERATORS[family](root / family, seed=0, resolution=16) for family in ("sd3", "flux")
+        family: TINY_GENERATORS[family](root / family, seed=0, resolution=16)
+        for family in ("sd3", "flux", "sdxl")
     }
 
 
@@ -263,6 +264,18 @@ def test_lora_dropout_moves_the_ratio_off_one_and_the_clip_catches_it(
     assert (
         narrow > 0.5 and _run(generator, frozen_captioner, _text_batch(), wide).metrics["clip_fraction"] == 0
     )
+
+
+@pytest.mark.parametrize("generator", ["sd", "sdxl"], indirect=True)
+def test_guided_chains_steer_away_from_what_the_family_pipeline_does(generator: Generator) -> None:
+    """CFG's unconditional states: the empty caption's for SD; zeros for SDXL, whose checkpoint sets
+    force_zeros_for_empty_prompt (as StableDiffusionXLPipeline guides with no negative prompt)."""
+    settings = SETTINGS.model_copy(update={"guidance_scale": 2.0})
+    with torch.no_grad():
+        _, conditioning, _ = sample_chains(generator, CAPTIONS[:2], IDS[:2], settings, KEY)
+        empty = generator.encode_text(generator.tokenize([""] * 4))
+    expected = torch.zeros_like(empty) if generator.spec.name == "sdxl" else empty
+    assert torch.equal(conditioning.uncond, expected)
 
 
 def test_chosen_transitions_are_a_share_of_the_stochastic_steps(generator: Generator) -> None:

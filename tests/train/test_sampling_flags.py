@@ -5,6 +5,8 @@ with the ones it does."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import diffusers
@@ -65,10 +67,12 @@ def _pngs(folder: Path, pattern: str) -> np.ndarray:
     return np.stack([np.asarray(Image.open(path)) for path in sorted(folder.glob(pattern))])
 
 
-def _pipeline_pngs(folder: Path, prompts: Path, scheduler: type[SchedulerMixin]) -> np.ndarray:
+def _pipeline_pngs(
+    folder: Path, prompts: Path, scheduler: type[SchedulerMixin], negative: str | None = NEGATIVE
+) -> np.ndarray:
     """The family pipeline's own __call__ with that scheduler (built from the checkpoint's config, as
-    diffusers users swap one), NEGATIVE, the default CFG scale and the CLI's initial noise; as 8-bit pixels
-    [prompt, 1, H, W, 3]."""
+    diffusers users swap one), the negative prompt (None: the pipeline's default), the default CFG scale and
+    the CLI's initial noise; as 8-bit pixels [prompt, 1, H, W, 3]."""
     generator = Generator.from_pretrained(str(folder))
     pipe = generator.pipeline(scheduler=scheduler.from_config(generator.sampling_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
@@ -83,7 +87,7 @@ def _pipeline_pngs(folder: Path, prompts: Path, scheduler: type[SchedulerMixin])
     with torch.no_grad():
         images = pipe(
             PROMPTS,
-            negative_prompt=[NEGATIVE] * len(PROMPTS),
+            negative_prompt=None if negative is None else [negative] * len(PROMPTS),
             height=generator.resolution,
             width=generator.resolution,
             num_inference_steps=STEPS,
@@ -115,8 +119,9 @@ def test_negative_prompt_and_scheduler_draw_what_the_family_pipeline_draws(
     assert _differ(plain, negative), "the negative prompt left the images as they were"
     built_in = DDIMScheduler if family in ("sd", "sdxl") else FlowMatchEulerDiscreteScheduler
     _assert_same_pixels(negative, _pipeline_pngs(folder, prompts, built_in))
-    # Through the pipeline, the default negative prompt is still the empty caption: not SDXL's zeroed
-    # embeddings, and Flux still guides.
+    # With no negative prompt, what the pipeline draws by default (SDXL: zeroed embeddings); FluxPipeline
+    # would not guide at all, so Flux guides away from the empty caption, as with the pipeline given "".
+    _assert_same_pixels(plain, _pipeline_pngs(folder, prompts, built_in, "" if family == "flux" else None))
     by_name = _generate(folder, prompts, tmp_path / "by_name", "--scheduler", built_in.__name__)
     _assert_same_pixels(by_name, plain)
 
@@ -126,6 +131,27 @@ def test_negative_prompt_and_scheduler_draw_what_the_family_pipeline_draws(
     _assert_same_pixels(swapped, _pipeline_pngs(folder, prompts, scheduler))
     if scheduler is not built_in:
         assert _differ(swapped, negative), f"{SWAPPED[family]} drew what the built-in sampler draws"
+
+
+def test_sdxl_guides_from_zeros_only_where_its_checkpoint_says(
+    folders: dict[str, Path], prompts: Path, tmp_path: Path
+) -> None:
+    """force_zeros_for_empty_prompt, read from model_index.json: set (as SDXL base saves it), no negative prompt
+    is zero embeddings, not the empty caption; unset, it is the empty caption. An export keeps the setting."""
+    folder = folders["sdxl"]
+    plain = _generate(folder, prompts, tmp_path / "plain")
+    empty = _generate(folder, prompts, tmp_path / "empty", "--negative_prompt", "")
+    assert _differ(plain, empty), "no negative prompt drew what the empty caption draws"
+
+    unset = tmp_path / "unset"
+    shutil.copytree(folder, unset)
+    index = json.loads((unset / "model_index.json").read_text())
+    (unset / "model_index.json").write_text(json.dumps(index | {"force_zeros_for_empty_prompt": False}))
+    _assert_same_pixels(_generate(unset, prompts, tmp_path / "unset_plain"), empty)
+
+    export = tmp_path / "export"
+    Generator.from_pretrained(str(unset)).pipeline().save_pretrained(export)
+    assert json.loads((export / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is False
 
 
 def test_a_stochastic_scheduler_draws_each_image_alike_in_any_batch(
@@ -187,6 +213,6 @@ def test_help_shows_both_flags_with_their_defaults(tool, capsys) -> None:
         tool.parse_args(["images", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--negative_prompt NEGATIVE_PROMPT" in help_text
-    assert "(default: the empty prompt)" in help_text
+    assert "(default: the empty prompt; SDXL: zero embeddings" in help_text
     assert "--scheduler CLASS" in help_text
     assert "(default: the built-in sampler: DDIM, or flow-matching Euler)" in help_text

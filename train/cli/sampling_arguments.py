@@ -37,7 +37,8 @@ def add_prompt_drawing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--negative_prompt",
         help="text classifier-free guidance steers away from; needs --guidance_scale > 1 (Flux: true CFG, "
-        "as FluxPipeline's true_cfg_scale) (default: the empty prompt)",
+        "as FluxPipeline's true_cfg_scale) (default: the empty prompt; SDXL: zero embeddings where the checkpoint "
+        "sets force_zeros_for_empty_prompt, as its pipeline does)",
     )
     parser.add_argument(
         "--scheduler",
