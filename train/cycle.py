@@ -40,7 +40,12 @@ from cycletune.train.config import (
     flags_as_overrides,
     load_config,
 )
-from cycletune.train.engines import full_trainable_state, honour_fsdp_on_cpu, reads_state_collectively
+from cycletune.train.engines import (
+    check_levers_fit_engine,
+    full_trainable_state,
+    honour_fsdp_on_cpu,
+    reads_state_collectively,
+)
 from cycletune.train.run import (
     Run,
     build_run,
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     honour_fsdp_on_cpu(accelerator)
     try:
         config = with_launcher_precision(config, accelerator)
+        check_levers_fit_engine(config.generator, accelerator)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +25,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cycletune.models.lockstep import mark_sharded
 from cycletune.models.lora import load_trainable_state_dict, trainable_state_dict
+from cycletune.train.config import ConfigError
+
+if TYPE_CHECKING:
+    from cycletune.train.config import GeneratorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,29 @@ def honour_fsdp_on_cpu(accelerator: Accelerator) -> None:
     logger.info(
         "FSDP%d on CPU (gloo): Accelerate's FSDP plugin applied to a CPU-only run", plugin.fsdp_version
     )
+
+
+def launches_deepspeed() -> bool:
+    """Whether the launcher configured DeepSpeed (Accelerate's environment), which on a CPU-only machine the
+    accelerator does not say until use_deepspeed_per_model applies it."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_levers_fit_engine(settings: GeneratorSettings, accelerator: Accelerator) -> None:
+    """Refuse generator.channels_last under an engine that keeps the weights in its own layout, before any
+    model is built: FSDP2 shards only contiguous parameters, and DeepSpeed broadcasts each weight viewed as
+    flat bytes and swaps trained ones for views of its flat buffers. Both would fail deep in their start-up
+    (or, for ZeRO's flat buffers, train weights that are no longer the model's); DDP keeps the layout."""
+    if not settings.channels_last:
+        return
+    engine = "FSDP" if accelerator.distributed_type == DistributedType.FSDP else None
+    engine = "DeepSpeed" if launches_deepspeed() else engine
+    if engine is not None:
+        raise ConfigError(
+            f"generator.channels_last=true cannot run under {engine}, which needs every weight contiguous "
+            "(channels_last strides them); set generator.channels_last=false, or train under DDP "
+            "(configs/accelerate/ddp.yaml)"
+        )
 
 
 def gathered(tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,7 +186,7 @@ def use_deepspeed_per_model(
     On a CPU-only machine Accelerate ignores a DeepSpeed launch under ACCELERATE_USE_CPU=1 (and without it
     numbers every process rank 0); there the plugins are applied over gloo, as `honour_fsdp_on_cpu` does.
     """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not launches_deepspeed():
         return
     import deepspeed
     from accelerate.utils import DeepSpeedPlugin

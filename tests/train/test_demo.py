@@ -278,6 +278,7 @@ def test_make_base_trains_both_models_from_scratch_and_publishes_them_with_their
     assert record["seed"] == 0 and set(record["wall_time_s"]) == {"init", "train", "evaluate"}
     assert "shapes_image_accuracy" in record["validation"]["metrics"]
     assert any("train/cycle.py" in command for command in record["commands"])
+    assert record["made_by"] == " ".join(["python -m train.cli.retrain_base", "--out", str(out), *overrides])
     # Full models in the standard layouts, loadable without the run: what make demo starts from.
     assert (out / "captioner" / "config.json").is_file() and (
         out / "generator" / "model_index.json"

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch._dynamo
+from accelerate import Accelerator
 from cycle_runs import tiny_config
 from torch.nn.attention import SDPBackend
 
@@ -24,6 +25,7 @@ from cycletune.train.cli.bench.architectures import CPU_ARCHITECTURES, save_mode
 from cycletune.train.cli.bench.bench_modes import MODES, bench_config, mode_named
 from cycletune.train.cli.bench.steps import TrainerStep
 from cycletune.train.config import ConfigError, OptimizerSettings
+from cycletune.train.engines import check_levers_fit_engine
 
 # Every lever on, compiled by dynamo's eager backend: the same tracing and graph as inductor, without the
 # minutes inductor takes to generate kernels for the tiny UNet on a CPU (it gave the same loss, run once).
@@ -225,3 +227,17 @@ def test_fused_adamw_steps_on_cuda() -> None:
     module(torch.randn(8, 64, device="cuda")).square().mean().backward()
     optimizer.step()
     assert optimizer.param_groups[0]["fused"] and not torch.equal(before, module.weight)
+
+
+def test_channels_last_is_refused_under_a_deepspeed_launch(
+    tiny_models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepSpeed views each weight as flat bytes to broadcast it; the launcher's DeepSpeed environment is
+    enough to refuse (on a CPU machine the accelerator says DeepSpeed only once its plugins are applied)."""
+    config = tiny_config(tiny_models, "generator.channels_last=true")
+    accelerator = Accelerator(cpu=True)
+    check_levers_fit_engine(config.generator, accelerator)  # DDP or one process: channels_last runs
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"generator\.channels_last=true cannot run under DeepSpeed"):
+        check_levers_fit_engine(config.generator, accelerator)
+    check_levers_fit_engine(tiny_config(tiny_models).generator, accelerator)

@@ -393,6 +393,18 @@ def test_fsdp_trains_resumes_exactly_and_exports_what_ddp_exports(
         assert torch.equal(after_resume[key], value), key
 
 
+def test_channels_last_is_refused_under_fsdp_before_anything_is_built(tiny_models, tmp_path: Path) -> None:
+    """FSDP2 shards only contiguous weights: a two-process FSDP launch with channels_last stops at once with
+    the key, the engine and the way out, instead of a traceback from inside fully_shard."""
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(tiny_models, out), "generator.channels_last=true"]
+    run = run_cycle(overrides, processes=2, engine=FSDP_CONFIG, check=False)
+    assert run.returncode != 0
+    assert "error: generator.channels_last=true cannot run under FSDP" in run.stderr
+    assert "[rank0]: Traceback" not in run.stderr  # the ranks stop cleanly (the launcher reports their exit)
+    assert not (out / "checkpoints").exists()
+
+
 def _bad_and_odd_image_folder(folder: Path) -> None:
     """Readable images in every odd mode, two corrupt files and three broken manifest rows."""
     folder.mkdir()

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate += ["--out", str(run_dir.validation_metrics)]
     wall_times = {name: run_timed(command) for name, command in (("init", init), ("train", train))}
     wall_times["evaluate"] = run_timed(evaluate)
-    made_by = "make base (python -m train.cli.retrain_base " + " ".join(argv or sys.argv[1:]) + ")"
+    made_by = " ".join(["python -m train.cli.retrain_base", *(argv or sys.argv[1:])])
     publish(run_dir, args.out, made_by=made_by, commands=[init, train, evaluate], wall_times=wall_times)
     print(f"base models: {args.out.resolve()} (train {wall_times['train'] / 60:.1f} min)")
     return 0
