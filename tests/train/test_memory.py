@@ -5,6 +5,7 @@ autocast rules against CUDA's own kernels (run on fake CUDA tensors, which need 
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -146,6 +147,41 @@ def test_gradient_checkpointing_lowers_the_peak_in_the_table(
     table = memory.format_table([fp32_row, checkpointed]).splitlines()
     assert table[2].startswith("| generator | none | 0.0") and table[2].endswith("| yes |")
     assert table[3].startswith("| generator | generator |")
+
+
+class TookTooLong(Exception):
+    """An estimate still running when its alarm went off."""
+
+
+@contextmanager
+def alarm_after(seconds: int) -> Iterator[None]:
+    """Raise TookTooLong in the main thread after `seconds`, so a loop that never ends fails the test."""
+
+    def ring(signum: int, frame: Any) -> None:
+        raise TookTooLong(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_every_mode_make_memory_estimates_by_default_finishes(
+    weightless: tuple[Path, Path], out_dir: Path
+) -> None:
+    """make memory's default modes each give a row on the tiny models in seconds (~25 s in all here). A mode
+    whose step loops until tensor values say stop (transformers' generate) never ends on fake tensors: such a
+    mode must be left out of the defaults and the choices, as the CIDEr-D reward is."""
+    assert "t2i2t_reward_cider_d" in MODES and "t2i2t_reward" in memory.BUDGET_MODES
+    for mode in memory.BUDGET_MODES:
+        with alarm_after(120):
+            row = memory.estimate_mode(TINY, weightless, mode, "none", out_dir)
+        assert row.mode == mode and row.memory.peak > 0
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--modes", *memory.UNESTIMABLE_MODES])
 
 
 def test_autocast_rules_cover_exactly_the_ops_cuda_autocast_casts() -> None:
