@@ -108,17 +108,16 @@ class ImageSampling:
     predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     pipeline: Callable[..., DiffusionPipeline]
 
-    @property
-    def zeroes_absent_negative(self) -> bool:
-        """Whether the family's pipeline guides away from zero embeddings when no negative prompt is given
-        (SDXL's force_zeros_for_empty_prompt, as the checkpoint saves it) rather than from the empty caption."""
-        return bool(self.pipeline_settings.get("force_zeros_for_empty_prompt", False))
+    def zeroes_unconditional(self, negative_prompt: str | None) -> bool:
+        """Whether the family's pipeline guides away from zero embeddings for this negative prompt: only with
+        none given, where the checkpoint sets SDXL's force_zeros_for_empty_prompt (else the empty caption)."""
+        return negative_prompt is None and bool(self.pipeline_settings.get("force_zeros_for_empty_prompt"))
 
     def unconditional(self, conditioning: torch.Tensor, negative_prompt: str | None = None) -> torch.Tensor:
         """Classifier-free guidance's unconditional states for each row of `conditioning`, as the family's
         pipeline builds them: `negative_prompt` encoded, or with none, zeros where the pipeline zeroes them and
         the empty caption encoded elsewhere."""
-        if negative_prompt is None and self.zeroes_absent_negative:
+        if self.zeroes_unconditional(negative_prompt):
             return torch.zeros_like(conditioning)
         return self.encode_captions([negative_prompt or ""] * len(conditioning))
 
@@ -229,7 +228,7 @@ class ImageSampling:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         guided = guidance_scale > 1.0
         if scheduler is not None:
-            zeroed = negative_prompt is None and self.zeroes_absent_negative
+            zeroed = self.zeroes_unconditional(negative_prompt)
             return self._pipeline_sample(
                 captions,
                 latents,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -25,10 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cycletune.models.lockstep import mark_sharded
 from cycletune.models.lora import load_trainable_state_dict, trainable_state_dict
-from cycletune.train.config import ConfigError
-
-if TYPE_CHECKING:
-    from cycletune.train.config import GeneratorSettings
+from cycletune.train.config import ConfigError, GeneratorSettings
 
 logger = logging.getLogger(__name__)
 
